@@ -1,0 +1,36 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each creates .venv if
+# missing and installs the project with versions pinned in requirements/pins.txt.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-unit test-dist test-matrix venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/pins.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --disable-pip-version-check torch==$$(sed -n 's/^torch==//p' requirements/pins.txt)
+	$(PIP) install -q --disable-pip-version-check -c requirements/pins.txt -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) scripts/demo.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not matrix" $(PYTEST_ARGS) tests
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -q tests/unit
+
+test-dist: $(STAMP)
+	$(PY) -m pytest -q -m "not matrix" tests/dist
+
+test-matrix: $(STAMP)
+	$(PY) -m pytest -q -m matrix tests
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

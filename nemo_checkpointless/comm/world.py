@@ -1,0 +1,69 @@
+"""The world process group: created from the launcher's environment (torchrun-compatible).
+
+Timeouts are explicit: ``NCL_PG_TIMEOUT_S`` (default 600 s) bounds every collective.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+from .. import cpu
+
+
+def backend_for(requested: str) -> str:
+    """``auto`` picks NCCL on GPUs and gloo in CPU rehearsal mode."""
+    if requested != "auto":
+        return requested
+    return "nccl" if cpu.cuda_available() else "gloo"
+
+
+def default_timeout() -> datetime.timedelta:
+    return datetime.timedelta(seconds=float(os.environ.get("NCL_PG_TIMEOUT_S", "600")))
+
+
+def init_world(backend: str = "auto", timeout: datetime.timedelta | None = None) -> None:
+    """Create the default process group from RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT.
+
+    On GPUs the local device is bound at init (``device_id``) so that megatron's groups
+    are split from the world communicator instead of each exchanging a fresh unique id.
+    """
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        _single_process_env()
+    backend = backend_for(backend)
+    kwargs = {}
+    if backend == "nccl":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        kwargs["device_id"] = torch.device("cuda", local_rank)
+    dist.init_process_group(backend=backend, timeout=timeout or default_timeout(), **kwargs)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free now (the OS picks it; never a hard-coded port)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _single_process_env() -> None:
+    """A plain ``python recipes/pretrain.py`` is a world of one rank."""
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+
+
+def destroy_world() -> None:
+    """Destroy megatron's groups and the world group, if any."""
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

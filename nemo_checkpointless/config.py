@@ -1,0 +1,332 @@
+"""Typed configuration for a run, registered with Hydra as structured configs.
+
+Every YAML group under ``conf/`` is validated against these dataclasses, so a misspelled
+key or a value of the wrong type fails while the config is composed, before any process
+group exists. Semantic checks that need the world size (TP*PP*CP dividing it, batch sizes
+dividing evenly, ...) live in :func:`validate` and raise :class:`ConfigError` with the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Optional
+
+TIERS = ("off", "tier1", "tier2", "tier3", "tier4")
+FALLBACKS = ("none", "disk")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message says which key and what to set."""
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Architecture of a decoder-only transformer (GPT or Llama style)."""
+
+    num_layers: int = 4
+    hidden_size: int = 256
+    ffn_hidden_size: Optional[int] = None
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None
+    kv_channels: Optional[int] = None
+    vocab_size: int = 4096
+    make_vocab_size_divisible_by: int = 128
+    max_position_embeddings: int = 4096
+    normalization: str = "RMSNorm"
+    norm_epsilon: float = 1e-5
+    activation: str = "swiglu"
+    position_embedding_type: str = "rope"
+    rotary_base: int = 10000
+    share_embeddings_and_output_weights: bool = False
+    add_bias_linear: bool = False
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    init_method_std: float = 0.02
+    params_dtype: str = "float32"
+    published_num_params: Optional[int] = None
+
+
+@dataclass(kw_only=True)
+class StrategyConfig:
+    """Parallel layout and Megatron DDP/optimizer sharding (NeMo's MegatronStrategy names)."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = True
+    num_distributed_optimizer_instances: int = 1
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    grad_reduce_in_fp32: bool = True
+    backend: str = "auto"
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """Adam with warm-up and cosine decay, as in NeMo's pre-training recipes."""
+
+    lr: float = 3.0e-3
+    min_lr: float = 3.0e-4
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1.0e-8
+    clip_grad: float = 1.0
+    warmup_steps: int = 2
+    decay_style: str = "cosine"
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Batch geometry and the Megatron indexed dataset to read."""
+
+    global_batch_size: int = 8
+    micro_batch_size: int = 2
+    seq_length: int = 128
+    path: Optional[str] = None
+    num_samples: int = 1_000_000
+    # None: $NCL_DATA_CACHE, else ~/.cache/nemo_checkpointless/data
+    cache_dir: Optional[str] = None
+
+
+@dataclass(kw_only=True)
+class TrainerConfig:
+    """Loop length, seeding and per-rank CPU threads."""
+
+    max_steps: int = 20
+    seed: int = 1234
+    log_interval: int = 1
+    num_threads: int = 1
+    num_nodes: int = 1
+    devices: int = 1
+
+
+@dataclass(kw_only=True)
+class CheckpointlessConfig:
+    """Which recovery tier is on (``off`` or ``tier1``..``tier4``) and its fallback."""
+
+    tier: str = "off"
+    fallback: str = "none"
+
+
+@dataclass(kw_only=True)
+class FaultConfig:
+    """Faults to inject: ``[{rank: 3, step: 7, phase: optimizer, kind: kill}]``."""
+
+    plan: list[Any] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """A whole run: what ``recipes/pretrain.py`` receives after Hydra composition."""
+
+    name: str = "tiny_gpt"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpointless: CheckpointlessConfig = field(default_factory=CheckpointlessConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
+
+
+CONFIG_GROUPS = ("recipe", "checkpointless")
+
+
+def register_configs() -> None:
+    """Register the structured schema with Hydra's ConfigStore (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    cs.store(group="checkpointless", name="schema", node=CheckpointlessConfig)
+
+
+def _known_keys(cls: type, prefix: str = "") -> dict[str, Any]:
+    keys: dict[str, Any] = {}
+    for f in fields(cls):
+        name = f"{prefix}{f.name}"
+        default = f.default_factory() if callable(f.default_factory) else None  # type: ignore[misc]
+        if default is not None and is_dataclass(default):
+            keys[name] = type(default)
+            keys.update(_known_keys(type(default), name + "."))
+        else:
+            keys[name] = f.type
+    return keys
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Reject command-line overrides that name no known key, with the closest match.
+
+    Hydra itself rejects unknown keys, but its message suggests appending the key with
+    ``+``, which is never the fix here. This check runs first and names the right key.
+    """
+    known = _known_keys(RunConfig)
+    for item in overrides:
+        if "=" not in item:
+            continue
+        key = item.split("=", 1)[0].lstrip("~+")
+        if key.startswith("hydra.") or key in CONFIG_GROUPS or key.startswith("hydra/"):
+            continue
+        if key in known:
+            continue
+        close = difflib.get_close_matches(key, list(known), n=3, cutoff=0.6)
+        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        section = key.split(".")[0]
+        if section in known and "." in key:
+            valid = sorted(k.split(".", 1)[1] for k in known if k.startswith(section + "."))
+            hint += f" Valid keys under '{section}': {', '.join(valid)}."
+        raise ConfigError(f"unknown override '{key}'.{hint}")
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def validate(cfg: RunConfig, world_size: int, *, cpu_mode: bool = False) -> None:
+    """Check that ``cfg`` can run on ``world_size`` ranks; raise ConfigError naming the fix.
+
+    ``cpu_mode`` adds the limits of CPU rehearsal (no Transformer Engine attention).
+    """
+    s, d, m, t = cfg.strategy, cfg.data, cfg.model, cfg.trainer
+    for key, value in (
+        ("strategy.tensor_model_parallel_size", s.tensor_model_parallel_size),
+        ("strategy.pipeline_model_parallel_size", s.pipeline_model_parallel_size),
+        ("strategy.context_parallel_size", s.context_parallel_size),
+        ("strategy.num_distributed_optimizer_instances", s.num_distributed_optimizer_instances),
+        ("data.global_batch_size", d.global_batch_size),
+        ("data.micro_batch_size", d.micro_batch_size),
+        ("data.seq_length", d.seq_length),
+        ("trainer.max_steps", t.max_steps),
+        ("data.num_samples", d.num_samples),
+    ):
+        _require(value >= 1, f"{key}={value}: must be a positive integer.")
+    mp = s.tensor_model_parallel_size * s.pipeline_model_parallel_size * s.context_parallel_size
+    _require(
+        world_size % mp == 0,
+        f"strategy.tensor_model_parallel_size * pipeline_model_parallel_size * "
+        f"context_parallel_size = {s.tensor_model_parallel_size}*"
+        f"{s.pipeline_model_parallel_size}*{s.context_parallel_size} = {mp} does not divide "
+        f"the world size {world_size}; choose sizes whose product divides {world_size} "
+        f"(or launch a multiple of {mp} ranks).",
+    )
+    dp = world_size // mp
+    dp_cp = dp * s.context_parallel_size
+    k = s.num_distributed_optimizer_instances
+    _require(
+        dp_cp % k == 0,
+        f"strategy.num_distributed_optimizer_instances={k} must divide data-parallel x "
+        f"context-parallel size {dp_cp} (world {world_size} / TP*PP {mp // s.context_parallel_size}); "
+        f"set it to a divisor of {dp_cp}.",
+    )
+    _require(
+        k == 1 or s.use_distributed_optimizer,
+        f"strategy.num_distributed_optimizer_instances={k} needs "
+        "strategy.use_distributed_optimizer=true.",
+    )
+    _require(
+        d.global_batch_size % (d.micro_batch_size * dp) == 0,
+        f"data.global_batch_size={d.global_batch_size} is not divisible by "
+        f"data.micro_batch_size * data-parallel size = {d.micro_batch_size}*{dp}; "
+        f"set data.global_batch_size to a multiple of {d.micro_batch_size * dp}.",
+    )
+    _require(
+        m.num_layers % s.pipeline_model_parallel_size == 0,
+        f"model.num_layers={m.num_layers} is not divisible by "
+        f"strategy.pipeline_model_parallel_size={s.pipeline_model_parallel_size}.",
+    )
+    _require(
+        t.max_steps * d.global_batch_size <= d.num_samples,
+        f"trainer.max_steps * data.global_batch_size = {t.max_steps * d.global_batch_size} "
+        f"exceeds data.num_samples={d.num_samples}; raise data.num_samples.",
+    )
+    heads = m.num_attention_heads
+    groups = m.num_query_groups or heads
+    _require(
+        heads % s.tensor_model_parallel_size == 0 and groups % s.tensor_model_parallel_size == 0,
+        f"strategy.tensor_model_parallel_size={s.tensor_model_parallel_size} must divide "
+        f"model.num_attention_heads={heads} and model.num_query_groups={groups}.",
+    )
+    _require(
+        d.seq_length <= m.max_position_embeddings,
+        f"data.seq_length={d.seq_length} exceeds model.max_position_embeddings="
+        f"{m.max_position_embeddings}.",
+    )
+    _require(
+        d.seq_length % (2 * s.context_parallel_size) == 0 or s.context_parallel_size == 1,
+        f"data.seq_length={d.seq_length} must be divisible by 2*context_parallel_size="
+        f"{2 * s.context_parallel_size}.",
+    )
+    _require(
+        not cpu_mode or s.context_parallel_size == 1,
+        f"strategy.context_parallel_size={s.context_parallel_size} needs Transformer Engine's "
+        "attention on GPUs; in CPU rehearsal mode set strategy.context_parallel_size=1.",
+    )
+    _require(m.params_dtype in ("float32", "bfloat16"), f"model.params_dtype={m.params_dtype!r}: "
+             "use 'float32' or 'bfloat16'.")
+    _require(m.activation in ("swiglu", "gelu"),
+             f"model.activation={m.activation!r}: use 'swiglu' or 'gelu'.")
+    _require(m.normalization in ("RMSNorm", "LayerNorm"),
+             f"model.normalization={m.normalization!r}: use 'RMSNorm' or 'LayerNorm'.")
+    _require(s.backend in ("auto", "gloo", "nccl"),
+             f"strategy.backend={s.backend!r}: use 'auto', 'gloo' or 'nccl'.")
+    _require(cfg.checkpointless.tier in TIERS,
+             f"checkpointless.tier={cfg.checkpointless.tier!r}: use one of {', '.join(TIERS)} "
+             "(select with checkpointless=<tier>).")
+    _require(cfg.checkpointless.fallback in FALLBACKS,
+             f"checkpointless.fallback={cfg.checkpointless.fallback!r}: use 'none' or 'disk'.")
+
+
+def data_cache_dir(data: DataConfig) -> str:
+    """Where the indexed dataset and its sample indices are cached."""
+    import os
+
+    path = data.cache_dir or os.environ.get("NCL_DATA_CACHE") or "~/.cache/nemo_checkpointless/data"
+    return os.path.expanduser(path)
+
+
+def padded_vocab_size(model: ModelConfig, tensor_parallel: int) -> int:
+    """Megatron's vocabulary padding: a multiple of make_vocab_size_divisible_by * TP."""
+    multiple = model.make_vocab_size_divisible_by * tensor_parallel
+    return int(math.ceil(model.vocab_size / multiple) * multiple)
+
+
+def to_run_config(node: Any) -> RunConfig:
+    """Turn a composed DictConfig (or plain dict) into a typed RunConfig."""
+    from omegaconf import OmegaConf
+
+    if not isinstance(node, RunConfig):
+        schema = OmegaConf.structured(RunConfig)
+        merged = OmegaConf.merge(schema, node)
+        node = OmegaConf.to_object(merged)
+    assert isinstance(node, RunConfig)
+    return node
+
+
+def conf_dir() -> str:
+    """The Hydra config directory (``conf/`` beside the package, or ``$NCL_CONF_DIR``)."""
+    import os
+    from pathlib import Path
+
+    return os.environ.get("NCL_CONF_DIR") or str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def compose(overrides: list[str] | None = None) -> RunConfig:
+    """Compose ``conf/config.yaml`` with ``overrides`` outside of a Hydra app (tools, tests)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    overrides = list(overrides or [])
+    check_overrides(overrides)
+    register_configs()
+    if not OmegaConf.has_resolver("ncl_hydra_subdir"):
+        OmegaConf.register_new_resolver("ncl_hydra_subdir", lambda: None)
+    with initialize_config_dir(config_dir=conf_dir(), version_base=None):
+        node = hydra_compose(config_name="config", overrides=overrides)
+    return to_run_config(node)

@@ -1,0 +1,71 @@
+"""From a composed config to a finished run: validate, start the world, train, summarise."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError, RunConfig, to_run_config, validate
+
+
+def setup_logging(rank: int) -> None:
+    """One format for every rank: the rank is in every line."""
+    logging.basicConfig(
+        level=os.environ.get("NCL_LOG_LEVEL", "INFO"),
+        format=f"[%(asctime)s] [rank {rank}] %(name)s %(levelname)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+    for message in (
+        "Transformer Engine and Apex are not installed",
+        ".*is deprecated. Please use.*",
+        ".*Apex is not installed.*",
+    ):
+        warnings.filterwarnings("ignore", message=message)
+
+
+def load_and_validate(node: Any, world_size: int) -> RunConfig:
+    """Typed, validated config; exits with status 2 and the fix on a bad config."""
+    try:
+        cfg = to_run_config(node)
+        validate(cfg, world_size, cpu_mode=not _cuda())
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    return cfg
+
+
+def _cuda() -> bool:
+    from .. import cpu
+
+    return cpu.cuda_available()
+
+
+def run_pretrain(node: Any, run_dir: str | Path) -> dict[str, Any]:
+    """Run one pre-training job on this rank (launched by torchrun or ncl-launch)."""
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    setup_logging(rank)
+    cfg = load_and_validate(node, world_size)
+
+    from .. import cpu
+    from ..comm import destroy_world, init_world
+    from .loop import Trainer
+
+    cpu.enable()
+    init_world(cfg.strategy.backend)
+    try:
+        trainer = Trainer(cfg, Path(run_dir))
+        trainer.setup()
+        summary = trainer.run()
+    finally:
+        destroy_world()
+    if rank == 0:
+        logging.getLogger(__name__).info(
+            "finished step %d, state_sha256 %s", summary["final_step"], summary["state_sha256"]
+        )
+    return summary

@@ -1,0 +1,228 @@
+"""A lean megatron-core training loop: parallel state, GPTModel, DDP, optimizer, schedule.
+
+The loop knows nothing of recovery or faults: both attach through :class:`HookList` at the
+phases of a step (see ``train/hooks.py``), and recovery wraps :meth:`Trainer.run`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..config import RunConfig
+from ..megatron import optimizer as mopt
+from ..megatron import parallel
+from ..megatron.model import build_model_chunks
+from ..megatron.state import job_digest
+from ..metrics.writer import JsonlWriter, write_json
+from .data import StepData
+from .hooks import HookList, Phase
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class StepMetrics:
+    """What one committed step reports (rank 0 writes it to metrics.jsonl)."""
+
+    step: int
+    loss: float
+    consumed_samples: int
+    step_time_s: float
+    grad_norm: float
+    lr: float
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "loss": self.loss,
+            "loss_hex": float(self.loss).hex(),
+            "consumed_samples": self.consumed_samples,
+            "step_time_s": round(self.step_time_s, 6),
+            "grad_norm": self.grad_norm,
+            "lr": self.lr,
+        }
+
+
+class Trainer:
+    """Owns the model, optimizer, scheduler and data of one rank, and runs steps."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, hooks: Optional[HookList] = None) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.hooks = hooks or HookList()
+        self.step = 0
+        self.consumed_samples = 0
+        self.coords: Optional[parallel.Coordinates] = None
+        self.model: list[torch.nn.Module] = []
+        self.optimizer: Any = None
+        self.scheduler: Any = None
+        self.data: Optional[StepData] = None
+        self.metrics: Optional[JsonlWriter] = None
+        self._forward_step = 0
+        self._backward_step = 0
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self) -> None:
+        """Build parallel state, seed, model chunks, DDP, optimizer, scheduler and data."""
+        cfg = self.cfg
+        torch.set_num_threads(cfg.trainer.num_threads)
+        self.coords = parallel.initialize(cfg.strategy)
+        parallel.seed_everything(cfg.trainer.seed, self.coords)
+        dtype = _DTYPES[cfg.model.params_dtype]
+        chunks = build_model_chunks(cfg.model, cfg.strategy, cfg.data.seq_length)
+        self.model = mopt.wrap_ddp(chunks, cfg.strategy)
+        self.optimizer = mopt.build_optimizer(self.model, cfg.optim, cfg.strategy, dtype)
+        self.scheduler = mopt.build_scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)
+        self._install_grad_sync_hook()
+        self.data = StepData(cfg.data, cfg.trainer.seed, self.coords)
+        self.metrics = JsonlWriter(self.run_dir / "metrics.jsonl", enabled=self.coords.rank == 0)
+
+    def _install_grad_sync_hook(self) -> None:
+        from megatron.core.distributed import finalize_model_grads
+
+        def finalize(model: list[torch.nn.Module], *args: Any, **kwargs: Any) -> None:
+            self.hooks(Phase.GRAD_SYNC, self.step + 1)
+            finalize_model_grads(model, *args, **kwargs)
+
+        for chunk in self.model:
+            chunk.config.finalize_model_grads_func = finalize
+
+    # ------------------------------------------------------------------ one step
+    @property
+    def num_microbatches(self) -> int:
+        assert self.coords is not None
+        d = self.cfg.data
+        return d.global_batch_size // (d.micro_batch_size * self.coords.dp_size)
+
+    def _forward_step_func(self, data_iterator: Iterator[dict], model: torch.nn.Module):
+        batch = next(data_iterator)
+        step = self.step + 1
+        if self._forward_step != step:
+            self._forward_step = step
+            self.hooks(Phase.FORWARD, step)
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        if output.requires_grad:
+            output.register_hook(self._backward_hook)
+        loss_mask = batch["loss_mask"].float()
+
+        def loss_func(per_token: torch.Tensor):
+            loss = torch.sum(per_token.float().view(-1) * loss_mask.view(-1)) / loss_mask.sum()
+            # megatron scales the returned loss in place: report an unscaled copy
+            return loss, {"lm loss": loss.detach().clone()}
+
+        return output, loss_func
+
+    def _backward_hook(self, grad: torch.Tensor) -> torch.Tensor:
+        step = self.step + 1
+        if self._backward_step != step:
+            self._backward_step = step
+            self.hooks(Phase.BACKWARD, step)
+        return grad
+
+    def _reduce_loss(self, losses: list[dict]) -> float:
+        """Mean lm loss over micro-batches and DP ranks, known on every rank afterwards."""
+        assert self.coords is not None
+        value = torch.zeros(1, dtype=torch.float64)
+        if self.coords.is_last_stage and self.coords.tp_rank == 0 and losses:
+            value += sum(float(x["lm loss"]) for x in losses) / len(losses)
+        dist.all_reduce(value)
+        return float(torch.tensor(value.item() / self.coords.dp_size, dtype=torch.float32))
+
+    def train_step(self) -> StepMetrics:
+        """Run step ``self.step + 1`` end to end and return its metrics."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        assert self.data is not None
+        step = self.step + 1
+        start = time.perf_counter()
+        self.hooks(Phase.DATA, step)
+        micro_batches = self.data.micro_batches(self.consumed_samples)
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        forward_backward = get_forward_backward_func()
+        data_iter: Any = iter(micro_batches)
+        if len(self.model) > 1:
+            data_iter = [iter(micro_batches) for _ in self.model]
+        losses = forward_backward(
+            forward_step_func=self._forward_step_func,
+            data_iterator=data_iter,
+            model=self.model,
+            num_microbatches=self.num_microbatches,
+            seq_length=self.cfg.data.seq_length,
+            micro_batch_size=self.cfg.data.micro_batch_size,
+            forward_only=False,
+        )
+        loss = self._reduce_loss(losses)
+        prepared = mopt.prepare(self.optimizer, self.cfg.optim.clip_grad)
+        self.hooks(Phase.OPTIMIZER, step)
+        self.commit(step, prepared)
+        self.hooks(Phase.PARAM_SYNC, step)
+        mopt.gather_params(self.model, self.optimizer)
+        self.hooks(Phase.AFTER_STEP, step)
+        metrics = StepMetrics(
+            step=step,
+            loss=loss,
+            consumed_samples=self.consumed_samples,
+            step_time_s=time.perf_counter() - start,
+            grad_norm=prepared.grad_norm,
+            lr=float(self.optimizer.param_groups[0]["lr"]),
+        )
+        assert self.metrics is not None
+        self.metrics.write(metrics.record())
+        return metrics
+
+    def commit(self, step: int, prepared: mopt.StepResult) -> None:
+        """The step's single mutation: optimizer update, schedule and counters."""
+        if not prepared.found_inf:
+            mopt.apply_update(self.optimizer)
+        self.scheduler.step(increment=1)
+        self.consumed_samples += self.cfg.data.global_batch_size
+        self.step = step
+
+    # ------------------------------------------------------------------ whole run
+    def run(self) -> dict[str, Any]:
+        """Train to ``trainer.max_steps`` and write summary.json on rank 0."""
+        assert self.coords is not None
+        cfg = self.cfg
+        while self.step < cfg.trainer.max_steps:
+            metrics = self.train_step()
+            if self.coords.rank == 0 and metrics.step % cfg.trainer.log_interval == 0:
+                log.info("step %d loss %.6f (%.3fs)", metrics.step, metrics.loss,
+                         metrics.step_time_s)
+            if not math.isfinite(metrics.loss):
+                raise FloatingPointError(f"loss is {metrics.loss} at step {metrics.step}")
+        return self.finish()
+
+    def finish(self) -> dict[str, Any]:
+        """Hash the job's state and write summary.json (rank 0)."""
+        assert self.coords is not None
+        summary = {
+            "final_step": self.step,
+            "consumed_samples": self.consumed_samples,
+            "state_sha256": job_digest(self.model, self.optimizer),
+            "world_size": self.coords.world_size,
+            "layout": {
+                "tp": self.coords.tp_size,
+                "pp": self.coords.pp_size,
+                "dp": self.coords.dp_size,
+                "cp": self.coords.cp_size,
+                "num_distributed_optimizer_instances":
+                    self.cfg.strategy.num_distributed_optimizer_instances,
+            },
+        }
+        if self.coords.rank == 0:
+            write_json(self.run_dir / "summary.json", summary)
+        if self.metrics is not None:
+            self.metrics.close()
+        return summary
