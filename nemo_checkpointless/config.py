@@ -106,11 +106,22 @@ class TrainerConfig:
 
 
 @dataclass(kw_only=True)
+class DataCacheConfig:
+    """Tier 2: one loader per data-parallel coordinate feeding its TP peers via shared memory."""
+
+    enabled: bool = False
+    path: str = "/dev/shm"
+    prefetch_steps: int = 2
+    lookback_steps: int = 2
+
+
+@dataclass(kw_only=True)
 class CheckpointlessConfig:
     """Which recovery tier is on (``off`` or ``tier1``..``tier4``) and its fallback."""
 
     tier: str = "off"
     fallback: str = "none"
+    data_cache: DataCacheConfig = field(default_factory=DataCacheConfig)
 
 
 @dataclass(kw_only=True)

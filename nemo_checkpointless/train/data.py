@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ..config import DataConfig, data_cache_dir
+from ..config import DataConfig, RunConfig, data_cache_dir
 from ..megatron.parallel import Coordinates
 
 
@@ -55,3 +55,8 @@ class StepData:
 
     def _sample(self, index: int) -> dict[str, Any]:
         return self.dataset[index]
+
+
+def make_step_data(cfg: RunConfig, coords: Coordinates) -> StepData:
+    """The data source the loop uses: direct loading (tier 2 adds the shared-memory cache)."""
+    return StepData(cfg.data, cfg.trainer.seed, coords)

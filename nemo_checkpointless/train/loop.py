@@ -22,7 +22,7 @@ from ..megatron import parallel
 from ..megatron.model import build_model_chunks
 from ..megatron.state import job_digest
 from ..metrics.writer import JsonlWriter, write_json
-from .data import StepData
+from .data import StepData, make_step_data
 from .hooks import HookList, Phase
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class Trainer:
         self.optimizer = mopt.build_optimizer(self.model, cfg.optim, cfg.strategy, dtype)
         self.scheduler = mopt.build_scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)
         self._install_grad_sync_hook()
-        self.data = StepData(cfg.data, cfg.trainer.seed, self.coords)
+        self.data = make_step_data(cfg, self.coords)
         self.metrics = JsonlWriter(self.run_dir / "metrics.jsonl", enabled=self.coords.rank == 0)
 
     def _install_grad_sync_hook(self) -> None:
