@@ -7,6 +7,7 @@ step) and ``gather_params`` (param all-gather: can be redone from main params).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,8 +50,15 @@ def wrap_ddp(chunks: list[torch.nn.Module], strategy: StrategyConfig) -> list[to
 
 
 def build_optimizer(chunks: list[torch.nn.Module], optim: OptimConfig, strategy: StrategyConfig,
-                    params_dtype: torch.dtype):
-    """megatron's optimizer (DistributedOptimizer when the strategy asks for it)."""
+                    params_dtype: torch.dtype, collective: bool = True):
+    """megatron's optimizer (DistributedOptimizer when the strategy asks for it).
+
+    ``collective=False``: megatron's constructor all-gathers every rank's param-group keys
+    over the world (to align groups for checkpoints). A replacement rank joining healthy
+    ranks that keep their optimizers cannot take part, so the gather is answered locally:
+    every rank of a dense GPT has the same keys (each holds linear weights and norms), and
+    recovery checks the resulting param groups against a donor's.
+    """
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     config = OptimizerConfig(
@@ -66,7 +74,25 @@ def build_optimizer(chunks: list[torch.nn.Module], optim: OptimConfig, strategy:
         params_dtype=params_dtype,
         use_distributed_optimizer=strategy.use_distributed_optimizer,
     )
-    return get_megatron_optimizer(config, chunks)
+    if collective:
+        return get_megatron_optimizer(config, chunks)
+    with _local_all_gather_object():
+        return get_megatron_optimizer(config, chunks)
+
+
+@contextlib.contextmanager
+def _local_all_gather_object():
+    original = torch.distributed.all_gather_object
+
+    def local(object_list: list, obj: Any, group: Any = None) -> None:
+        for i in range(len(object_list)):
+            object_list[i] = obj
+
+    torch.distributed.all_gather_object = local
+    try:
+        yield
+    finally:
+        torch.distributed.all_gather_object = original
 
 
 def build_scheduler(optimizer: Any, optim: OptimConfig, max_steps: int):

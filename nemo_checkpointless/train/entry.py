@@ -54,9 +54,13 @@ def run_pretrain(node: Any, run_dir: str | Path) -> dict[str, Any]:
 
     from .. import cpu
     from ..comm import destroy_world, init_world
+    from ..launch.channel import Channel
     from .loop import Trainer
 
     cpu.enable()
+    channel = Channel.from_env()
+    if channel is not None:
+        return _run_under_agent(cfg, Path(run_dir), channel)
     init_world(cfg.strategy.backend)
     try:
         trainer = Trainer(cfg, Path(run_dir))
@@ -68,4 +72,33 @@ def run_pretrain(node: Any, run_dir: str | Path) -> dict[str, Any]:
         logging.getLogger(__name__).info(
             "finished step %d, state_sha256 %s", summary["final_step"], summary["state_sha256"]
         )
+    return summary
+
+
+RECOVERY_TIERS = ("tier3", "tier4")
+
+
+def _run_under_agent(cfg: RunConfig, run_dir: Path, channel: Any) -> dict[str, Any]:
+    """Started by ncl-launch: recover in process (tier 3/4) or fail like stock training."""
+    from ..comm import destroy_world
+    from ..recovery.manager import RecoveryManager
+
+    if cfg.checkpointless.tier not in RECOVERY_TIERS:
+        channel.send({"t": "hello", "recovery": False})
+        raise NotImplementedError(
+            f"checkpointless={cfg.checkpointless.tier} under ncl-launch: use tier3 or tier4 "
+            "for in-process recovery, or launch with torchrun")
+    channel.send({"t": "hello", "recovery": True})
+    manager = RecoveryManager(cfg, run_dir, channel)
+    try:
+        summary = manager.run()
+        channel.send({"t": "done"})
+    finally:
+        try:
+            destroy_world()
+        except Exception:  # groups may already be aborted
+            pass
+    if manager.rank == 0:
+        logging.getLogger(__name__).info(
+            "finished step %d, state_sha256 %s", summary["final_step"], summary["state_sha256"])
     return summary

@@ -53,6 +53,16 @@ class StepMetrics:
         }
 
 
+@dataclass
+class PendingCommit:
+    """A step whose gradients are final and whose update is not applied yet."""
+
+    step: int
+    prepared: mopt.StepResult
+    loss: float
+    start: float
+
+
 class Trainer:
     """Owns the model, optimizer, scheduler and data of one rank, and runs steps."""
 
@@ -70,10 +80,16 @@ class Trainer:
         self.metrics: Optional[JsonlWriter] = None
         self._forward_step = 0
         self._backward_step = 0
+        self.pending: Optional[PendingCommit] = None
+        self.last_record: Optional[dict[str, Any]] = None
 
     # ------------------------------------------------------------------ set-up
-    def setup(self) -> None:
-        """Build parallel state, seed, model chunks, DDP, optimizer, scheduler and data."""
+    def setup(self, collective: bool = True) -> None:
+        """Build parallel state, seed, model chunks, DDP, optimizer, scheduler and data.
+
+        ``collective=False`` builds without the world-wide collective megatron's optimizer
+        constructor makes (a replacement rank joining healthy ones that do not rebuild).
+        """
         cfg = self.cfg
         torch.set_num_threads(cfg.trainer.num_threads)
         self.coords = parallel.initialize(cfg.strategy)
@@ -81,7 +97,8 @@ class Trainer:
         dtype = _DTYPES[cfg.model.params_dtype]
         chunks = build_model_chunks(cfg.model, cfg.strategy, cfg.data.seq_length)
         self.model = mopt.wrap_ddp(chunks, cfg.strategy)
-        self.optimizer = mopt.build_optimizer(self.model, cfg.optim, cfg.strategy, dtype)
+        self.optimizer = mopt.build_optimizer(self.model, cfg.optim, cfg.strategy, dtype,
+                                              collective=collective)
         self.scheduler = mopt.build_scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)
         self._install_grad_sync_hook()
         self.data = make_step_data(cfg, self.coords)
@@ -165,30 +182,40 @@ class Trainer:
         )
         loss = self._reduce_loss(losses)
         prepared = mopt.prepare(self.optimizer, self.cfg.optim.clip_grad)
+        self.pending = PendingCommit(step, prepared, loss, start)
         self.hooks(Phase.OPTIMIZER, step)
-        self.commit(step, prepared)
+        metrics = self.commit()
         self.hooks(Phase.PARAM_SYNC, step)
         mopt.gather_params(self.model, self.optimizer)
         self.hooks(Phase.AFTER_STEP, step)
-        metrics = StepMetrics(
-            step=step,
-            loss=loss,
-            consumed_samples=self.consumed_samples,
-            step_time_s=time.perf_counter() - start,
-            grad_norm=prepared.grad_norm,
-            lr=float(self.optimizer.param_groups[0]["lr"]),
-        )
-        assert self.metrics is not None
-        self.metrics.write(metrics.record())
         return metrics
 
-    def commit(self, step: int, prepared: mopt.StepResult) -> None:
-        """The step's single mutation: optimizer update, schedule and counters."""
-        if not prepared.found_inf:
+    def commit(self) -> StepMetrics:
+        """The step's single mutation: optimizer update, schedule, counters, metrics row.
+
+        Local only (no collective): a rank that starts it finishes it. Also how a rank
+        rolls a step forward during recovery.
+        """
+        pending = self.pending
+        assert pending is not None and pending.step == self.step + 1
+        if not pending.prepared.found_inf:
             mopt.apply_update(self.optimizer)
         self.scheduler.step(increment=1)
         self.consumed_samples += self.cfg.data.global_batch_size
-        self.step = step
+        self.step = pending.step
+        self.pending = None
+        metrics = StepMetrics(
+            step=pending.step,
+            loss=pending.loss,
+            consumed_samples=self.consumed_samples,
+            step_time_s=time.perf_counter() - pending.start,
+            grad_norm=pending.prepared.grad_norm,
+            lr=float(self.optimizer.param_groups[0]["lr"]),
+        )
+        self.last_record = metrics.record()
+        assert self.metrics is not None
+        self.metrics.write(self.last_record)
+        return metrics
 
     # ------------------------------------------------------------------ whole run
     def run(self) -> dict[str, Any]:

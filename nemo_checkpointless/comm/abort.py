@@ -1,0 +1,79 @@
+"""Abort every communicator of this process so no collective stays blocked.
+
+NCCL: ``ProcessGroup.abort()`` (ncclCommAbort) on every group. Gloo: ``abort()`` does not
+wake a thread blocked in a collective (measured on torch 2.13), so the connections
+themselves are shut down: every connected TCP socket of the process except those to the
+job store. A blocked collective then fails at once with "connection closed", and peers
+blocked on this rank see the same, so the whole job unwinds within milliseconds. The
+file descriptors stay open (``shutdown``, not ``close``) and are closed by gloo when the
+old groups are destroyed, so no descriptor is reused under gloo's feet.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Iterable
+
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+def _store_peers(endpoints: Iterable[tuple[str, int]]) -> set[int]:
+    return {int(port) for _, port in endpoints}
+
+
+def shutdown_tcp_connections(keep_ports: set[int]) -> int:
+    """Shut down connected TCP sockets whose peer port is not in ``keep_ports``."""
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            continue
+        try:
+            if sock.family not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            if sock.type != socket.SOCK_STREAM:
+                continue
+            try:
+                peer = sock.getpeername()
+            except OSError:
+                continue  # listening or unconnected
+            if peer[1] in keep_ports:
+                continue
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+                count += 1
+            except OSError:
+                pass
+        finally:
+            sock.detach()
+    return count
+
+
+def abort_communicators(store_endpoints: Iterable[tuple[str, int]]) -> int:
+    """Abort all process groups of this process; returns the connections shut down."""
+    if dist.is_initialized():
+        for group in list(dist.distributed_c10d._world.pg_map):
+            try:
+                if dist.get_backend(group) == "nccl":
+                    group.abort()
+            except Exception as err:  # abort is best effort by nature
+                log.debug("abort of %r failed: %s", group, err)
+    return shutdown_tcp_connections(_store_peers(store_endpoints))
+
+
+def destroy_all_groups() -> None:
+    """Forget megatron's and torch's groups (after an abort they are unusable)."""
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception as err:
+            log.debug("destroy_process_group after abort: %s", err)

@@ -1,0 +1,51 @@
+"""Generation-scoped rendezvous: every rank of generation G meets, then forms the world.
+
+Keys live under ``rdzv/<G>/`` and ``pg/<G>/``, so a stale generation's keys are never
+read by a newer one. The wait is cancellable: a rank that learns of a newer generation
+while waiting leaves at once (``GenerationChanged``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+
+class GenerationChanged(RuntimeError):
+    """A newer generation started while this rank was joining or training."""
+
+
+class RendezvousTimeout(RuntimeError):
+    """Not every rank arrived in time."""
+
+
+def rendezvous(store: Any, gen: int, rank: int, world_size: int, backend: str,
+               timeout: datetime.timedelta, pg_timeout: datetime.timedelta,
+               cancelled: Callable[[], bool]) -> None:
+    """Wait until all ``world_size`` ranks arrived at ``gen``, then init the world group."""
+    arrived = int(store.add(f"rdzv/{gen}/arrived", 1))
+    if arrived == world_size:
+        store.set(f"rdzv/{gen}/complete", "1")
+    deadline = time.monotonic() + timeout.total_seconds()
+    while True:
+        if cancelled():
+            raise GenerationChanged(f"generation moved past {gen} during rendezvous")
+        try:
+            store.wait([f"rdzv/{gen}/complete"], datetime.timedelta(milliseconds=100))
+            break
+        except Exception:
+            if time.monotonic() > deadline:
+                have = int(store.add(f"rdzv/{gen}/arrived", 0))
+                raise RendezvousTimeout(
+                    f"generation {gen}: only {have}/{world_size} ranks arrived within "
+                    f"{timeout.total_seconds():.0f}s (NCL_RECOVERY_TIMEOUT_S); is a node down "
+                    "with no replacement?") from None
+    kwargs = {}
+    if backend == "nccl":
+        kwargs["device_id"] = torch.device("cuda", torch.cuda.current_device())
+    dist.init_process_group(backend=backend, store=dist.PrefixStore(f"pg/{gen}/", store),
+                            rank=rank, world_size=world_size, timeout=pg_timeout, **kwargs)

@@ -1,0 +1,352 @@
+"""``ncl-launch``: the node agent. torchrun-compatible flags, warm spares, no restarts.
+
+One agent per node starts the node's ranks, serves a share of the job's store, watches
+its ranks (process exit at once, a stalled heartbeat after ``--hang-timeout``), and on a
+failure hands the dead rank's id to a warm spare (or a fresh process), bumps the job's
+generation in the store and tells its local ranks. Healthy ranks are never restarted.
+
+    ncl-launch --nnodes 2 --nproc-per-node 2 --node-rank 0 \\
+        --peers host0:29400,host1:29400 --spares 1 recipes/pretrain.py checkpointless=tier4
+
+A replacement node is simply a new agent started with the same ``--node-rank``: it finds
+the job already started, starts its ranks as replacements and bumps the generation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from ..comm.store import (JobIdentity, StoreServer, connect, format_endpoints,
+                          parse_endpoints)
+from .channel import ENV_FD, Channel
+
+log = logging.getLogger("ncl.agent")
+
+
+@dataclass
+class Child:
+    """A rank or spare process of this node."""
+
+    proc: subprocess.Popen
+    channel: Channel
+    rank: Optional[int] = None
+    local_rank: Optional[int] = None
+    recovery: bool = True
+    heartbeat_seen: bool = False
+    done: bool = False  # training finished: teardown may block, no hang checks
+    last_heartbeat: float = field(default_factory=time.monotonic)
+    started: float = field(default_factory=time.monotonic)
+    finished: bool = False
+
+
+def bump_generation(store: Any, record: dict[str, Any]) -> int:
+    """Move the job to a new generation; the record says why (read by ranks for events)."""
+    gen = int(store.add("gen", 1))
+    store.set(f"gen/{gen}", json.dumps(dict(record, gen=gen)))
+    return gen
+
+
+def current_generation(store: Any) -> int:
+    return int(store.add("gen", 0))
+
+
+class NodeAgent:
+    """Supervises one node's ranks and spares for the life of the job."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.node_rank = args.node_rank
+        self.nproc = args.nproc_per_node
+        self.world_size = args.nnodes * args.nproc_per_node
+        self.peers = parse_endpoints(args.peers)
+        self.identity = JobIdentity(args.job_id, args.job_secret)
+        self.server: Optional[StoreServer] = None
+        self.store: Any = None
+        self.gen = 0
+        self.ranks: dict[int, Child] = {}
+        self.spares: list[Child] = []
+        self.selector = selectors.DefaultSelector()
+        self.lock = threading.Lock()
+        self.stopping = False
+        self.replacement = False
+
+    # ------------------------------------------------------------------ start
+    def start(self) -> None:
+        if self.node_rank < len(self.peers):
+            host, port = self.peers[self.node_rank]
+            bind = "0.0.0.0" if host not in ("127.0.0.1", "localhost") else host
+            self.server = StoreServer(bind, port, self.identity).start()
+            log.info("node %d serves the job store at %s:%d", self.node_rank, host, port)
+        timeout = datetime.timedelta(seconds=self.args.store_timeout)
+        self.store = connect(self.peers, self.identity, timeout)
+        started_key = f"node/{self.node_rank}/started"
+        self.replacement = bool(self.store.check([started_key]))
+        self.store.set(started_key, str(os.getpid()))
+        self.gen = current_generation(self.store)
+        if self.replacement:
+            self.gen = bump_generation(self.store, {
+                "reason": f"node {self.node_rank} replaced", "node": self.node_rank,
+                "ranks": self.local_rank_ids(), "detected_at": time.time(),
+                "fault_at": self._fault_time(self.local_rank_ids())})
+            log.warning("node %d rejoins the job as a replacement at generation %d",
+                        self.node_rank, self.gen)
+        for local_rank, rank in enumerate(self.local_rank_ids()):
+            self.ranks[rank] = self._spawn(rank, local_rank, replacement=self.replacement)
+        for _ in range(self.args.spares):
+            self.spares.append(self._spawn(None, None, replacement=True))
+        threading.Thread(target=self._watch_generations, daemon=True).start()
+
+    def local_rank_ids(self) -> list[int]:
+        base = self.node_rank * self.nproc
+        return list(range(base, base + self.nproc))
+
+    def _env(self, rank: Optional[int], local_rank: Optional[int], replacement: bool,
+             child_fd: int) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.identity.env())
+        env.setdefault("NCL_RUN_ID", self.identity.job_id)
+        master_host, master_port = self.peers[0]
+        env.update(
+            WORLD_SIZE=str(self.world_size),
+            LOCAL_WORLD_SIZE=str(self.nproc),
+            GROUP_RANK=str(self.node_rank),
+            NODE_RANK=str(self.node_rank),
+            MASTER_ADDR=master_host,
+            MASTER_PORT=str(master_port),
+            NCL_STORE_ENDPOINTS=format_endpoints(self.peers),
+            NCL_GENERATION=str(self.gen),
+            NCL_REPLACEMENT="1" if replacement else "0",
+            NCL_HANG_TIMEOUT_S=str(self.args.hang_timeout),
+            OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"),
+            TORCH_CPP_LOG_LEVEL=env.get("TORCH_CPP_LOG_LEVEL", "ERROR"),
+            PYTHONUNBUFFERED="1",
+        )
+        env[ENV_FD] = str(child_fd)
+        if rank is None:
+            env["NCL_SPARE"] = "1"
+            for key in ("RANK", "LOCAL_RANK"):
+                env.pop(key, None)
+        else:
+            env.pop("NCL_SPARE", None)
+            env.update(RANK=str(rank), LOCAL_RANK=str(local_rank))
+        return env
+
+    def _spawn(self, rank: Optional[int], local_rank: Optional[int], replacement: bool) -> Child:
+        channel, child_sock = Channel.pair()
+        cmd = [sys.executable, "-u", self.args.script, *self.args.script_args]
+        proc = subprocess.Popen(
+            cmd, env=self._env(rank, local_rank, replacement, child_sock.fileno()),
+            pass_fds=(child_sock.fileno(),),
+        )
+        child_sock.close()
+        child = Child(proc=proc, channel=channel, rank=rank, local_rank=local_rank)
+        self.selector.register(channel.sock, selectors.EVENT_READ, child)
+        log.info("started %s (pid %d)", f"rank {rank}" if rank is not None else "a warm spare",
+                 proc.pid)
+        return child
+
+    # ------------------------------------------------------------------ watch
+    def _watch_generations(self) -> None:
+        """Tell local ranks about every new generation (set by any agent)."""
+        while not self.stopping:
+            nxt = self.gen + 1
+            try:
+                self.store.wait([f"gen/{nxt}"], datetime.timedelta(seconds=0.5))
+            except Exception:  # timeout or a store hiccup: look again
+                continue
+            with self.lock:
+                if nxt > self.gen:
+                    self.gen = nxt
+                for child in list(self.ranks.values()):
+                    child.channel.send({"t": "gen", "gen": self.gen})
+
+    def run(self) -> int:
+        """Supervise until every local rank finished; return the exit code."""
+        self.start()
+        poll = self.args.poll_interval
+        while True:
+            for key, _ in self.selector.select(timeout=poll):
+                child: Child = key.data
+                messages = child.channel.recv(timeout=0)
+                if messages is None:
+                    self.selector.unregister(key.fileobj)
+                    continue
+                child.last_heartbeat = time.monotonic()
+                child.heartbeat_seen = True
+                for msg in messages:
+                    if msg.get("t") == "hello":
+                        child.recovery = bool(msg.get("recovery"))
+                    elif msg.get("t") == "done":
+                        child.done = True
+            with self.lock:
+                for rank, child in list(self.ranks.items()):
+                    if child.finished:
+                        continue
+                    code = child.proc.poll()
+                    if code == 0:
+                        child.finished = True
+                    elif code is not None and not child.recovery:
+                        log.error("rank %d failed (exit code %d) and recovery is off: "
+                                  "stopping the job", rank, code)
+                        self.stopping = True
+                        for other in [*self.ranks.values(), *self.spares]:
+                            if other.proc.poll() is None:
+                                other.proc.kill()
+                        return 1
+                    elif code is not None:
+                        self._replace(rank, child, f"exit code {code}")
+                    elif (child.heartbeat_seen and not child.done and
+                          time.monotonic() - child.last_heartbeat > self.args.hang_timeout):
+                        log.error("rank %d: no heartbeat for %.1fs: killing it", rank,
+                                  self.args.hang_timeout)
+                        child.proc.kill()
+                        child.proc.wait()
+                        self._replace(rank, child, "hung (no heartbeat)")
+                self.spares = [s for s in self.spares if s.proc.poll() is None]
+            if all(c.finished for c in self.ranks.values()):
+                return self._finish()
+
+    def _fault_time(self, ranks: list[int]) -> Optional[float]:
+        for rank in ranks:
+            key = f"fault/at/{rank}"
+            try:
+                if self.store.check([key]):
+                    return float(self.store.get(key))
+            except Exception:
+                pass
+        return None
+
+    def _replace(self, rank: int, dead: Child, reason: str) -> None:
+        detected = time.time()
+        log.error("rank %d failed (%s): replacing it", rank, reason)
+        try:
+            self.selector.unregister(dead.channel.sock)
+        except (KeyError, ValueError):
+            pass
+        dead.channel.close()
+        self.gen = bump_generation(self.store, {
+            "reason": reason, "node": self.node_rank, "ranks": [rank],
+            "detected_at": detected, "fault_at": self._fault_time([rank])})
+        local_rank = dead.local_rank
+        if self.spares:
+            spare = self.spares.pop(0)
+            spare.rank, spare.local_rank = rank, local_rank
+            spare.last_heartbeat = time.monotonic()
+            spare.channel.send({"t": "assign", "rank": rank, "local_rank": local_rank,
+                                "gen": self.gen})
+            self.ranks[rank] = spare
+            log.info("warm spare pid %d takes rank %d at generation %d", spare.proc.pid, rank,
+                     self.gen)
+            self.spares.append(self._spawn(None, None, replacement=True))
+        else:
+            self.ranks[rank] = self._spawn(rank, local_rank, replacement=True)
+        for child in self.ranks.values():
+            if child.rank != rank:
+                child.channel.send({"t": "gen", "gen": self.gen})
+
+    def _finish(self) -> int:
+        self.stopping = True
+        for spare in self.spares:
+            spare.proc.kill()
+        for spare in self.spares:
+            spare.proc.wait()
+        try:
+            self.store.add("nodes_done", 1)
+            deadline = time.monotonic() + self.args.store_timeout
+            while self.server is not None and time.monotonic() < deadline:
+                if int(self.store.add("nodes_done", 0)) >= self.args.nnodes:
+                    break
+                time.sleep(0.05)
+        except Exception as err:  # the store may already be gone with another node
+            log.warning("could not wait for the other nodes: %s", err)
+        if self.server is not None:
+            self.server.stop()
+        log.info("node %d: all ranks finished", self.node_rank)
+        return 0
+
+    def shutdown(self, *_: Any) -> None:
+        self.stopping = True
+        for child in [*self.ranks.values(), *self.spares]:
+            if child.proc.poll() is None:
+                child.proc.kill()
+        sys.exit(1)
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="ncl-launch",
+        description="Node agent for checkpointless training (torchrun-compatible flags).")
+    p.add_argument("--nnodes", type=int, default=1)
+    p.add_argument("--nproc-per-node", "--nproc_per_node", type=int, default=1)
+    p.add_argument("--node-rank", "--node_rank", type=int,
+                   default=int(os.environ.get("SLURM_NODEID", os.environ.get("NODE_RANK", 0))))
+    p.add_argument("--peers", default=None,
+                   help="store endpoints of all agents, node rank order: host:port,host:port")
+    p.add_argument("--rdzv-endpoint", "--rdzv_endpoint", default=None,
+                   help="torchrun-style single endpoint host:port (served by node 0)")
+    p.add_argument("--master-addr", "--master_addr", default=None)
+    p.add_argument("--master-port", "--master_port", type=int, default=29400)
+    p.add_argument("--spares", type=int, default=0, help="warm spare processes per node")
+    p.add_argument("--hang-timeout", type=float,
+                   default=float(os.environ.get("NCL_HANG_TIMEOUT_S", "3.0")),
+                   help="seconds without a heartbeat before a rank is killed as hung")
+    p.add_argument("--store-timeout", type=float,
+                   default=float(os.environ.get("NCL_STORE_TIMEOUT_S", "60")))
+    p.add_argument("--poll-interval", type=float, default=0.01)
+    p.add_argument("--job-id", default=os.environ.get("NCL_JOB_ID"))
+    p.add_argument("script")
+    p.add_argument("script_args", nargs=argparse.REMAINDER)
+    args = p.parse_args(argv)
+    if args.peers is None:
+        endpoint = args.rdzv_endpoint or (
+            f"{args.master_addr}:{args.master_port}" if args.master_addr else None)
+        if endpoint is None:
+            if args.nnodes > 1:
+                p.error("name the peer nodes: --peers host0:port,host1:port,... "
+                        "(or --rdzv-endpoint host:port served by node 0)")
+            endpoint = f"127.0.0.1:{args.master_port}"
+        args.peers = endpoint
+    if not 0 <= args.node_rank < args.nnodes:
+        p.error(f"--node-rank {args.node_rank} is outside 0..{args.nnodes - 1}")
+    secret = os.environ.get("NCL_JOB_SECRET")
+    if secret is None:
+        if args.nnodes > 1:
+            p.error("NCL_JOB_SECRET is not set: export the same secret for every agent of "
+                    "the job (scripts/slurm/pretrain.sbatch generates one)")
+        generated = JobIdentity.generate(args.job_id)
+        args.job_id, secret = generated.job_id, generated.secret
+    args.job_id = args.job_id or "ncl-job"
+    args.job_secret = secret
+    return args
+
+
+def kill_node(agent_pid: int) -> None:
+    """Kill a whole node: its agent and every process the agent started."""
+    os.killpg(os.getpgid(agent_pid), signal.SIGKILL)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("NCL_LOG_LEVEL", "INFO"),
+        format=f"[%(asctime)s] [agent {args.node_rank}] %(levelname)s: %(message)s")
+    agent = NodeAgent(args)
+    signal.signal(signal.SIGTERM, agent.shutdown)
+    signal.signal(signal.SIGINT, agent.shutdown)
+    sys.exit(agent.run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Rebuild megatron's parallel state in place and rebind every cached group handle.
+
+Healthy ranks keep their model, DDP buffers and optimizer across a recovery. Those objects
+cache ``ProcessGroup`` handles (``tp_group``, ``pg_collection``, bucket groups'
+``intra_distributed_optimizer_instance_group``, the optimizer's ``data_parallel_group``...).
+After the world is re-formed and ``initialize_model_parallel`` is re-run with the same
+arguments, every old handle is replaced by the new group of the same *role*, where a role
+is the name of the ``parallel_state`` global that held it (or ``WORLD``).
+
+:func:`stale_group_references` walks the same object graph and lists any handle that is
+not a live group: the test that proves no object still references a destroyed group.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+
+ProcessGroup = dist.ProcessGroup
+
+_SKIP_TYPES = (torch.Tensor, str, bytes, int, float, bool, type(None), torch.dtype,
+               torch.device)
+
+
+def _named_groups() -> Iterator[tuple[str, ProcessGroup]]:
+    """(role, group) for every group megatron's parallel_state holds, plus the world."""
+    from megatron.core import parallel_state as ps
+
+    if dist.is_initialized():
+        yield "WORLD", dist.distributed_c10d._get_default_group()
+    for name, value in sorted(vars(ps).items()):
+        if not name.startswith("_"):
+            continue
+        if isinstance(value, ProcessGroup):
+            yield name, value
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                if isinstance(item, ProcessGroup):
+                    yield f"{name}[{i}]", item
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if isinstance(item, ProcessGroup):
+                    yield f"{name}[{key!r}]", item
+
+
+def group_roles() -> dict[int, str]:
+    """id(group) -> role, for the groups that exist now (first role wins when shared)."""
+    roles: dict[int, str] = {}
+    for role, group in _named_groups():
+        roles.setdefault(id(group), role)
+    return roles
+
+
+def groups_by_role() -> dict[str, ProcessGroup]:
+    return {role: group for role, group in _named_groups()}
+
+
+def _children(obj: Any) -> Iterator[tuple[str, Any, Callable[[Any], None]]]:
+    """(path, child, setter) for the attributes and items of ``obj`` worth visiting."""
+    if isinstance(obj, dict):
+        for key, value in list(obj.items()):
+            yield f"[{key!r}]", value, lambda v, k=key: obj.__setitem__(k, v)
+    elif isinstance(obj, list):
+        for i, value in enumerate(list(obj)):
+            yield f"[{i}]", value, lambda v, i=i: obj.__setitem__(i, v)
+    elif isinstance(obj, (set, frozenset, tuple)):
+        for i, value in enumerate(obj):
+            yield f"<{i}>", value, None  # rebuilt by the parent (immutable or hashed)
+    else:
+        attrs = getattr(obj, "__dict__", None)
+        if attrs is not None:
+            for key, value in list(attrs.items()):
+                yield f".{key}", value, lambda v, k=key: object.__setattr__(obj, k, v)
+        for slot in getattr(type(obj), "__slots__", ()) or ():
+            if hasattr(obj, slot):
+                value = getattr(obj, slot)
+                yield f".{slot}", value, lambda v, s=slot: setattr(obj, s, v)
+
+
+def _interesting(obj: Any) -> bool:
+    if isinstance(obj, _SKIP_TYPES) or callable(obj) and not hasattr(obj, "__dict__"):
+        return False
+    module = type(obj).__module__ or ""
+    if isinstance(obj, (dict, list, tuple, set, frozenset)):
+        return True
+    return module.startswith(("megatron", "torch", "nemo_checkpointless", "builtins",
+                              "functools", "collections"))
+
+
+def _walk(roots: Iterable[Any], visit: Callable[[str, Any, Callable | None, Any], Any]) -> None:
+    seen: set[int] = set()
+    stack: list[tuple[str, Any]] = [(f"root{i}", r) for i, r in enumerate(roots)]
+    while stack:
+        path, obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        for sub, child, setter in _children(obj):
+            if isinstance(child, ProcessGroup):
+                visit(path + sub, child, setter, obj)
+            elif isinstance(child, (tuple, frozenset, set)) and any(
+                    isinstance(x, ProcessGroup) for x in child):
+                visit(path + sub, child, setter, obj)
+            elif _interesting(child) and not isinstance(child, torch.nn.Parameter):
+                stack.append((path + sub, child))
+
+
+def rebind(roots: Iterable[Any], old_roles: dict[int, str]) -> int:
+    """Replace every old group handle reachable from ``roots`` by the new group of its role.
+
+    Returns the number of references replaced. Raises if a handle has no known role.
+    """
+    new = groups_by_role()
+    replaced = 0
+
+    def swap(group: ProcessGroup) -> ProcessGroup:
+        role = old_roles.get(id(group))
+        if role is None:
+            if id(group) in {id(g) for g in new.values()}:
+                return group
+            raise RuntimeError(f"a cached process group has no known role: {group!r}")
+        if role not in new:
+            raise RuntimeError(f"the rebuilt parallel state has no group for role {role}")
+        return new[role]
+
+    def visit(path: str, value: Any, setter: Callable | None, parent: Any) -> None:
+        nonlocal replaced
+        if isinstance(value, ProcessGroup):
+            fresh = swap(value)
+            if fresh is not value:
+                if setter is None:
+                    raise RuntimeError(f"cannot rebind immutable reference at {path}")
+                setter(fresh)
+                replaced += 1
+            return
+        # a tuple/set holding groups: rebuild it and set it on the parent
+        rebuilt = type(value)(swap(x) if isinstance(x, ProcessGroup) else x for x in value)
+        if setter is None:
+            raise RuntimeError(f"cannot rebind nested immutable groups at {path}")
+        setter(rebuilt)
+        replaced += 1
+
+    _walk(roots, visit)
+    return replaced
+
+
+def live_groups() -> set[int]:
+    """ids of the process groups torch.distributed knows now."""
+    if not dist.is_initialized():
+        return set()
+    return {id(g) for g in dist.distributed_c10d._world.pg_map}
+
+
+def stale_group_references(roots: Iterable[Any]) -> list[str]:
+    """Paths of every group handle reachable from ``roots`` that is not a live group."""
+    live = live_groups()
+    stale: list[str] = []
+
+    def visit(path: str, value: Any, setter: Callable | None, parent: Any) -> None:
+        groups = [value] if isinstance(value, ProcessGroup) else [
+            x for x in value if isinstance(x, ProcessGroup)]
+        if any(id(g) not in live for g in groups):
+            stale.append(path)
+
+    _walk(roots, visit)
+    return stale

@@ -1,0 +1,1 @@
+"""In-process recovery: monitor, abort, commit protocol, re-entry, fault injection."""

@@ -1,0 +1,131 @@
+"""Fault injection as a library API: ``fail_at(rank, step, phase, kind)``.
+
+Kinds: ``kill`` (SIGKILL), ``exception`` (an uncaught error: the process exits non-zero),
+``hang`` (SIGSTOP: the process stays but makes no progress), ``segfault`` (a real SIGSEGV).
+Phases are those of :class:`~nemo_checkpointless.train.hooks.Phase`. Each planned fault
+fires once per job, even when its step is redone after a recovery: the job store records
+which faults fired (a process-local set is used when no store is given).
+
+From Hydra: ``fault.plan='[{rank:3,step:7,phase:optimizer,kind:kill}]'``.
+A whole node is killed from outside (the agent and its ranks): see ``launch.agent.kill_node``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional
+
+from ..train.hooks import PHASES, Phase
+
+log = logging.getLogger(__name__)
+
+KINDS = ("kill", "exception", "hang", "segfault")
+
+
+class InjectedFault(RuntimeError):
+    """The error raised by a fault of kind ``exception``."""
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One planned fault."""
+
+    rank: int
+    step: int
+    phase: str
+    kind: str
+
+    @classmethod
+    def parse(cls, item: Any, index: int = 0) -> "Fault":
+        if not hasattr(item, "get"):
+            raise ValueError(f"fault.plan[{index}]={item!r}: expected a mapping like "
+                             "{rank: 3, step: 7, phase: optimizer, kind: kill}")
+        missing = [k for k in ("rank", "step", "phase", "kind") if item.get(k) is None]
+        if missing:
+            raise ValueError(f"fault.plan[{index}] lacks {', '.join(missing)}")
+        return cls(int(item["rank"]), int(item["step"]), str(item["phase"]), str(item["kind"]))
+
+
+def parse_plan(plan: Iterable[Any], world_size: int, max_steps: int) -> list[Fault]:
+    """Validate a fault plan against the job; raise ValueError saying what is wrong."""
+    faults = [Fault.parse(item, i) for i, item in enumerate(plan or [])]
+    for i, f in enumerate(faults):
+        if not 0 <= f.rank < world_size:
+            raise ValueError(f"fault.plan[{i}]: rank {f.rank} does not exist "
+                             f"(world size {world_size}: ranks 0..{world_size - 1})")
+        if not 1 <= f.step <= max_steps:
+            raise ValueError(f"fault.plan[{i}]: step {f.step} is outside 1..{max_steps} "
+                             "(trainer.max_steps)")
+        if f.phase not in PHASES:
+            raise ValueError(f"fault.plan[{i}]: phase {f.phase!r} does not exist; "
+                             f"use one of {', '.join(PHASES)}")
+        if f.kind not in KINDS:
+            raise ValueError(f"fault.plan[{i}]: kind {f.kind!r} does not exist; "
+                             f"use one of {', '.join(KINDS)}")
+    return faults
+
+
+def execute(kind: str) -> None:
+    """Make this process fail in the way ``kind`` names (returns only for no kind)."""
+    if kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif kind == "hang":
+        os.kill(os.getpid(), signal.SIGSTOP)
+    elif kind == "segfault":
+        ctypes.string_at(0)
+    elif kind == "exception":
+        raise InjectedFault("injected fault (kind=exception)")
+    else:
+        raise ValueError(f"unknown fault kind {kind!r}")
+
+
+class FaultInjector:
+    """A step hook that fires the planned faults of this rank.
+
+    ``claim(index) -> bool`` decides job-wide whether fault ``index`` may fire now (first
+    claim wins); ``on_fire(fault)`` records it (event log, store) just before it happens.
+    """
+
+    def __init__(self, faults: list[Fault], rank: int,
+                 claim: Optional[Callable[[int], bool]] = None,
+                 on_fire: Optional[Callable[[Fault], None]] = None) -> None:
+        self.rank = rank
+        self._mine = [(i, f) for i, f in enumerate(faults) if f.rank == rank]
+        self._fired: set[int] = set()
+        self._claim = claim or self._local_claim
+        self._on_fire = on_fire
+
+    def _local_claim(self, index: int) -> bool:
+        if index in self._fired:
+            return False
+        self._fired.add(index)
+        return True
+
+    def set_rank(self, rank: int, faults: list[Fault]) -> None:
+        self.rank = rank
+        self._mine = [(i, f) for i, f in enumerate(faults) if f.rank == rank]
+
+    def on_phase(self, phase: Phase, step: int) -> None:
+        for index, fault in self._mine:
+            if fault.step == step and fault.phase == phase.value and self._claim(index):
+                log.warning("injecting fault %s at step %d phase %s", fault.kind, step,
+                            phase.value)
+                if self._on_fire is not None:
+                    self._on_fire(fault)
+                execute(fault.kind)
+
+
+def fail_at(rank: int, step: int, phase: str, kind: str) -> dict[str, Any]:
+    """One plan entry, for building ``fault.plan`` programmatically."""
+    fault = Fault(rank, step, phase, kind)
+    parse_plan([fault.__dict__], world_size=rank + 1, max_steps=step)
+    return dict(fault.__dict__)
+
+
+def now() -> float:
+    return time.time()

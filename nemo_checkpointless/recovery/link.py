@@ -1,0 +1,101 @@
+"""The rank's side of the agent channel: heartbeats, generation notices, spare assignment.
+
+A daemon thread sends a heartbeat every ``interval`` seconds (a SIGSTOPped or dead process
+stops sending: the agent's hang detector) and reads the agent's messages. When the agent
+announces a generation newer than the one this rank is active in, ``on_new_generation``
+runs on that thread: it aborts the communicators so the main thread unwinds at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Any, Callable, Optional
+
+from ..launch.channel import Channel
+
+log = logging.getLogger(__name__)
+
+
+class AgentLink:
+    """Heartbeats to, and notices from, the node agent."""
+
+    def __init__(self, channel: Channel, on_new_generation: Callable[[int], None],
+                 interval: float = 0.1) -> None:
+        self.channel = channel
+        self.on_new_generation = on_new_generation
+        self.interval = interval
+        self.active_gen = -1
+        self.latest_gen = -1
+        self.assignments: "queue.Queue[dict[str, Any]]" = queue.Queue()
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="ncl-agent-link", daemon=True)
+        self.closed = False
+
+    def start(self) -> "AgentLink":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        last = 0.0
+        while True:
+            now = time.monotonic()
+            if now - last >= self.interval:
+                self.channel.send({"t": "hb"})
+                last = now
+            messages = self.channel.recv(timeout=self.interval)
+            if messages is None:
+                log.error("the node agent closed the channel")
+                self.closed = True
+                with self._cond:
+                    self._cond.notify_all()
+                return
+            for msg in messages:
+                self._handle(msg)
+
+    def _handle(self, msg: dict[str, Any]) -> None:
+        if msg.get("t") == "assign":
+            self.assignments.put(msg)
+            self._note_generation(int(msg["gen"]))
+        elif msg.get("t") == "gen":
+            self._note_generation(int(msg["gen"]))
+
+    def _note_generation(self, gen: int) -> None:
+        with self._cond:
+            if gen <= self.latest_gen:
+                return
+            self.latest_gen = gen
+            self._cond.notify_all()
+            abort = gen > self.active_gen >= 0
+        if abort:
+            self.on_new_generation(gen)
+
+    def activate(self, gen: int) -> None:
+        """This rank now works in generation ``gen``."""
+        with self._cond:
+            self.active_gen = gen
+            self.latest_gen = max(self.latest_gen, gen)
+
+    def superseded(self) -> bool:
+        """True when a newer generation than the active one was announced."""
+        with self._cond:
+            return self.latest_gen > self.active_gen
+
+    def wait_newer(self, than: int, timeout: float) -> Optional[int]:
+        """Block until a generation newer than ``than`` is announced; None on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self.latest_gen <= than and not self.closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cond.wait(left)
+            return self.latest_gen if self.latest_gen > than else None
+
+    def wait_assignment(self, timeout: Optional[float] = None) -> dict[str, Any]:
+        return self.assignments.get(timeout=timeout)
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.channel.send(message)

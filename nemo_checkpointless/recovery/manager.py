@@ -1,0 +1,371 @@
+"""In-process recovery: wraps the training loop, never lives inside it.
+
+On a failure anywhere in the job, every healthy rank:
+
+1. *detects* it (a collective fails, or the agent announces a new generation and the link
+   thread aborts the communicators so the blocked collective fails at once);
+2. *aborts* and forgets its process groups, keeping model, optimizer and data objects;
+3. waits for the new generation and *rendezvous* with every rank of it (replacements too);
+4. *rebuilds* the world and megatron's parallel state with the same arguments and rebinds
+   every cached group handle;
+5. agrees on the committed step (commit protocol), rolls forward if needed, and *streams*
+   state to replacement ranks from their replica peers (no storage read);
+6. re-gathers parameters, restores the RNG that starts the next step and trains on.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..comm.abort import abort_communicators, destroy_all_groups
+from ..comm.rendezvous import GenerationChanged, RendezvousTimeout, rendezvous
+from ..comm.store import JobIdentity, connect, parse_endpoints
+from ..comm.world import backend_for, default_timeout
+from ..config import RunConfig
+from ..launch.channel import Channel
+from ..megatron import optimizer as mopt
+from ..megatron import parallel
+from ..megatron.rebind import group_roles, rebind
+from ..megatron.shards import capture_rng, copy_main_to_model, optimizer_state_tensors, restore_rng, shard_key
+from ..replication.replica_map import (RankInfo, UnrecoverableError, agree, donors_for,
+                                       unprotected_ranks)
+from ..replication.transfer import TransferError, exchange
+from ..train.hooks import HookList
+from ..train.loop import Trainer
+from .commit import CommitProtocol
+from .events import EventLog, read_events, summarize_recoveries
+from .faults import FaultInjector, InjectedFault, parse_plan
+from .link import AgentLink
+
+log = logging.getLogger(__name__)
+
+_COMM_ERRORS = ("Connection closed", "Connection reset", "Broken pipe", "Socket Timeout",
+                "Timed out", "gloo", "NCCL", "aborted", "Connection refused")
+
+
+def _env_seconds(name: str, default: float) -> datetime.timedelta:
+    return datetime.timedelta(seconds=float(os.environ.get(name, default)))
+
+
+class RecoveryManager:
+    """Runs a Trainer under checkpointless recovery on one rank started by ncl-launch.
+
+    Timeouts (environment overrides): ``NCL_RECOVERY_TIMEOUT_S`` (default 300 s) bounds
+    the wait for a new generation and for every rank to arrive at it; ``NCL_PG_TIMEOUT_S``
+    (default 600 s) bounds every collective.
+    """
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, channel: Channel) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.world_size = int(os.environ["WORLD_SIZE"])
+        self.endpoints = parse_endpoints(os.environ["NCL_STORE_ENDPOINTS"])
+        self.store = connect(self.endpoints, JobIdentity.from_env(),
+                             _env_seconds("NCL_STORE_TIMEOUT_S", 60))
+        self.recovery_timeout = _env_seconds("NCL_RECOVERY_TIMEOUT_S", 300)
+        self.backend = backend_for(cfg.strategy.backend)
+        self.link = AgentLink(channel, on_new_generation=self._abort_from_link).start()
+        self.replacement = os.environ.get("NCL_REPLACEMENT", "0") == "1"
+        self.gen = int(os.environ.get("NCL_GENERATION", "0"))
+        if os.environ.get("NCL_SPARE") == "1":
+            self._wait_for_assignment()
+        self.rank = int(os.environ["RANK"])
+        self.faults = parse_plan(cfg.fault.plan, self.world_size, cfg.trainer.max_steps)
+        self.commit = CommitProtocol()
+        self.injector = FaultInjector(self.faults, self.rank, claim=self._claim_fault,
+                                      on_fire=self._fault_fired)
+        self.events = EventLog(self.run_dir / "events.jsonl", self.rank)
+        self.trainer: Optional[Trainer] = None
+        self.has_state = False
+        self.old_roles: dict[int, str] = {}
+        self.recovering: Optional[dict[str, Any]] = None
+        if self.replacement:
+            self.recovering = {"detected": time.time(), "from_gen": self.gen - 1}
+        self.joined_gen = -1
+
+    # ------------------------------------------------------------------ spares
+    def _wait_for_assignment(self) -> None:
+        """A warm spare: everything is imported; block until the agent hands us a rank."""
+        msg = self.link.wait_assignment()
+        os.environ.update(RANK=str(msg["rank"]), LOCAL_RANK=str(msg["local_rank"]))
+        os.environ.pop("NCL_SPARE", None)
+        self.gen = int(msg["gen"])
+        self.replacement = True
+        from ..train.entry import setup_logging
+
+        setup_logging(int(msg["rank"]))
+        log.warning("warm spare takes rank %d at generation %d", msg["rank"], self.gen)
+
+    # ------------------------------------------------------------------ faults
+    def _claim_fault(self, index: int) -> bool:
+        return int(self.store.add(f"fault/claim/{index}", 1)) == 1
+
+    def _fault_fired(self, fault: Any) -> None:
+        now = time.time()
+        self.store.set(f"fault/at/{self.rank}", repr(now))
+        self.events.write("fault", step=fault.step, phase=fault.phase, kind=fault.kind,
+                          fault_rank=fault.rank)
+
+    # ------------------------------------------------------------------ abort
+    def _abort_from_link(self, gen: int) -> None:
+        closed = abort_communicators(self.endpoints)
+        log.warning("generation %d announced: aborted communicators (%d connections)", gen,
+                    closed)
+
+    def _recoverable(self, err: BaseException) -> bool:
+        if isinstance(err, (InjectedFault, UnrecoverableError, TransferError)):
+            return False
+        if isinstance(err, (GenerationChanged, RendezvousTimeout)):
+            return not isinstance(err, RendezvousTimeout)
+        if self.link.superseded():
+            return True
+        if isinstance(err, getattr(dist, "DistError", ())):
+            return True
+        return isinstance(err, RuntimeError) and any(s in str(err) for s in _COMM_ERRORS)
+
+    # ------------------------------------------------------------------ main loop
+    def run(self) -> dict[str, Any]:
+        """Train to max_steps through any number of recoveries; return the summary."""
+        first = True
+        while True:
+            try:
+                if first:
+                    first = False
+                    self._enter(self.gen)
+                elif self.recovering is not None:
+                    self._recover()
+                self._train()
+                break
+            except BaseException as err:  # noqa: BLE001 - classified right below
+                if not self._recoverable(err):
+                    raise
+                log.warning("failure detected: %s", str(err).splitlines()[0][:200])
+                if self.recovering is None:
+                    self.recovering = {"detected": time.time(), "from_gen": self.joined_gen}
+        assert self.trainer is not None
+        summary = self.trainer.finish()
+        if self.rank == 0:
+            summary["recoveries"] = summarize_recoveries(read_events(self.run_dir /
+                                                                     "events.jsonl"))
+            from ..metrics.writer import write_json
+            write_json(self.run_dir / "summary.json", summary)
+        return summary
+
+    def _train(self) -> None:
+        trainer = self.trainer
+        assert trainer is not None
+        while trainer.step < self.cfg.trainer.max_steps:
+            trainer.train_step()
+            if self.recovering is not None:
+                self._first_step_done()
+
+    # ------------------------------------------------------------------ recovery
+    def _recover(self) -> None:
+        rec = self.recovering
+        assert rec is not None
+        t0 = time.perf_counter()
+        if self.trainer is not None and "roles" not in rec:
+            from megatron.core import parallel_state
+
+            if parallel_state.model_parallel_is_initialized():
+                self.old_roles = group_roles()
+                rec["roles"] = True
+        abort_communicators(self.endpoints)
+        destroy_all_groups()
+        rec.setdefault("phases", {})["abort"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        target = self.link.wait_newer(self.joined_gen, self.recovery_timeout.total_seconds())
+        if target is None:
+            raise UnrecoverableError(
+                f"no new generation within {self.recovery_timeout.total_seconds():.0f}s "
+                "(NCL_RECOVERY_TIMEOUT_S) after a failure: is the failed node's agent gone "
+                "without a replacement?")
+        rec["wait_generation"] = time.perf_counter() - t1
+        self._enter(target)
+
+    def _enter(self, gen: int) -> None:
+        """Join generation ``gen``: world, parallel state, trainer objects, agreement."""
+        rec = self.recovering
+        self.link.activate(gen)
+        self.joined_gen = gen
+        t0 = time.perf_counter()
+        rendezvous(self.store, gen, self.rank, self.world_size, self.backend,
+                   self.recovery_timeout, default_timeout(), cancelled=self.link.superseded)
+        t1 = time.perf_counter()
+        if self.trainer is None:
+            trainer = Trainer(self.cfg, self.run_dir,
+                              HookList([self.commit, self.injector]))
+            fresh_job = gen == 0 and not self.replacement
+            trainer.setup(collective=fresh_job)
+            self.trainer = trainer
+            self.has_state = fresh_job
+            self.commit.rng_at[trainer.step + 1] = capture_rng()
+            if fresh_job:
+                self._preflight()
+        else:
+            self.trainer.coords = parallel.initialize(self.cfg.strategy)
+            roots = [self.trainer.model, self.trainer.optimizer, self.trainer.scheduler]
+            rebind(roots, self.old_roles)
+        t2 = time.perf_counter()
+        transfer = self._reconcile()
+        t3 = time.perf_counter()
+        if rec is not None:
+            phases = rec.setdefault("phases", {})
+            phases["rendezvous"] = t1 - t0 + rec.get("wait_generation", 0.0)
+            phases["group_rebuild"] = t2 - t1
+            phases["state_transfer"] = t3 - t2
+            rec["transfer"] = transfer
+            rec["gen"] = gen
+            rec["resumed_at"] = time.time()
+
+    def _rank_info(self) -> RankInfo:
+        trainer = self.trainer
+        assert trainer is not None and trainer.coords is not None
+        tp, pp, shard = shard_key(self.cfg.strategy.use_distributed_optimizer)
+        return RankInfo(rank=self.rank, has_state=self.has_state,
+                        applied_step=trainer.step, entered_step=self.commit.entered_step,
+                        passed_step=self.commit.passed_step, tp=tp, pp=pp, shard=shard)
+
+    def _gather_infos(self) -> list[RankInfo]:
+        mine = self._rank_info().to_tensor()
+        out = torch.zeros(self.world_size * RankInfo.FIELDS, dtype=torch.int64)
+        dist.all_gather_into_tensor(out, mine)
+        return [RankInfo.from_tensor(row) for row in out.view(self.world_size, -1)]
+
+    def _preflight(self) -> None:
+        """Before training: say which ranks no peer can restore (no replica anywhere)."""
+        infos = self._gather_infos()
+        lonely = unprotected_ranks(infos)
+        if lonely and self.rank == 0:
+            s = self.cfg.strategy
+            log.warning(
+                "ranks %s hold optimizer shards with no replica: a failure of any of them "
+                "cannot be recovered from peers. Set strategy."
+                "num_distributed_optimizer_instances=2 (needs data-parallel x context-parallel "
+                "size divisible by 2; now %d instance(s)) or checkpointless.fallback=disk.",
+                lonely, s.num_distributed_optimizer_instances)
+            self.events.write("preflight", unprotected_ranks=lonely)
+
+    def _reconcile(self) -> dict[str, Any]:
+        """Agree on the committed step, roll forward, stream state to replacements."""
+        trainer = self.trainer
+        assert trainer is not None
+        infos = self._gather_infos()
+        agreement = agree(infos)
+        if agreement.fresh_start:
+            raise UnrecoverableError("every rank lost its state: nothing to recover from "
+                                     "peers (checkpointless.fallback=disk restores from the "
+                                     "latest checkpoint)")
+        committed = agreement.committed_step
+        if self.rank in agreement.roll_forward:
+            log.warning("rolling step %d forward locally (its gradients were final)",
+                        committed)
+            trainer.commit()
+            self.commit.rolled_forward(committed)
+        plan: dict[int, list[int]] = {}
+        for info in infos:
+            if info.has_state:
+                continue
+            donors = donors_for(infos, info.rank)
+            if not donors:
+                raise UnrecoverableError(
+                    f"rank {info.rank} lost optimizer shard (tp={info.tp}, pp={info.pp}, "
+                    f"shard={info.shard}) and no healthy rank holds a replica. Set strategy."
+                    "num_distributed_optimizer_instances=2 or checkpointless.fallback=disk.")
+            plan[info.rank] = donors
+
+        def blob() -> dict[str, Any]:
+            return {"step": trainer.step, "consumed_samples": trainer.consumed_samples,
+                    "scheduler_steps": trainer.scheduler.num_steps,
+                    "rng": self.commit.rng_at[committed + 1],
+                    "record": trainer.last_record}
+
+        tensors = optimizer_state_tensors(trainer.optimizer)
+        received, stats = exchange(plan, self.rank, tensors, blob)
+        if received is not None:
+            trainer.step = received["step"]
+            trainer.consumed_samples = received["consumed_samples"]
+            trainer.scheduler.num_steps = received["scheduler_steps"]
+            trainer.scheduler.step(increment=0)
+            trainer.last_record = received["record"]
+            self.commit.rng_at = {committed + 1: received["rng"]}
+            self.commit.entered_step = self.commit.passed_step = committed
+            copy_main_to_model(trainer.optimizer)
+            self.has_state = True
+        trainer.pending = None
+        if plan or agreement.roll_forward or self.recovering is not None:
+            mopt.gather_params(trainer.model, trainer.optimizer)
+        restore_rng(self.commit.rng_at[committed + 1])
+        trainer._forward_step = trainer._backward_step = 0
+        if self.rank == 0:
+            self._ensure_metrics_row(committed)
+        received_bytes = torch.tensor([stats.bytes_received], dtype=torch.int64)
+        seconds = torch.tensor([stats.seconds], dtype=torch.float64)
+        dist.all_reduce(received_bytes)
+        dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+        return {"bytes": int(received_bytes.item()), "seconds": float(seconds.item()),
+                "replacements": sorted(plan),
+                "rolled_forward": list(agreement.roll_forward), "committed_step": committed}
+
+    def _ensure_metrics_row(self, committed: int) -> None:
+        trainer = self.trainer
+        assert trainer is not None and trainer.metrics is not None
+        path = self.run_dir / "metrics.jsonl"
+        last = 0
+        if path.exists():
+            lines = [l for l in path.read_text().splitlines() if l.strip()]
+            last = json.loads(lines[-1])["step"] if lines else 0
+        record = trainer.last_record
+        if last < committed and record is not None and record["step"] == committed:
+            trainer.metrics.write(record)
+
+    def _first_step_done(self) -> None:
+        rec = self.recovering
+        self.recovering = None
+        if rec is None or self.rank != 0 or "gen" not in rec:
+            return
+        now = time.time()
+        fault_at, detected_at = self._fault_times(rec.get("from_gen", 0), rec["gen"])
+        start = fault_at or detected_at or rec["detected"]
+        phases = dict(rec.get("phases", {}))
+        if fault_at and detected_at:
+            phases = {"detect": max(0.0, detected_at - fault_at), **phases}
+        transfer = rec.get("transfer", {})
+        phases["first_step"] = now - rec["resumed_at"]
+        for name, seconds in phases.items():
+            extra: dict[str, Any] = {}
+            if name == "state_transfer":
+                nbytes = transfer.get("bytes", 0)
+                secs = transfer.get("seconds", 0.0)
+                extra = {"bytes": nbytes, "mb_per_s": (nbytes / 1e6 / secs) if secs else None,
+                         "replacements": transfer.get("replacements", []),
+                         "rolled_forward": transfer.get("rolled_forward", []),
+                         "committed_step": transfer.get("committed_step")}
+            if name == "first_step":
+                extra = {"total_s": now - start, "step": self.trainer.step if self.trainer
+                         else None}
+            self.events.write("recovery_phase", generation=rec["gen"], phase=name,
+                              duration_s=seconds, **extra)
+        log.warning("recovered in %.2fs (generation %d)", now - start, rec["gen"])
+
+    def _fault_times(self, from_gen: int, to_gen: int) -> tuple[Optional[float], Optional[float]]:
+        faults, detects = [], []
+        for g in range(max(from_gen, 0) + 1, to_gen + 1):
+            try:
+                record = json.loads(self.store.get(f"gen/{g}"))
+            except Exception:
+                continue
+            if record.get("fault_at"):
+                faults.append(float(record["fault_at"]))
+            if record.get("detected_at"):
+                detects.append(float(record["detected_at"]))
+        return (min(faults) if faults else None, min(detects) if detects else None)
