@@ -289,6 +289,15 @@ def validate(cfg: RunConfig, world_size: int, *, cpu_mode: bool = False) -> None
     _require(cfg.checkpointless.tier in TIERS,
              f"checkpointless.tier={cfg.checkpointless.tier!r}: use one of {', '.join(TIERS)} "
              "(select with checkpointless=<tier>).")
+    from .recovery.faults import parse_plan
+
+    try:
+        parse_plan(cfg.fault.plan, world_size, t.max_steps)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    _require(not cfg.fault.plan or cfg.checkpointless.tier in ("tier3", "tier4"),
+             "fault.plan injects failures that only checkpointless=tier3 or tier4 recovers "
+             "from; select one (and launch with ncl-launch).")
     _require(cfg.checkpointless.fallback in FALLBACKS,
              f"checkpointless.fallback={cfg.checkpointless.fallback!r}: use 'none' or 'disk'.")
 

@@ -29,6 +29,12 @@ def main(cfg: DictConfig) -> None:
     from nemo_checkpointless.train.entry import run_pretrain
 
     run_pretrain(cfg, run_dir=HydraConfig.get().runtime.output_dir)
+    if os.environ.get("NCL_AGENT_FD") is not None:
+        # under ncl-launch: groups aborted during recoveries are parked, not shut down;
+        # leave without running their destructors (they can block at interpreter exit)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

@@ -77,6 +77,97 @@ def python_run(overrides: list[str], run_dir: Path, timeout: float = 120,
     return RunResult(proc.returncode, proc.stdout + proc.stderr, run_dir)
 
 
+def ncl_launch(nproc: int, overrides: list[str], run_dir: Path, *, spares: int = 1,
+               timeout: float = 300, agent_args: list[str] | None = None,
+               env: dict[str, str] | None = None) -> RunResult:
+    """One ``ncl-launch`` agent (one node) running recipes/pretrain.py."""
+    cmd = [sys.executable, "-m", "nemo_checkpointless.launch.agent",
+           "--nproc-per-node", str(nproc), "--spares", str(spares),
+           "--master-port", str(free_port()), *(agent_args or []),
+           str(PRETRAIN), *overrides, f"hydra.run.dir={run_dir}"]
+    full_env = _env()
+    full_env.update(env or {})
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    log = run_dir.parent / f"{run_dir.name}-agent.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=run_dir.parent, env=full_env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+            code = -9
+    text = log.read_text()
+    if code == -9:
+        text += f"\n[test] ncl-launch killed after {timeout}s timeout"
+    return RunResult(code, text, run_dir)
+
+
+class Agents:
+    """Several ncl-launch agents on this machine, each behaving as one node."""
+
+    def __init__(self, nnodes: int, nproc: int, overrides: list[str], run_dir: Path,
+                 spares: int = 0) -> None:
+        import secrets
+
+        self.nnodes, self.nproc, self.run_dir = nnodes, nproc, run_dir
+        self.peers = ",".join(f"127.0.0.1:{free_port()}" for _ in range(nnodes))
+        self.overrides = [*overrides, f"hydra.run.dir={run_dir}"]
+        self.spares = spares
+        self.env = _env()
+        self.env.update(NCL_JOB_ID="test-" + secrets.token_hex(3),
+                        NCL_JOB_SECRET=secrets.token_hex(16))
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.logs: list[Path] = []
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+
+    def start(self, node: int) -> subprocess.Popen:
+        log = self.run_dir.parent / f"agent{node}-{len(self.logs)}.log"
+        self.logs.append(log)
+        cmd = [sys.executable, "-m", "nemo_checkpointless.launch.agent",
+               "--nnodes", str(self.nnodes), "--nproc-per-node", str(self.nproc),
+               "--node-rank", str(node), "--peers", self.peers, "--spares", str(self.spares),
+               str(PRETRAIN), *self.overrides]
+        proc = subprocess.Popen(cmd, cwd=self.run_dir.parent, env=self.env,
+                                stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        self.procs[node] = proc
+        return proc
+
+    def kill_node(self, node: int) -> None:
+        from nemo_checkpointless.launch.agent import kill_node
+
+        kill_node(self.procs[node].pid)
+        self.procs[node].wait()
+
+    def wait(self, timeout: float = 300) -> RunResult:
+        import time
+
+        deadline = time.monotonic() + timeout
+        codes = []
+        try:
+            for proc in self.procs.values():
+                codes.append(proc.wait(timeout=max(1.0, deadline - time.monotonic())))
+        finally:
+            for proc in self.procs.values():
+                if proc.poll() is None:
+                    os.killpg(proc.pid, 9)
+        output = "\n".join(p.read_text() for p in self.logs if p.exists())
+        return RunResult(max(codes) if codes else 1, output, self.run_dir)
+
+    def wait_for_step(self, step: int, timeout: float = 120) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout
+        path = self.run_dir / "metrics.jsonl"
+        while time.monotonic() < deadline:
+            if path.exists() and len(path.read_text().splitlines()) >= step:
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"step {step} not reached")
+
+
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
     return tmp_path / "run"

@@ -67,6 +67,42 @@ def abort_communicators(store_endpoints: Iterable[tuple[str, int]]) -> int:
     return shutdown_tcp_connections(_store_peers(store_endpoints))
 
 
+_GRAVEYARD: list = []
+
+
+def forget_all_groups() -> None:
+    """Drop megatron's and torch's groups without shutting the aborted ones down.
+
+    ``destroy_process_group`` calls ``shutdown()`` on every group, which on an aborted gloo
+    group can block for seconds while holding the GIL (the heartbeat thread then stalls
+    and the agent would take a healthy rank for hung). The aborted groups are instead
+    forgotten by torch.distributed and parked here; their sockets are already shut down.
+    They are released with :func:`release_forgotten_groups` (or at process exit).
+    """
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if not dist.is_initialized():
+        return
+    c10d = dist.distributed_c10d
+    world = c10d._world
+    _GRAVEYARD.extend(world.pg_map.keys())
+    c10d._update_default_pg(None)
+    for table in (world.pg_map, world.pg_names, world.pg_group_ranks,
+                  world.pg_backend_config, world.pg_to_tag, world.tags_to_pg,
+                  world.pg_coalesce_state):
+        table.clear()
+    c10d._unregister_all_process_groups()
+    world.group_count = 0
+
+
+def release_forgotten_groups() -> int:
+    """Let the parked groups be destroyed (call when a stall cannot hurt)."""
+    count = len(_GRAVEYARD)
+    _GRAVEYARD.clear()
+    return count
+
+
 def destroy_all_groups() -> None:
     """Forget megatron's and torch's groups (after an abort they are unusable)."""
     from megatron.core import parallel_state

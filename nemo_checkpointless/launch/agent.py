@@ -34,6 +34,8 @@ from .channel import ENV_FD, Channel
 
 log = logging.getLogger("ncl.agent")
 
+EXIT_UNRECOVERABLE = 3  # a rank's verdict that the job cannot recover (train/entry.py)
+
 
 @dataclass
 class Child:
@@ -45,6 +47,7 @@ class Child:
     local_rank: Optional[int] = None
     recovery: bool = True
     heartbeat_seen: bool = False
+    hello: bool = False  # the rank reported its recovery mode: start-up went through
     done: bool = False  # training finished: teardown may block, no hang checks
     last_heartbeat: float = field(default_factory=time.monotonic)
     started: float = field(default_factory=time.monotonic)
@@ -187,6 +190,7 @@ class NodeAgent:
                 child.heartbeat_seen = True
                 for msg in messages:
                     if msg.get("t") == "hello":
+                        child.hello = True
                         child.recovery = bool(msg.get("recovery"))
                     elif msg.get("t") == "done":
                         child.done = True
@@ -197,14 +201,18 @@ class NodeAgent:
                     code = child.proc.poll()
                     if code == 0:
                         child.finished = True
-                    elif code is not None and not child.recovery:
-                        log.error("rank %d failed (exit code %d) and recovery is off: "
-                                  "stopping the job", rank, code)
+                    elif code is not None and (not child.recovery or not child.hello
+                                               or code == EXIT_UNRECOVERABLE):
+                        why = ("recovery is off" if not child.recovery else
+                               "and cannot be recovered" if code == EXIT_UNRECOVERABLE else
+                               "before it started training (bad config or environment?)")
+                        log.error("rank %d failed (exit code %d) %s: stopping the job", rank,
+                                  code, why)
                         self.stopping = True
                         for other in [*self.ranks.values(), *self.spares]:
                             if other.proc.poll() is None:
                                 other.proc.kill()
-                        return 1
+                        return code if code > 0 else 1
                     elif code is not None:
                         self._replace(rank, child, f"exit code {code}")
                     elif (child.heartbeat_seen and not child.done and

@@ -13,6 +13,7 @@ not a live group: the test that proves no object still references a destroyed gr
 
 from __future__ import annotations
 
+import types
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -80,9 +81,13 @@ def _children(obj: Any) -> Iterator[tuple[str, Any, Callable[[Any], None]]]:
 
 
 def _interesting(obj: Any) -> bool:
-    if isinstance(obj, _SKIP_TYPES) or callable(obj) and not hasattr(obj, "__dict__"):
+    if isinstance(obj, _SKIP_TYPES + (types.ModuleType, type)):
         return False
-    module = type(obj).__module__ or ""
+    if callable(obj) and not hasattr(obj, "__dict__"):
+        return False
+    module = type(obj).__module__
+    if not isinstance(module, str):
+        return False
     if isinstance(obj, (dict, list, tuple, set, frozenset)):
         return True
     return module.startswith(("megatron", "torch", "nemo_checkpointless", "builtins",
@@ -113,13 +118,14 @@ def rebind(roots: Iterable[Any], old_roles: dict[int, str]) -> int:
     Returns the number of references replaced. Raises if a handle has no known role.
     """
     new = groups_by_role()
+    new_ids = {id(g) for g in new.values()} | live_groups()
     replaced = 0
 
     def swap(group: ProcessGroup) -> ProcessGroup:
+        if id(group) in new_ids:
+            return group
         role = old_roles.get(id(group))
         if role is None:
-            if id(group) in {id(g) for g in new.values()}:
-                return group
             raise RuntimeError(f"a cached process group has no known role: {group!r}")
         if role not in new:
             raise RuntimeError(f"the rebuilt parallel state has no group for role {role}")
@@ -166,3 +172,9 @@ def stale_group_references(roots: Iterable[Any]) -> list[str]:
 
     _walk(roots, visit)
     return stale
+
+
+def stale_parallel_state_groups() -> list[str]:
+    """Roles in megatron's parallel_state whose group is not a live group."""
+    live = live_groups()
+    return [role for role, group in _named_groups() if id(group) not in live]

@@ -25,6 +25,9 @@ from ..train.hooks import PHASES, Phase
 log = logging.getLogger(__name__)
 
 KINDS = ("kill", "exception", "hang", "segfault")
+# The phases of a step, plus ``recovery``: while the job recovers from an earlier failure
+# whose committed step is ``step`` (a second failure during recovery).
+FAULT_PHASES = (*PHASES, "recovery")
 
 
 class InjectedFault(RuntimeError):
@@ -61,9 +64,9 @@ def parse_plan(plan: Iterable[Any], world_size: int, max_steps: int) -> list[Fau
         if not 1 <= f.step <= max_steps:
             raise ValueError(f"fault.plan[{i}]: step {f.step} is outside 1..{max_steps} "
                              "(trainer.max_steps)")
-        if f.phase not in PHASES:
+        if f.phase not in FAULT_PHASES:
             raise ValueError(f"fault.plan[{i}]: phase {f.phase!r} does not exist; "
-                             f"use one of {', '.join(PHASES)}")
+                             f"use one of {', '.join(FAULT_PHASES)}")
         if f.kind not in KINDS:
             raise ValueError(f"fault.plan[{i}]: kind {f.kind!r} does not exist; "
                              f"use one of {', '.join(KINDS)}")
@@ -111,10 +114,13 @@ class FaultInjector:
         self._mine = [(i, f) for i, f in enumerate(faults) if f.rank == rank]
 
     def on_phase(self, phase: Phase, step: int) -> None:
+        self.fire(phase.value, step)
+
+    def fire(self, phase: str, step: int) -> None:
+        """Execute the planned fault of this rank at (``phase``, ``step``), if any."""
         for index, fault in self._mine:
-            if fault.step == step and fault.phase == phase.value and self._claim(index):
-                log.warning("injecting fault %s at step %d phase %s", fault.kind, step,
-                            phase.value)
+            if fault.step == step and fault.phase == phase and self._claim(index):
+                log.warning("injecting fault %s at step %d phase %s", fault.kind, step, phase)
                 if self._on_fire is not None:
                     self._on_fire(fault)
                 execute(fault.kind)

@@ -26,7 +26,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from ..comm.abort import abort_communicators, destroy_all_groups
+from ..comm.abort import abort_communicators, forget_all_groups
 from ..comm.rendezvous import GenerationChanged, RendezvousTimeout, rendezvous
 from ..comm.store import JobIdentity, connect, parse_endpoints
 from ..comm.world import backend_for, default_timeout
@@ -173,14 +173,14 @@ class RecoveryManager:
         rec = self.recovering
         assert rec is not None
         t0 = time.perf_counter()
-        if self.trainer is not None and "roles" not in rec:
+        if self.trainer is not None:
             from megatron.core import parallel_state
 
             if parallel_state.model_parallel_is_initialized():
-                self.old_roles = group_roles()
-                rec["roles"] = True
+                # accumulate: objects may still hold groups of an earlier, failed attempt
+                self.old_roles.update(group_roles())
         abort_communicators(self.endpoints)
-        destroy_all_groups()
+        forget_all_groups()
         rec.setdefault("phases", {})["abort"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         target = self.link.wait_newer(self.joined_gen, self.recovery_timeout.total_seconds())
@@ -215,6 +215,7 @@ class RecoveryManager:
             self.trainer.coords = parallel.initialize(self.cfg.strategy)
             roots = [self.trainer.model, self.trainer.optimizer, self.trainer.scheduler]
             rebind(roots, self.old_roles)
+            self.old_roles = {}
         t2 = time.perf_counter()
         transfer = self._reconcile()
         t3 = time.perf_counter()
@@ -289,6 +290,8 @@ class RecoveryManager:
                     "rng": self.commit.rng_at[committed + 1],
                     "record": trainer.last_record}
 
+        if self.recovering is not None:
+            self.injector.fire("recovery", committed)
         tensors = optimizer_state_tensors(trainer.optimizer)
         received, stats = exchange(plan, self.rank, tensors, blob)
         if received is not None:

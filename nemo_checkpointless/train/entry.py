@@ -76,6 +76,7 @@ def run_pretrain(node: Any, run_dir: str | Path) -> dict[str, Any]:
 
 
 RECOVERY_TIERS = ("tier3", "tier4")
+EXIT_UNRECOVERABLE = 3  # the agent stops the whole job instead of replacing the rank
 
 
 def _run_under_agent(cfg: RunConfig, run_dir: Path, channel: Any) -> dict[str, Any]:
@@ -88,11 +89,19 @@ def _run_under_agent(cfg: RunConfig, run_dir: Path, channel: Any) -> dict[str, A
         raise NotImplementedError(
             f"checkpointless={cfg.checkpointless.tier} under ncl-launch: use tier3 or tier4 "
             "for in-process recovery, or launch with torchrun")
+    from ..replication.replica_map import UnrecoverableError
+
     channel.send({"t": "hello", "recovery": True})
     manager = RecoveryManager(cfg, run_dir, channel)
     try:
         summary = manager.run()
         channel.send({"t": "done"})
+    except UnrecoverableError as err:
+        # every rank reaches the same verdict from the same gathered facts: stop the job
+        logging.getLogger(__name__).error("cannot recover: %s", err)
+        print(f"error: cannot recover: {err}", file=sys.stderr, flush=True)
+        channel.send({"t": "fatal", "reason": str(err)})
+        os._exit(EXIT_UNRECOVERABLE)
     finally:
         try:
             destroy_world()

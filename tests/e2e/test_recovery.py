@@ -1,0 +1,143 @@
+"""Checkpointless recovery end to end, through the real launcher and the real job.
+
+Every test ends by comparing the recovered run with the same configuration run without
+faults: ``state_sha256`` and every ``loss_hex`` line must be equal, bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import Agents, ncl_launch, torchrun
+
+pytestmark = [pytest.mark.timeout(600)]
+
+STEPS = 8
+LAYOUTS = {
+    "tp2": ["strategy.tensor_model_parallel_size=2",
+            "strategy.num_distributed_optimizer_instances=2"],
+    "pp2": ["strategy.pipeline_model_parallel_size=2",
+            "strategy.num_distributed_optimizer_instances=2"],
+    "dp4": ["strategy.num_distributed_optimizer_instances=2"],
+}
+BASE = ["checkpointless=tier4", f"trainer.max_steps={STEPS}"]
+
+
+def plan(*faults: tuple[int, int, str, str]) -> str:
+    items = ",".join(f"{{rank:{r},step:{s},phase:{p},kind:{k}}}" for r, s, p, k in faults)
+    return f"fault.plan=[{items}]"
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    """Fault-free runs of each layout (computed once per session)."""
+    cache: dict[str, object] = {}
+
+    def get(layout: str):
+        if layout not in cache:
+            run_dir = tmp_path_factory.mktemp(f"ref-{layout}") / "run"
+            cache[layout] = ncl_launch(4, [*BASE, *LAYOUTS[layout]], run_dir, spares=0).check()
+        return cache[layout]
+
+    return get
+
+
+def assert_exact(result, ref) -> None:
+    result.check()
+    got, want = result.metrics, ref.metrics
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1)), "one line per committed step"
+    assert [r["loss_hex"] for r in got] == [r["loss_hex"] for r in want]
+    assert [r["consumed_samples"] for r in got] == [r["consumed_samples"] for r in want]
+    assert result.summary["state_sha256"] == ref.summary["state_sha256"]
+
+
+def events(result) -> list[dict]:
+    path = Path(result.run_dir) / "events.jsonl"
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+
+
+@pytest.mark.parametrize("layout,faults", [
+    ("dp4", [(1, 3, "optimizer", "kill"), (2, 6, "data", "exception")]),
+    ("tp2", [(3, 3, "forward", "segfault"), (1, 6, "backward", "hang")]),
+    ("pp2", [(2, 2, "grad_sync", "kill"), (0, 4, "param_sync", "exception"),
+             (3, 6, "after_step", "kill")]),
+])
+def test_every_phase_and_kind_recovers_exactly(layout, faults, tmp_path, reference):
+    result = ncl_launch(4, [*BASE, *LAYOUTS[layout], plan(*faults)], tmp_path / "run")
+    assert_exact(result, reference(layout))
+    summary = result.summary
+    assert len(summary["recoveries"]) == len(faults)
+    for rec in summary["recoveries"]:
+        assert rec["bytes_transferred"] > 0
+        assert set(rec["phases"]) >= {"rendezvous", "group_rebuild",
+                                      "state_transfer", "first_step"}
+        assert rec["total_s"] > 0
+    assert sum(e["event"] == "fault" for e in events(result)) == len(faults)
+
+
+def test_rank0_killed(tmp_path, reference):
+    result = ncl_launch(4, [*BASE, *LAYOUTS["dp4"], plan((0, 4, "forward", "kill"))],
+                        tmp_path / "run")
+    assert_exact(result, reference("dp4"))
+
+
+def test_two_ranks_of_different_replica_sets_in_the_same_step(tmp_path, reference):
+    # DP=4, 2 instances: ranks 0 and 1 hold different shards; 2 and 3 are their replicas
+    result = ncl_launch(4, [*BASE, *LAYOUTS["dp4"], plan((0, 5, "backward", "kill"),
+                                                         (1, 5, "backward", "kill"))],
+                        tmp_path / "run", spares=2)
+    assert_exact(result, reference("dp4"))
+
+
+def test_second_failure_during_recovery(tmp_path, reference):
+    result = ncl_launch(4, [*BASE, *LAYOUTS["tp2"], plan((1, 3, "optimizer", "kill"),
+                                                         (2, 3, "recovery", "kill"))],
+                        tmp_path / "run", spares=2)
+    assert_exact(result, reference("tp2"))
+
+
+def test_whole_node_lost_and_replaced(tmp_path, reference):
+    agents = Agents(2, 2, [*BASE, *LAYOUTS["dp4"]], tmp_path / "run")
+    agents.start(0)
+    agents.start(1)
+    agents.wait_for_step(3)
+    agents.kill_node(1)          # agent 1 and its ranks 2, 3: gone
+    agents.start(1)              # the scheduler's replacement node
+    result = agents.wait(timeout=400)
+    assert_exact(result, reference("dp4"))
+    assert "rejoins the job as a replacement" in result.output
+
+
+def test_every_replica_lost_fails_clearly_and_corrupts_nothing(tmp_path, reference):
+    # ranks 0 and 2 hold the same optimizer shard (DP=4, 2 instances): both die at once
+    result = ncl_launch(4, [*BASE, *LAYOUTS["dp4"], plan((0, 4, "forward", "kill"),
+                                                         (2, 4, "forward", "kill"))],
+                        tmp_path / "run", spares=2,
+                        env={"NCL_RECOVERY_TIMEOUT_S": "60"})
+    assert result.returncode != 0
+    assert "no healthy rank holds a replica" in result.output
+    assert "checkpointless.fallback=disk" in result.output
+    rows = result.metrics
+    ref = reference("dp4").metrics
+    assert [r["loss_hex"] for r in rows] == [r["loss_hex"] for r in ref[:len(rows)]]
+    assert not (result.run_dir / "summary.json").exists()
+
+
+def test_plan_naming_missing_rank_or_phase_is_refused(tmp_path):
+    bad_rank = ncl_launch(4, [*BASE, plan((7, 3, "forward", "kill"))], tmp_path / "a",
+                          spares=0, timeout=120)
+    assert bad_rank.returncode != 0
+    assert "rank 7 does not exist" in bad_rank.output
+    bad_phase = ncl_launch(4, [*BASE, plan((1, 3, "warmup", "kill"))], tmp_path / "b",
+                           spares=0, timeout=120)
+    assert bad_phase.returncode != 0
+    assert "phase 'warmup' does not exist" in bad_phase.output
+
+
+def test_commit_barrier_changes_nothing(tmp_path, reference):
+    """The same layout under torchrun without recovery gives the same state."""
+    plain = torchrun(4, [f"trainer.max_steps={STEPS}", *LAYOUTS["dp4"]], tmp_path / "run")
+    assert plain.check().summary["state_sha256"] == reference("dp4").summary["state_sha256"]
