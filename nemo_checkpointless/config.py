@@ -113,6 +113,7 @@ class DataCacheConfig:
     path: str = "/dev/shm"
     prefetch_steps: int = 2
     lookback_steps: int = 2
+    read_timeout_s: float = 30.0  # a TP reader waits this long for its loader's batch
 
 
 @dataclass(kw_only=True)
@@ -121,6 +122,10 @@ class CheckpointlessConfig:
 
     tier: str = "off"
     fallback: str = "none"
+    # disk checkpoints (tier3, and fallback=disk): every N steps, asynchronous
+    checkpoint_interval: int = 5
+    checkpoint_dir: Optional[str] = None  # None: <run dir>/checkpoints
+    checkpoint_keep: int = 2
     data_cache: DataCacheConfig = field(default_factory=DataCacheConfig)
 
 

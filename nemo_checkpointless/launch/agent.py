@@ -279,10 +279,18 @@ class NodeAgent:
                 time.sleep(0.05)
         except Exception as err:  # the store may already be gone with another node
             log.warning("could not wait for the other nodes: %s", err)
+        self._remove_data_cache()
         if self.server is not None:
             self.server.stop()
         log.info("node %d: all ranks finished", self.node_rank)
         return 0
+
+    def _remove_data_cache(self) -> None:
+        """The job's shared-memory batch cache on this node (tier 2) is no longer needed."""
+        from ..data.shm_cache import remove_job_cache
+
+        root = os.environ.get("NCL_DATA_CACHE_PATH", "/dev/shm")
+        remove_job_cache(root, self.identity.job_id)
 
     def shutdown(self, *_: Any) -> None:
         self.stopping = True

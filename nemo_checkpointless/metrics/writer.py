@@ -25,6 +25,19 @@ class JsonlWriter:
         self._file.write(json.dumps(record, sort_keys=True) + "\n")
         self._file.flush()
 
+    def truncate_after(self, step: int) -> int:
+        """Drop the records of steps after ``step`` (a rollback); returns how many."""
+        if not self.enabled:
+            return 0
+        self.close()
+        rows = read_jsonl(self.path) if self.path.exists() else []
+        keep = [r for r in rows if r["step"] <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))
+        os.replace(tmp, self.path)
+        self._file = open(self.path, "a", encoding="utf-8")
+        return len(rows) - len(keep)
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()

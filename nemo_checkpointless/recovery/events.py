@@ -46,6 +46,9 @@ def summarize_recoveries(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
             current["phases"][e["phase"]] = e["duration_s"]
             if e["phase"] == "state_transfer":
                 current["bytes_transferred"] = e.get("bytes", 0)
+            if e["phase"] == "checkpoint_load":
+                current["bytes_loaded"] = e.get("bytes", 0)
+                current["checkpoint_step"] = e.get("checkpoint_step")
             if e["phase"] == "first_step":
                 current["total_s"] = e.get("total_s")
                 current["resumed_step"] = e.get("step")

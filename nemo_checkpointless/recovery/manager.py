@@ -41,6 +41,7 @@ from ..replication.replica_map import (RankInfo, UnrecoverableError, agree, dono
 from ..replication.transfer import TransferError, exchange
 from ..train.hooks import HookList
 from ..train.loop import Trainer
+from .checkpoint import AsyncCheckpointer, complete_steps, load_part
 from .commit import CommitProtocol
 from .events import EventLog, read_events, summarize_recoveries
 from .faults import FaultInjector, InjectedFault, parse_plan
@@ -91,6 +92,10 @@ class RecoveryManager:
         if self.replacement:
             self.recovering = {"detected": time.time(), "from_gen": self.gen - 1}
         self.joined_gen = -1
+        ck = cfg.checkpointless
+        self.disk = ck.tier == "tier3" or ck.fallback == "disk"
+        self.checkpoint_root = Path(ck.checkpoint_dir or self.run_dir / "checkpoints")
+        self.checkpointer: Optional[AsyncCheckpointer] = None
 
     # ------------------------------------------------------------------ spares
     def _wait_for_assignment(self) -> None:
@@ -209,6 +214,16 @@ class RecoveryManager:
             self.trainer = trainer
             self.has_state = fresh_job
             self.commit.rng_at[trainer.step + 1] = capture_rng()
+            if self.disk:
+                self.checkpointer = AsyncCheckpointer(
+                    self.checkpoint_root, self.rank, self.world_size,
+                    self.cfg.checkpointless.checkpoint_interval,
+                    tensors=lambda: optimizer_state_tensors(trainer.optimizer),
+                    blob=lambda step: self._state_blob(step),
+                    keep=self.cfg.checkpointless.checkpoint_keep)
+                trainer.hooks.add(self.checkpointer)
+                if fresh_job:
+                    self.checkpointer.save(0, wait=True)
             if fresh_job:
                 self._preflight()
         else:
@@ -261,6 +276,11 @@ class RecoveryManager:
         trainer = self.trainer
         assert trainer is not None
         infos = self._gather_infos()
+        lost = [i.rank for i in infos if not i.has_state]
+        orphans = [r for r in lost if not donors_for(infos, r)]
+        if self.cfg.checkpointless.tier == "tier3" and self.recovering is not None or (
+                orphans and self.disk):
+            return self._rollback_to_disk(orphans)
         agreement = agree(infos)
         if agreement.fresh_start:
             raise UnrecoverableError("every rank lost its state: nothing to recover from "
@@ -284,26 +304,13 @@ class RecoveryManager:
                     "num_distributed_optimizer_instances=2 or checkpointless.fallback=disk.")
             plan[info.rank] = donors
 
-        def blob() -> dict[str, Any]:
-            return {"step": trainer.step, "consumed_samples": trainer.consumed_samples,
-                    "scheduler_steps": trainer.scheduler.num_steps,
-                    "rng": self.commit.rng_at[committed + 1],
-                    "record": trainer.last_record}
-
         if self.recovering is not None:
             self.injector.fire("recovery", committed)
         tensors = optimizer_state_tensors(trainer.optimizer)
-        received, stats = exchange(plan, self.rank, tensors, blob)
+        received, stats = exchange(plan, self.rank, tensors,
+                                   lambda: self._state_blob(committed))
         if received is not None:
-            trainer.step = received["step"]
-            trainer.consumed_samples = received["consumed_samples"]
-            trainer.scheduler.num_steps = received["scheduler_steps"]
-            trainer.scheduler.step(increment=0)
-            trainer.last_record = received["record"]
-            self.commit.rng_at = {committed + 1: received["rng"]}
-            self.commit.entered_step = self.commit.passed_step = committed
-            copy_main_to_model(trainer.optimizer)
-            self.has_state = True
+            self._adopt(received)
         trainer.pending = None
         if plan or agreement.roll_forward or self.recovering is not None:
             mopt.gather_params(trainer.model, trainer.optimizer)
@@ -318,6 +325,64 @@ class RecoveryManager:
         return {"bytes": int(received_bytes.item()), "seconds": float(seconds.item()),
                 "replacements": sorted(plan),
                 "rolled_forward": list(agreement.roll_forward), "committed_step": committed}
+
+    def _state_blob(self, step: int) -> dict[str, Any]:
+        """Everything but the optimizer shard that a rank needs to continue after ``step``."""
+        trainer = self.trainer
+        assert trainer is not None
+        return {"step": trainer.step, "consumed_samples": trainer.consumed_samples,
+                "scheduler_steps": trainer.scheduler.num_steps,
+                "rng": self.commit.rng_at[step + 1], "record": trainer.last_record}
+
+    def _adopt(self, blob: dict[str, Any]) -> None:
+        """Take over counters, schedule and RNG after the optimizer shard was filled in."""
+        trainer = self.trainer
+        assert trainer is not None
+        step = blob["step"]
+        trainer.step = step
+        trainer.consumed_samples = blob["consumed_samples"]
+        trainer.scheduler.num_steps = blob["scheduler_steps"]
+        trainer.scheduler.step(increment=0)
+        trainer.last_record = blob["record"]
+        self.commit.rng_at = {step + 1: blob["rng"]}
+        self.commit.entered_step = self.commit.passed_step = step
+        copy_main_to_model(trainer.optimizer)
+        self.has_state = True
+
+    def _rollback_to_disk(self, orphans: list[int]) -> dict[str, Any]:
+        """Every rank goes back to the latest complete disk checkpoint (tier 3 / fallback)."""
+        trainer = self.trainer
+        assert trainer is not None
+        if orphans:
+            log.warning("ranks %s lost shards that no live peer holds: rolling every rank "
+                        "back to the latest disk checkpoint", orphans)
+        if self.checkpointer is not None:
+            self.checkpointer.wait()
+        dist.barrier()  # every part being written has landed before anyone looks
+        steps = complete_steps(self.checkpoint_root, self.world_size)
+        latest = torch.tensor([steps[-1] if steps else -1], dtype=torch.int64)
+        dist.all_reduce(latest, op=dist.ReduceOp.MIN)
+        step = int(latest.item())
+        if step < 0:
+            raise UnrecoverableError(
+                f"no complete checkpoint under {self.checkpoint_root} to fall back to")
+        t0 = time.perf_counter()
+        tensors = optimizer_state_tensors(trainer.optimizer)
+        self._adopt(load_part(self.checkpoint_root, step, self.rank, tensors))
+        seconds = time.perf_counter() - t0
+        trainer.pending = None
+        mopt.gather_params(trainer.model, trainer.optimizer)
+        restore_rng(self.commit.rng_at[step + 1])
+        trainer._forward_step = trainer._backward_step = 0
+        if self.rank == 0 and trainer.metrics is not None:
+            dropped = trainer.metrics.truncate_after(step)
+            log.warning("rolled back to checkpoint step %d (%d metrics rows to redo)", step,
+                        dropped)
+        nbytes = torch.tensor([sum(t.numel() * t.element_size() for t in tensors)],
+                              dtype=torch.int64)
+        dist.all_reduce(nbytes)
+        return {"bytes": int(nbytes.item()), "seconds": seconds, "source": "disk",
+                "checkpoint_step": step, "replacements": orphans, "committed_step": step}
 
     def _ensure_metrics_row(self, committed: int) -> None:
         trainer = self.trainer
@@ -344,8 +409,15 @@ class RecoveryManager:
             phases = {"detect": max(0.0, detected_at - fault_at), **phases}
         transfer = rec.get("transfer", {})
         phases["first_step"] = now - rec["resumed_at"]
+        if transfer.get("source") == "disk" and "state_transfer" in phases:
+            phases["checkpoint_load"] = phases.pop("state_transfer")
+            first = phases.pop("first_step")
+            phases["first_step"] = first
         for name, seconds in phases.items():
             extra: dict[str, Any] = {}
+            if name == "checkpoint_load":
+                extra = {"bytes": transfer.get("bytes", 0),
+                         "checkpoint_step": transfer.get("checkpoint_step")}
             if name == "state_transfer":
                 nbytes = transfer.get("bytes", 0)
                 secs = transfer.get("seconds", 0.0)

@@ -22,7 +22,7 @@ from ..megatron import parallel
 from ..megatron.model import build_model_chunks
 from ..megatron.state import job_digest
 from ..metrics.writer import JsonlWriter, write_json
-from .data import StepData, make_step_data
+from .data import StepSource, local_batch_digest, make_step_data
 from .hooks import HookList, Phase
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ class StepMetrics:
     step_time_s: float
     grad_norm: float
     lr: float
+    batch_hash: str
 
     def record(self) -> dict[str, Any]:
         return {
@@ -50,6 +51,7 @@ class StepMetrics:
             "step_time_s": round(self.step_time_s, 6),
             "grad_norm": self.grad_norm,
             "lr": self.lr,
+            "batch_hash": self.batch_hash,
         }
 
 
@@ -61,6 +63,7 @@ class PendingCommit:
     prepared: mopt.StepResult
     loss: float
     start: float
+    batch_hash: str
 
 
 class Trainer:
@@ -76,7 +79,7 @@ class Trainer:
         self.model: list[torch.nn.Module] = []
         self.optimizer: Any = None
         self.scheduler: Any = None
-        self.data: Optional[StepData] = None
+        self.data: Optional[StepSource] = None
         self.metrics: Optional[JsonlWriter] = None
         self._forward_step = 0
         self._backward_step = 0
@@ -101,7 +104,7 @@ class Trainer:
                                               collective=collective)
         self.scheduler = mopt.build_scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)
         self._install_grad_sync_hook()
-        self.data = make_step_data(cfg, self.coords)
+        self.data = make_step_data(cfg, self.coords, run_dir=self.run_dir)
         self.metrics = JsonlWriter(self.run_dir / "metrics.jsonl", enabled=self.coords.rank == 0)
 
     def _install_grad_sync_hook(self) -> None:
@@ -146,6 +149,16 @@ class Trainer:
             self.hooks(Phase.BACKWARD, step)
         return grad
 
+    def _batch_hash(self, micro_batches: list[dict]) -> str:
+        """Digest of the step's global batch (each DP slice counted once), on every rank."""
+        assert self.coords is not None
+        c = self.coords
+        value = torch.zeros(1, dtype=torch.int64)
+        if c.tp_rank == 0 and c.pp_rank == 0 and c.cp_rank == 0:
+            value += local_batch_digest(micro_batches, dp_rank=c.dp_rank)
+        dist.all_reduce(value)
+        return f"{int(value.item()) & (2**64 - 1):016x}"
+
     def _reduce_loss(self, losses: list[dict]) -> float:
         """Mean lm loss over micro-batches and DP ranks, known on every rank afterwards."""
         assert self.coords is not None
@@ -181,8 +194,9 @@ class Trainer:
             forward_only=False,
         )
         loss = self._reduce_loss(losses)
+        batch_hash = self._batch_hash(micro_batches)
         prepared = mopt.prepare(self.optimizer, self.cfg.optim.clip_grad)
-        self.pending = PendingCommit(step, prepared, loss, start)
+        self.pending = PendingCommit(step, prepared, loss, start, batch_hash)
         self.hooks(Phase.OPTIMIZER, step)
         metrics = self.commit()
         self.hooks(Phase.PARAM_SYNC, step)
@@ -211,6 +225,7 @@ class Trainer:
             step_time_s=time.perf_counter() - pending.start,
             grad_norm=pending.prepared.grad_norm,
             lr=float(self.optimizer.param_groups[0]["lr"]),
+            batch_hash=pending.batch_hash,
         )
         self.last_record = metrics.record()
         assert self.metrics is not None
