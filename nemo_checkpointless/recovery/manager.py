@@ -206,6 +206,7 @@ class RecoveryManager:
         rendezvous(self.store, gen, self.rank, self.world_size, self.backend,
                    self.recovery_timeout, default_timeout(), cancelled=self.link.superseded)
         t1 = time.perf_counter()
+        built = self.trainer is None
         if self.trainer is None:
             trainer = Trainer(self.cfg, self.run_dir,
                               HookList([self.commit, self.injector]))
@@ -234,6 +235,9 @@ class RecoveryManager:
         t2 = time.perf_counter()
         transfer = self._reconcile()
         t3 = time.perf_counter()
+        log.info("joined generation %d: rendezvous %.3fs, %s %.3fs, agreement+state %.3fs",
+                 gen, t1 - t0, "skeleton" if built else "rebuild+rebind", t2 - t1,
+                 t3 - t2)
         if rec is not None:
             phases = rec.setdefault("phases", {})
             phases["rendezvous"] = t1 - t0 + rec.get("wait_generation", 0.0)

@@ -98,7 +98,9 @@ class Trainer:
         self.coords = parallel.initialize(cfg.strategy)
         parallel.seed_everything(cfg.trainer.seed, self.coords)
         dtype = _DTYPES[cfg.model.params_dtype]
-        chunks = build_model_chunks(cfg.model, cfg.strategy, cfg.data.seq_length)
+        # a replacement's weights are overwritten by its peers' state: skip initialization
+        chunks = build_model_chunks(cfg.model, cfg.strategy, cfg.data.seq_length,
+                                    initialize=collective)
         self.model = mopt.wrap_ddp(chunks, cfg.strategy)
         self.optimizer = mopt.build_optimizer(self.model, cfg.optim, cfg.strategy, dtype,
                                               collective=collective)
