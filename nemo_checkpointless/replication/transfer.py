@@ -59,13 +59,14 @@ def pack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def unpack(buf: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
     """Inverse of :func:`pack`: write the bytes back into ``tensors`` in place."""
+    expected = nbytes(tensors)
+    if buf.numel() != expected:
+        raise TransferError(f"received {buf.numel()} bytes for a state of {expected} bytes")
     offset = 0
     for t in tensors:
         view = _bytes_view(t)
         view.copy_(buf[offset:offset + view.numel()])
         offset += view.numel()
-    if offset != buf.numel():
-        raise TransferError(f"received {buf.numel()} bytes for a state of {offset} bytes")
 
 
 def stripes(total: int, parts: int) -> list[tuple[int, int]]:

@@ -157,6 +157,16 @@ def test_plan_naming_missing_rank_or_phase_is_refused(tmp_path):
     assert "phase 'warmup' does not exist" in bad_phase.output
 
 
+def test_preflight_names_unprotected_ranks(tmp_path):
+    """One optimizer instance: every rank's shard is unique; say so before training."""
+    result = ncl_launch(4, ["checkpointless=tier4", "trainer.max_steps=2"], tmp_path / "run",
+                        spares=0).check()
+    assert "ranks [0, 1, 2, 3] hold optimizer shards with no replica" in result.output
+    assert "num_distributed_optimizer_instances=2" in result.output
+    assert any(e["event"] == "preflight" and e["unprotected_ranks"] == [0, 1, 2, 3]
+               for e in events(result))
+
+
 def test_commit_barrier_changes_nothing(tmp_path, reference):
     """The same layout under torchrun without recovery gives the same state."""
     plain = torchrun(4, [f"trainer.max_steps={STEPS}", *LAYOUTS["dp4"]], tmp_path / "run")

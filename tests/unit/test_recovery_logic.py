@@ -1,0 +1,88 @@
+"""Pure logic of recovery: commit agreement, replica map, fault plans, transfer packing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nemo_checkpointless.recovery.faults import FaultInjector, Fault, fail_at, parse_plan
+from nemo_checkpointless.replication.replica_map import (RankInfo, UnrecoverableError, agree,
+                                                         donors_for, unprotected_ranks)
+from nemo_checkpointless.replication.transfer import TransferError, pack, stripes, unpack
+from nemo_checkpointless.train.hooks import Phase
+
+
+def info(rank, has_state=True, applied=4, entered=4, passed=4, tp=0, pp=0, shard=0):
+    return RankInfo(rank, has_state, applied, entered, passed, tp, pp, shard)
+
+
+def test_nobody_passed_the_barrier_means_redo():
+    infos = [info(0, applied=4, entered=5, passed=4), info(1, applied=4, entered=4, passed=4),
+             info(2, has_state=False, applied=0, entered=0, passed=0)]
+    a = agree(infos)
+    assert a.committed_step == 4 and a.roll_forward == ()
+
+
+def test_someone_passed_the_barrier_means_roll_forward():
+    infos = [info(0, applied=5, entered=5, passed=5), info(1, applied=4, entered=5, passed=4),
+             info(2, applied=4, entered=5, passed=5)]
+    a = agree(infos)
+    assert a.committed_step == 5 and a.roll_forward == (1, 2)
+
+
+def test_inconsistent_state_is_refused_not_hidden():
+    with pytest.raises(UnrecoverableError):
+        agree([info(0, applied=5, entered=5, passed=5), info(1, applied=3, entered=3, passed=3)])
+
+
+def test_replica_map():
+    # DP=4 with 2 optimizer instances: shards 0,1 in each instance; rank 3 lost
+    infos = [info(0, shard=0), info(1, shard=1), info(2, shard=0),
+             info(3, has_state=False, shard=1)]
+    assert donors_for(infos, 3) == [1]
+    assert unprotected_ranks(infos) == []
+    one_instance = [info(r, shard=r) for r in range(4)]
+    assert unprotected_ranks(one_instance) == [0, 1, 2, 3]
+
+
+def test_rank_info_round_trip():
+    i = info(3, has_state=False, applied=7, entered=8, passed=7, tp=1, pp=2, shard=5)
+    assert RankInfo.from_tensor(i.to_tensor()) == i
+
+
+def test_fault_plan_validation_messages():
+    plan = [{"rank": 3, "step": 7, "phase": "optimizer", "kind": "kill"}]
+    assert parse_plan(plan, 4, 10) == [Fault(3, 7, "optimizer", "kill")]
+    with pytest.raises(ValueError, match="rank 4 does not exist"):
+        parse_plan([dict(plan[0], rank=4)], 4, 10)
+    with pytest.raises(ValueError, match="step 11 is outside 1..10"):
+        parse_plan([dict(plan[0], step=11)], 4, 10)
+    with pytest.raises(ValueError, match="kind 'melt' does not exist"):
+        parse_plan([dict(plan[0], kind="melt")], 4, 10)
+    with pytest.raises(ValueError, match="lacks phase"):
+        parse_plan([{"rank": 0, "step": 1, "kind": "kill"}], 4, 10)
+    assert fail_at(1, 2, "data", "exception") == {"rank": 1, "step": 2, "phase": "data",
+                                                  "kind": "exception"}
+
+
+def test_fault_fires_once_even_when_the_step_is_redone():
+    from nemo_checkpointless.recovery.faults import InjectedFault
+
+    inj = FaultInjector([Fault(0, 2, "forward", "exception")], rank=0)
+    inj.on_phase(Phase.FORWARD, 1)
+    with pytest.raises(InjectedFault):
+        inj.on_phase(Phase.FORWARD, 2)
+    inj.on_phase(Phase.FORWARD, 2)  # the redo of step 2 does not fail again
+
+
+def test_pack_unpack_and_stripes():
+    tensors = [torch.randn(5, 3), torch.arange(7, dtype=torch.int64), torch.tensor(3.0)]
+    buf = pack(tensors)
+    assert buf.numel() == 5 * 3 * 4 + 7 * 8 + 4
+    out = [torch.zeros_like(t) for t in tensors]
+    unpack(buf, out)
+    assert all(torch.equal(a, b) for a, b in zip(tensors, out))
+    with pytest.raises(TransferError):
+        unpack(buf[:-1], out)
+    parts = stripes(10, 3)
+    assert parts == [(0, 4), (4, 7), (7, 10)]
