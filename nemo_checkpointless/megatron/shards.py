@@ -36,21 +36,69 @@ def shard_key(use_distributed_optimizer: bool) -> tuple[int, int, int]:
     return (tp, pp, intra)
 
 
-def optimizer_state_tensors(optimizer: Any) -> list[torch.Tensor]:
-    """Main params, exp_avg, exp_avg_sq and step of every param of this rank's shard."""
-    out: list[torch.Tensor] = []
+def _main_params(opt: Any) -> list[torch.Tensor]:
+    """Main params in memory order (param groups interleave in the DDP buffer): the order
+    depends only on the buffer layout, so every replica of a shard lists them alike."""
+    params = [p for group in opt.optimizer.param_groups for p in group["params"]]
+    storages: dict[int, int] = {}
+    for p in params:
+        storages.setdefault(p.untyped_storage().data_ptr(), len(storages))
+
+    def key(p: torch.Tensor) -> tuple[int, int]:
+        base = p.untyped_storage().data_ptr()
+        return (storages[base], p.data_ptr() - base)
+
+    return sorted(params, key=key)
+
+
+def make_state_contiguous(optimizer: Any) -> None:
+    """Create Adam's state up front in flat buffers: ``exp_avg``, ``exp_avg_sq`` and ``step``
+    of all of this rank's main params each live in one allocation.
+
+    Adam creates its state lazily, one tensor per param, and updates it in place, so
+    state created here is used as is (same values, same numerics). Laid out flat, the
+    whole shard moves between peers (and to disk) as a few large messages without packing.
+    """
     for opt in leaf_optimizers(optimizer):
         inner = opt.optimizer
-        for group in inner.param_groups:
-            for main in group["params"]:
-                state = inner.state[main]
-                if "exp_avg" not in state:
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(main, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(main,
-                                                           memory_format=torch.preserve_format)
-                out.extend((main.data, state["exp_avg"], state["exp_avg_sq"], state["step"]))
-    return out
+        mains = [p for p in _main_params(opt) if not inner.state.get(p)]
+        if not mains:
+            continue
+        total = sum(p.numel() for p in mains)
+        exp_avg = torch.zeros(total, dtype=mains[0].dtype)
+        exp_avg_sq = torch.zeros(total, dtype=mains[0].dtype)
+        steps = torch.zeros(len(mains), dtype=torch.float32)
+        offset = 0
+        for i, p in enumerate(mains):
+            n = p.numel()
+            inner.state[p] = {"step": steps[i],
+                              "exp_avg": exp_avg[offset:offset + n].view_as(p),
+                              "exp_avg_sq": exp_avg_sq[offset:offset + n].view_as(p)}
+            offset += n
+
+
+def optimizer_state_tensors(optimizer: Any) -> list[torch.Tensor]:
+    """This rank's optimizer shard in a fixed order: every main param, then every
+    ``exp_avg``, every ``exp_avg_sq``, every ``step`` (neighbours in memory stay neighbours)."""
+    return [t for group in optimizer_state_groups(optimizer) for t in group]
+
+
+def optimizer_state_groups(optimizer: Any) -> list[list[torch.Tensor]]:
+    """The shard as four groups (main params, exp_avg, exp_avg_sq, step); each group is
+    one contiguous block of memory when the layout allows (see make_state_contiguous)."""
+    make_state_contiguous(optimizer)
+    mains: list[torch.Tensor] = []
+    avgs: list[torch.Tensor] = []
+    sqs: list[torch.Tensor] = []
+    steps: list[torch.Tensor] = []
+    for opt in leaf_optimizers(optimizer):
+        for main in _main_params(opt):
+            state = opt.optimizer.state[main]
+            mains.append(main.data)
+            avgs.append(state["exp_avg"])
+            sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+    return [mains, avgs, sqs, steps]
 
 
 def copy_main_to_model(optimizer: Any) -> None:

@@ -35,7 +35,8 @@ from ..launch.channel import Channel
 from ..megatron import optimizer as mopt
 from ..megatron import parallel
 from ..megatron.rebind import group_roles, rebind
-from ..megatron.shards import capture_rng, copy_main_to_model, optimizer_state_tensors, restore_rng, shard_key
+from ..megatron.shards import (capture_rng, copy_main_to_model, optimizer_state_groups,
+                               optimizer_state_tensors, restore_rng, shard_key)
 from ..replication.replica_map import (RankInfo, UnrecoverableError, agree, donors_for,
                                        unprotected_ranks)
 from ..replication.transfer import TransferError, exchange
@@ -310,8 +311,7 @@ class RecoveryManager:
 
         if self.recovering is not None:
             self.injector.fire("recovery", committed)
-        tensors = optimizer_state_tensors(trainer.optimizer)
-        received, stats = exchange(plan, self.rank, tensors,
+        received, stats = exchange(plan, self.rank, optimizer_state_groups(trainer.optimizer),
                                    lambda: self._state_blob(committed))
         if received is not None:
             self._adopt(received)

@@ -4,7 +4,9 @@ A replacement's optimizer shard is sent as one flat byte buffer, not tensor by t
 each donor holding an identical copy sends one contiguous stripe (striping spreads the
 load over donors), with a CRC-32 of the stripe that the receiver verifies before the bytes
 are unpacked into the optimizer. A small control blob (RNG, counters, scheduler, the last
-metrics record) follows from the first donor.
+metrics record) follows from the first donor. The optimizer state is laid out flat
+(``megatron/shards.py``), so bytes go from the donor's optimizer memory to the receiver's
+without packing (:class:`ByteLayout`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -40,35 +42,6 @@ def nbytes(tensors: Sequence[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _bytes_view(t: torch.Tensor) -> torch.Tensor:
-    if not t.is_contiguous():
-        raise ValueError("state tensors must be contiguous to be packed without a copy")
-    return t.reshape(-1).view(torch.uint8)
-
-
-def pack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """All tensors' bytes, back to back, in one buffer (one copy)."""
-    buf = torch.empty(nbytes(tensors), dtype=torch.uint8)
-    offset = 0
-    for t in tensors:
-        view = _bytes_view(t)
-        buf[offset:offset + view.numel()].copy_(view)
-        offset += view.numel()
-    return buf
-
-
-def unpack(buf: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
-    """Inverse of :func:`pack`: write the bytes back into ``tensors`` in place."""
-    expected = nbytes(tensors)
-    if buf.numel() != expected:
-        raise TransferError(f"received {buf.numel()} bytes for a state of {expected} bytes")
-    offset = 0
-    for t in tensors:
-        view = _bytes_view(t)
-        view.copy_(buf[offset:offset + view.numel()])
-        offset += view.numel()
-
-
 def stripes(total: int, parts: int) -> list[tuple[int, int]]:
     """Split ``total`` bytes into ``parts`` contiguous ranges of near-equal size."""
     base, extra = divmod(total, parts)
@@ -84,30 +57,117 @@ def crc32(buf: torch.Tensor) -> int:
     return zlib.crc32(memoryview(buf.numpy())) & 0xFFFFFFFF
 
 
-def exchange(plan: dict[int, list[int]], rank: int, tensors: Sequence[torch.Tensor],
-             blob: Callable[[], Any], group: Any = None) -> tuple[Any, TransferStats]:
+CHUNK_BYTES = 16 << 20  # message size: large enough to be bandwidth-bound, small enough
+                        # that the receiver checks one chunk while the next arrives
+
+
+class ByteLayout:
+    """A rank's state tensors seen as one virtual byte range.
+
+    Tensors adjacent in memory form runs; a byte range inside one run is a zero-copy view.
+    Message boundaries are a function of tensor sizes only, so donor and receiver agree
+    on them whatever their allocators did; a range that spans runs is copied.
+    """
+
+    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
+        self.runs: list[tuple[int, int, torch.Tensor]] = []
+        pos = 0
+        cur: list[Any] = []  # [storage, begin_ptr, end_ptr, virtual_start]
+        for t in tensors:
+            if not t.is_contiguous():
+                raise ValueError("state tensors must be contiguous")
+            n = t.numel() * t.element_size()
+            storage = t.untyped_storage()
+            ptr = t.data_ptr()
+            if cur and storage.data_ptr() == cur[0].data_ptr() and ptr == cur[2]:
+                cur[2] += n
+            else:
+                self._flush(cur)
+                cur = [storage, ptr, ptr + n, pos]
+            pos += n
+        self._flush(cur)
+        self.total = pos
+
+    def _flush(self, cur: list[Any]) -> None:
+        if not cur:
+            return
+        storage, begin, end, vstart = cur
+        view = torch.empty(0, dtype=torch.uint8).set_(
+            storage, begin - storage.data_ptr(), (end - begin,))
+        self.runs.append((vstart, vstart + (end - begin), view))
+
+    def _pieces(self, a: int, b: int) -> list[tuple[int, int, torch.Tensor]]:
+        out = []
+        for start, end, view in self.runs:
+            lo, hi = max(a, start), min(b, end)
+            if lo < hi:
+                out.append((lo, hi, view[lo - start:hi - start]))
+        return out
+
+    def view(self, a: int, b: int) -> Optional[torch.Tensor]:
+        pieces = self._pieces(a, b)
+        return pieces[0][2] if len(pieces) == 1 else None
+
+    def gather(self, a: int, b: int) -> torch.Tensor:
+        return torch.cat([p for _, _, p in self._pieces(a, b)])
+
+    def scatter(self, a: int, buf: torch.Tensor) -> None:
+        for lo, hi, piece in self._pieces(a, a + buf.numel()):
+            piece.copy_(buf[lo - a:hi - a])
+
+
+def messages(total: int, donors: Sequence[int],
+             cuts: Sequence[int] = ()) -> list[tuple[int, int, int]]:
+    """(donor, start, end) byte ranges: one stripe per donor, cut at ``cuts`` (group
+    boundaries, so a message stays inside one block of memory) and into CHUNK_BYTES pieces."""
+    out = []
+    for donor, (lo, hi) in zip(donors, stripes(total, len(donors))):
+        bounds = sorted({lo, hi, *(c for c in cuts if lo < c < hi)})
+        for a, b in zip(bounds, bounds[1:]):
+            for x in range(a, b, CHUNK_BYTES):
+                out.append((donor, x, min(b, x + CHUNK_BYTES)))
+    return out
+
+
+def group_cuts(groups: Sequence[Sequence[torch.Tensor]]) -> list[int]:
+    """Byte offsets where one group of tensors ends and the next begins."""
+    cuts, pos = [], 0
+    for group in groups[:-1]:
+        pos += nbytes(group)
+        cuts.append(pos)
+    return cuts
+
+
+def exchange(plan: dict[int, list[int]], rank: int,
+             groups: Sequence[Sequence[torch.Tensor]], blob: Callable[[], Any],
+             group: Any = None) -> tuple[Any, TransferStats]:
     """Run the transfers of ``plan`` (replacement rank -> its donors) that involve ``rank``.
 
-    Donors send; replacements receive into ``tensors`` and get the donor's ``blob()``.
+    Donors send their stripe straight from the optimizer's memory, then one CRC-32 per
+    message; replacements receive straight into theirs and verify each message as it lands.
     Returns (received blob or None, stats).
     """
     stats = TransferStats()
     start = time.perf_counter()
+    layout = ByteLayout([t for g in groups for t in g])
+    cuts = group_cuts(groups)
     works: list[Any] = []
-    packed: torch.Tensor | None = None
-    received: Any = None
     keep: list[torch.Tensor] = []
+    received: Any = None
     for target, donors in sorted(plan.items()):
-        if rank in donors:
-            if packed is None:
-                packed = pack(tensors)
-            lo, hi = stripes(packed.numel(), len(donors))[donors.index(rank)]
-            piece = packed[lo:hi]
-            crc = torch.tensor([crc32(piece)], dtype=torch.int64)
+        mine = [m for m in messages(layout.total, donors, cuts) if m[0] == rank]
+        if mine:
+            crcs = []
+            for _, a, b in mine:
+                piece = layout.view(a, b)
+                piece = piece if piece is not None else layout.gather(a, b)
+                keep.append(piece)
+                works.append(dist.isend(piece, target, group=group, tag=TAG_DATA))
+                crcs.append(crc32(piece))  # computed while the send is in flight
+                stats.bytes_sent += piece.numel()
+            crc = torch.tensor(crcs, dtype=torch.int64)
             keep.append(crc)
-            works.append(dist.isend(piece, target, group=group, tag=TAG_DATA))
             works.append(dist.isend(crc, target, group=group, tag=TAG_CRC))
-            stats.bytes_sent += piece.numel()
             if rank == donors[0]:
                 payload = to_bytes(blob())
                 size = torch.tensor([payload.numel()], dtype=torch.int64)
@@ -115,27 +175,41 @@ def exchange(plan: dict[int, list[int]], rank: int, tensors: Sequence[torch.Tens
                 works.append(dist.isend(size, target, group=group, tag=TAG_BLOB_SIZE))
                 works.append(dist.isend(payload, target, group=group, tag=TAG_BLOB))
         if rank == target:
-            buf = torch.empty(nbytes(tensors), dtype=torch.uint8)
-            ranges = stripes(buf.numel(), len(donors))
-            crcs = [torch.zeros(1, dtype=torch.int64) for _ in donors]
-            recvs = []
-            for donor, (lo, hi), crc in zip(donors, ranges, crcs):
-                recvs.append(dist.irecv(buf[lo:hi], donor, group=group, tag=TAG_DATA))
-                recvs.append(dist.irecv(crc, donor, group=group, tag=TAG_CRC))
-            size = torch.zeros(1, dtype=torch.int64)
-            dist.recv(size, donors[0], group=group, tag=TAG_BLOB_SIZE)
-            payload = torch.empty(int(size.item()), dtype=torch.uint8)
-            dist.recv(payload, donors[0], group=group, tag=TAG_BLOB)
-            for work in recvs:
-                work.wait()
-            for donor, (lo, hi), crc in zip(donors, ranges, crcs):
-                if crc32(buf[lo:hi]) != int(crc.item()):
-                    raise TransferError(f"state stripe from rank {donor} failed its checksum")
-            unpack(buf, tensors)
-            received = from_bytes(payload)
-            stats.bytes_received += buf.numel()
-            stats.received_from = list(donors)
+            received = _receive(layout, messages(layout.total, donors, cuts), donors, group,
+                                stats)
     for work in works:
         work.wait()
     stats.seconds = time.perf_counter() - start
     return received, stats
+
+
+def _receive(layout: ByteLayout, plan: list[tuple[int, int, int]], donors: Sequence[int],
+             group: Any, stats: TransferStats) -> Any:
+    pending = []
+    for donor, a, b in plan:
+        view = layout.view(a, b)
+        buf = view if view is not None else torch.empty(b - a, dtype=torch.uint8)
+        pending.append((donor, a, buf, view is None,
+                        dist.irecv(buf, donor, group=group, tag=TAG_DATA)))
+    crcs = {d: torch.zeros(sum(1 for m in plan if m[0] == d), dtype=torch.int64)
+            for d in donors}
+    crc_works = [dist.irecv(crcs[d], d, group=group, tag=TAG_CRC) for d in donors]
+    size = torch.zeros(1, dtype=torch.int64)
+    dist.recv(size, donors[0], group=group, tag=TAG_BLOB_SIZE)
+    payload = torch.empty(int(size.item()), dtype=torch.uint8)
+    dist.recv(payload, donors[0], group=group, tag=TAG_BLOB)
+    for work in crc_works:
+        work.wait()
+    index = {d: 0 for d in donors}
+    for donor, a, buf, copied, work in pending:
+        work.wait()
+        expected = int(crcs[donor][index[donor]].item())
+        index[donor] += 1
+        if crc32(buf) != expected:
+            raise TransferError(f"state bytes [{a}, {a + buf.numel()}) from rank {donor} "
+                                "failed their checksum")
+        if copied:
+            layout.scatter(a, buf)
+        stats.bytes_received += buf.numel()
+    stats.received_from = list(donors)
+    return from_bytes(payload)

@@ -20,6 +20,7 @@ from ..config import RunConfig
 from ..megatron import optimizer as mopt
 from ..megatron import parallel
 from ..megatron.model import build_model_chunks
+from ..megatron.shards import make_state_contiguous
 from ..megatron.state import job_digest
 from ..metrics.writer import JsonlWriter, write_json
 from .data import StepSource, local_batch_digest, make_step_data
@@ -104,6 +105,7 @@ class Trainer:
         self.model = mopt.wrap_ddp(chunks, cfg.strategy)
         self.optimizer = mopt.build_optimizer(self.model, cfg.optim, cfg.strategy, dtype,
                                               collective=collective)
+        make_state_contiguous(self.optimizer)
         self.scheduler = mopt.build_scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)
         self._install_grad_sync_hook()
         self.data = make_step_data(cfg, self.coords, run_dir=self.run_dir)

@@ -8,7 +8,7 @@ import torch
 from nemo_checkpointless.recovery.faults import FaultInjector, Fault, fail_at, parse_plan
 from nemo_checkpointless.replication.replica_map import (RankInfo, UnrecoverableError, agree,
                                                          donors_for, unprotected_ranks)
-from nemo_checkpointless.replication.transfer import TransferError, pack, stripes, unpack
+from nemo_checkpointless.replication.transfer import ByteLayout, messages, stripes
 from nemo_checkpointless.train.hooks import Phase
 
 
@@ -75,14 +75,25 @@ def test_fault_fires_once_even_when_the_step_is_redone():
     inj.on_phase(Phase.FORWARD, 2)  # the redo of step 2 does not fail again
 
 
-def test_pack_unpack_and_stripes():
-    tensors = [torch.randn(5, 3), torch.arange(7, dtype=torch.int64), torch.tensor(3.0)]
-    buf = pack(tensors)
-    assert buf.numel() == 5 * 3 * 4 + 7 * 8 + 4
-    out = [torch.zeros_like(t) for t in tensors]
-    unpack(buf, out)
-    assert all(torch.equal(a, b) for a, b in zip(tensors, out))
-    with pytest.raises(TransferError):
-        unpack(buf[:-1], out)
-    parts = stripes(10, 3)
-    assert parts == [(0, 4), (4, 7), (7, 10)]
+def test_byte_layout_is_zero_copy_for_flat_state_and_copies_across_runs():
+    flat = torch.arange(12, dtype=torch.float32)
+    views = [flat[0:5], flat[5:12]]                   # neighbours in memory: one run
+    lone = torch.tensor([7.0, 8.0])                   # a separate allocation
+    layout = ByteLayout([*views, lone])
+    assert layout.total == 14 * 4 and len(layout.runs) == 2
+    inside = layout.view(4, 40)
+    assert inside is not None and inside.data_ptr() == flat.data_ptr() + 4   # no copy
+    assert layout.view(40, 52) is None                 # spans both runs: copied
+    data = layout.gather(40, 56)
+    assert data.numel() == 16
+    other = [torch.zeros(5), torch.zeros(7), torch.zeros(2)]
+    target = ByteLayout(other)
+    for a in range(0, layout.total, 8):                # any message cut works on both sides
+        target.scatter(a, layout.gather(a, min(layout.total, a + 8)))
+    assert torch.equal(torch.cat(other), torch.cat([flat, lone]))
+
+
+def test_messages_stripe_over_donors_and_chunk():
+    msgs = messages(100, [3, 7])
+    assert msgs == [(3, 0, 50), (7, 50, 100)]
+    assert stripes(10, 3) == [(0, 4), (4, 7), (7, 10)]
