@@ -11,13 +11,8 @@ from ..config import ModelConfig, StrategyConfig, padded_vocab_size
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def transformer_config(model: ModelConfig, strategy: StrategyConfig, *, meta: bool = False,
-                       initialize: bool = True):
-    """The megatron ``TransformerConfig`` for ``model`` under ``strategy``.
-
-    ``initialize=False`` skips weight initialization (a replacement rank whose every
-    parameter is about to be overwritten with its peers' state).
-    """
+def transformer_config(model: ModelConfig, strategy: StrategyConfig, *, meta: bool = False):
+    """The megatron ``TransformerConfig`` for ``model`` under ``strategy``."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     dtype = _DTYPES[model.params_dtype]
@@ -46,7 +41,7 @@ def transformer_config(model: ModelConfig, strategy: StrategyConfig, *, meta: bo
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         use_cpu_initialization=True,
-        perform_initialization=initialize and not meta,
+        perform_initialization=not meta,
         masked_softmax_fusion=False,
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
@@ -63,7 +58,6 @@ def build_model_chunks(
     seq_length: int,
     *,
     meta: bool = False,
-    initialize: bool = True,
 ) -> list[torch.nn.Module]:
     """One GPTModel per virtual pipeline stage held by this rank (one without VP).
 
@@ -74,7 +68,7 @@ def build_model_chunks(
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
 
-    config = transformer_config(model, strategy, meta=meta, initialize=initialize)
+    config = transformer_config(model, strategy, meta=meta)
     spec = get_gpt_layer_local_spec(normalization=model.normalization)
     vocab = padded_vocab_size(model, strategy.tensor_model_parallel_size)
     vp = strategy.virtual_pipeline_model_parallel_size

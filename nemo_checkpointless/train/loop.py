@@ -99,9 +99,10 @@ class Trainer:
         self.coords = parallel.initialize(cfg.strategy)
         parallel.seed_everything(cfg.trainer.seed, self.coords)
         dtype = _DTYPES[cfg.model.params_dtype]
-        # a replacement's weights are overwritten by its peers' state: skip initialization
-        chunks = build_model_chunks(cfg.model, cfg.strategy, cfg.data.seq_length,
-                                    initialize=collective)
+        # Replacements initialize too, although their weights are overwritten by peers:
+        # megatron sets tensor-parallel attributes (used by the grad-norm reduction) only
+        # while initializing, and skipping it broke exactness under TP=2.
+        chunks = build_model_chunks(cfg.model, cfg.strategy, cfg.data.seq_length)
         self.model = mopt.wrap_ddp(chunks, cfg.strategy)
         self.optimizer = mopt.build_optimizer(self.model, cfg.optim, cfg.strategy, dtype,
                                               collective=collective)
