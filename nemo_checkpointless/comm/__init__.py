@@ -1,5 +1,12 @@
-"""Communicator start-up, teardown and rebuild."""
+"""Communicator start-up, teardown and rebuild.
 
-from .world import backend_for, init_world, destroy_world
+``init()`` is Tier 1: the world formed over a store sharded across the node agents (or the
+ranks themselves), with no root; see ``docs/tier1.md``.
+"""
 
-__all__ = ["backend_for", "init_world", "destroy_world"]
+from .init import Tier1World, init
+from .store import JobIdentity, ShardedStore, StoreServer, connect
+from .world import backend_for, destroy_world, init_world
+
+__all__ = ["JobIdentity", "ShardedStore", "StoreServer", "Tier1World", "backend_for", "connect",
+           "destroy_world", "init", "init_world"]

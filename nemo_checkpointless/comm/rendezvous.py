@@ -1,7 +1,8 @@
 """Generation-scoped rendezvous: every rank of generation G meets, then forms the world.
 
 Keys live under ``rdzv/<G>/`` and ``pg/<G>/``, so a stale generation's keys are never
-read by a newer one. The wait is cancellable: a rank that learns of a newer generation
+read by a newer one. The world itself is formed by :func:`comm.init.form_world` (device
+bound on NCCL, batched address exchange on gloo). The wait is cancellable: a rank that learns of a newer generation
 while waiting leaves at once (``GenerationChanged``).
 """
 
@@ -11,8 +12,7 @@ import datetime
 import time
 from typing import Any, Callable
 
-import torch
-import torch.distributed as dist
+from .init import form_world
 
 
 class GenerationChanged(RuntimeError):
@@ -44,8 +44,4 @@ def rendezvous(store: Any, gen: int, rank: int, world_size: int, backend: str,
                     f"generation {gen}: only {have}/{world_size} ranks arrived within "
                     f"{timeout.total_seconds():.0f}s (NCL_RECOVERY_TIMEOUT_S); is a node down "
                     "with no replacement?") from None
-    kwargs = {}
-    if backend == "nccl":
-        kwargs["device_id"] = torch.device("cuda", torch.cuda.current_device())
-    dist.init_process_group(backend=backend, store=dist.PrefixStore(f"pg/{gen}/", store),
-                            rank=rank, world_size=world_size, timeout=pg_timeout, **kwargs)
+    form_world(store, rank, world_size, gen, backend, pg_timeout)

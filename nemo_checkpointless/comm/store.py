@@ -1,99 +1,56 @@
-"""The job's key-value store: served by the node agents, used by agents and ranks.
+"""The job's key-value store, with no root: every node agent serves a share of the keys.
 
-Interface (stable; the implementation behind it may shard keys over several agents):
+Interface (stable):
 
-* :class:`JobIdentity` — job id + per-job secret carried by every connection.
+* :class:`JobIdentity` — job id + per-job secret; every connection proves it.
 * :class:`StoreServer` — one per agent: ``start()``, ``stop()``, ``port``, ``op_counts()``.
-* :func:`connect` — a ``torch.distributed.Store`` client over the agents' endpoints.
+* :func:`connect` — a ``torch.distributed.Store`` over all agents' endpoints.
 
-This first implementation serves every key from the first endpoint (a TCPStore).
+Design (details in ``docs/tier1.md``):
+
+* **Sharding.** A key lives on server ``crc32(key) % n``, so store traffic spreads over the
+  agents instead of converging on one host. A lost server takes its keys with it; that is
+  safe because every recovery uses a new generation prefix (``pg/<G>/...``), so no key of
+  an older generation is needed again (and none is ever read: the prefix differs).
+* **The generation survives.** Keys named in ``replicated`` (default ``gen``, ``gen/...``,
+  ``node/...``, ``job/...``: the job's membership and coordination records) live on
+  every server. Counters (``add``) are
+  max-registers: reads return the maximum over the servers that answer and repair those
+  behind, ``add`` increments on the first server that answers after raising it to that
+  maximum. Other values are records written to every server. Losing any ``n - 1`` servers
+  keeps them; ``gen`` never goes backwards. ``compare_set`` is refused on them.
+* **Admission.** A server greets each connection with a nonce; the client answers with the
+  job id and an HMAC of the nonces keyed by the secret; the server answers with its own
+  proof. A wrong job id or secret is refused (with the reason) before any key is read or
+  written, and a client never talks to a server of another job that took over a port.
+  Connections are authenticated, not encrypted.
+* **Reconnects.** Clients connect lazily, per thread, and reconnect when a replaced agent
+  serves the same host:port again; operations on an absent server retry until the store
+  timeout, then fail naming the server.
+* **Counting.** Every server counts the operations it serves (``op_counts()``, also
+  readable remotely with ``ShardedStore.server_op_counts()``).
 """
 
 from __future__ import annotations
 
 import datetime
-import os
-import secrets
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Iterable, Sequence
 
-import torch.distributed as dist
+from .identity import (AdmissionError, Endpoint, JobIdentity, StoreError, format_endpoints,
+                       parse_endpoints)
+from .store_client import ShardedStore
+from .store_server import StoreServer
 
-
-@dataclass(frozen=True)
-class JobIdentity:
-    """Who may join this job's store: the job id and a per-job secret."""
-
-    job_id: str
-    secret: str
-
-    @classmethod
-    def from_env(cls) -> "JobIdentity":
-        job_id = os.environ.get("NCL_JOB_ID")
-        secret = os.environ.get("NCL_JOB_SECRET")
-        if not job_id or not secret:
-            raise RuntimeError(
-                "NCL_JOB_ID and NCL_JOB_SECRET are not set: start ranks with ncl-launch "
-                "(it sets both), or export them for every rank of the job"
-            )
-        return cls(job_id, secret)
-
-    @classmethod
-    def generate(cls, job_id: Optional[str] = None) -> "JobIdentity":
-        return cls(job_id or secrets.token_hex(6), secrets.token_hex(16))
-
-    def env(self) -> dict[str, str]:
-        return {"NCL_JOB_ID": self.job_id, "NCL_JOB_SECRET": self.secret}
+__all__ = ["AdmissionError", "Endpoint", "JobIdentity", "ShardedStore", "StoreError",
+           "StoreServer", "connect", "format_endpoints", "parse_endpoints"]
 
 
-Endpoint = tuple[str, int]
-
-
-def parse_endpoints(text: str) -> list[Endpoint]:
-    """``host:port,host:port`` -> [(host, port), ...] with a clear error on bad input."""
-    out: list[Endpoint] = []
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        host, sep, port = item.rpartition(":")
-        if not sep or not port.isdigit():
-            raise ValueError(f"bad store endpoint {item!r}: expected host:port")
-        out.append((host, int(port)))
-    if not out:
-        raise ValueError("no store endpoint given: expected host:port[,host:port...]")
-    return out
-
-
-def format_endpoints(endpoints: Sequence[Endpoint]) -> str:
-    return ",".join(f"{h}:{p}" for h, p in endpoints)
-
-
-class StoreServer:
-    """A store server run by one node agent."""
-
-    def __init__(self, host: str, port: int, identity: JobIdentity) -> None:
-        self.host = host
-        self._port = port
-        self.identity = identity
-        self._store: Optional[dist.TCPStore] = None
-
-    def start(self) -> "StoreServer":
-        self._store = dist.TCPStore(self.host, self._port, is_master=True,
-                                    wait_for_workers=False, use_libuv=True)
-        self._port = self._store.port
-        return self
-
-    @property
-    def port(self) -> int:
-        return self._port
-
-    def op_counts(self) -> dict[str, int]:
-        return {}
-
-    def stop(self) -> None:
-        self._store = None
-
-
-def connect(endpoints: Sequence[Endpoint], identity: JobIdentity,
-            timeout: datetime.timedelta = datetime.timedelta(seconds=60)) -> dist.Store:
-    """A client of the job's store."""
-    host, port = endpoints[0]
-    return dist.TCPStore(host, port, is_master=False, timeout=timeout, use_libuv=True)
+def connect(endpoints: Sequence[Endpoint] | str, identity: JobIdentity,
+            timeout: datetime.timedelta = datetime.timedelta(seconds=60),
+            replicated: Iterable[str] = ("gen", "gen/", "node/", "job/")) -> ShardedStore:
+    """A client of the job's store: keys sharded over ``endpoints`` (same order on every
+    client), ``replicated`` keys (exact names, or prefixes ending in ``/``) on all of them.
+    Connects lazily; ``timeout`` bounds every wait and the wait for an unreachable server."""
+    if isinstance(endpoints, str):
+        endpoints = parse_endpoints(endpoints)
+    return ShardedStore(endpoints, identity, timeout, replicated)

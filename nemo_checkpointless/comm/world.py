@@ -21,8 +21,14 @@ def backend_for(requested: str) -> str:
     return "nccl" if cpu.cuda_available() else "gloo"
 
 
-def default_timeout() -> datetime.timedelta:
-    return datetime.timedelta(seconds=float(os.environ.get("NCL_PG_TIMEOUT_S", "600")))
+def default_timeout(backend: str = "nccl") -> datetime.timedelta:
+    """Bound on every collective: ``NCL_PG_TIMEOUT_S``, else 600 s on NCCL and 60 s on gloo.
+
+    On gloo the bound is short because it is also the last resort of an abort: a gloo wait
+    that the shut-down connections did not wake ends here, and the rank then recovers.
+    """
+    default = "60" if backend == "gloo" else "600"
+    return datetime.timedelta(seconds=float(os.environ.get("NCL_PG_TIMEOUT_S", default)))
 
 
 def init_world(backend: str = "auto", timeout: datetime.timedelta | None = None) -> None:
@@ -36,12 +42,17 @@ def init_world(backend: str = "auto", timeout: datetime.timedelta | None = None)
     if "RANK" not in os.environ:
         _single_process_env()
     backend = backend_for(backend)
-    kwargs = {}
-    if backend == "nccl":
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        kwargs["device_id"] = torch.device("cuda", local_rank)
-    dist.init_process_group(backend=backend, timeout=timeout or default_timeout(), **kwargs)
+    dist.init_process_group(backend=backend, timeout=timeout or default_timeout(),
+                            **device_kwargs(backend))
+
+
+def device_kwargs(backend: str) -> dict:
+    """``device_id`` for NCCL (binds LOCAL_RANK's GPU, which makes later groups splits)."""
+    if backend != "nccl":
+        return {}
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local_rank)
+    return {"device_id": torch.device("cuda", local_rank)}
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -271,10 +271,10 @@ class NodeAgent:
         for spare in self.spares:
             spare.proc.wait()
         try:
-            self.store.add("nodes_done", 1)
+            self.store.add("job/nodes_done", 1)
             deadline = time.monotonic() + self.args.store_timeout
             while self.server is not None and time.monotonic() < deadline:
-                if int(self.store.add("nodes_done", 0)) >= self.args.nnodes:
+                if int(self.store.add("job/nodes_done", 0)) >= self.args.nnodes:
                     break
                 time.sleep(0.05)
         except Exception as err:  # the store may already be gone with another node

@@ -8,7 +8,9 @@ runs on that thread: it aborts the communicators so the main thread unwinds at o
 
 from __future__ import annotations
 
+import faulthandler
 import logging
+import os
 import queue
 import threading
 import time
@@ -23,7 +25,7 @@ class AgentLink:
     """Heartbeats to, and notices from, the node agent."""
 
     def __init__(self, channel: Channel, on_new_generation: Callable[[int], None],
-                 interval: float = 0.1) -> None:
+                 interval: float = 0.1, stuck_after: float = 0.0) -> None:
         self.channel = channel
         self.on_new_generation = on_new_generation
         self.interval = interval
@@ -33,6 +35,12 @@ class AgentLink:
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="ncl-agent-link", daemon=True)
         self.closed = False
+        # watchdog: a main thread that has not begun recovering this long after an abort is
+        # aborted again, and its stacks are logged once more later (a gloo wait that the
+        # shut-down sockets did not wake ends at the collective timeout, NCL_PG_TIMEOUT_S)
+        self.stuck_after = stuck_after or float(os.environ.get("NCL_STUCK_AFTER_S", "20"))
+        self._aborted_at: Optional[float] = None
+        self._reaborted = False
 
     def start(self) -> "AgentLink":
         self._thread.start()
@@ -54,6 +62,21 @@ class AgentLink:
                 return
             for msg in messages:
                 self._handle(msg)
+            self._watchdog()
+
+    def _watchdog(self) -> None:
+        with self._cond:
+            since = self._aborted_at
+            pending = self.latest_gen > self.active_gen >= 0
+        if since is None or not pending:
+            return
+        waited = time.monotonic() - since
+        if waited > self.stuck_after and not self._reaborted:
+            self._reaborted = True
+            log.warning("the main thread is still blocked %.0fs after the abort: aborting "
+                        "again; its stacks follow", waited)
+            faulthandler.dump_traceback(all_threads=True)
+            self.on_new_generation(self.latest_gen)
 
     def _handle(self, msg: dict[str, Any]) -> None:
         if msg.get("t") == "assign":
@@ -69,6 +92,8 @@ class AgentLink:
             self.latest_gen = gen
             self._cond.notify_all()
             abort = gen > self.active_gen >= 0
+            if abort and self._aborted_at is None:
+                self._aborted_at = time.monotonic()
         if abort:
             self.on_new_generation(gen)
 
@@ -77,6 +102,14 @@ class AgentLink:
         with self._cond:
             self.active_gen = gen
             self.latest_gen = max(self.latest_gen, gen)
+            self._aborted_at = None
+            self._reaborted = False
+
+    def unwound(self) -> None:
+        """The main thread reached recovery: the watchdog stands down."""
+        with self._cond:
+            self._aborted_at = None
+            self._reaborted = False
 
     def superseded(self) -> bool:
         """True when a newer generation than the active one was announced."""

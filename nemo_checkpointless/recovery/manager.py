@@ -29,11 +29,12 @@ import torch.distributed as dist
 from ..comm.abort import abort_communicators, forget_all_groups
 from ..comm.rendezvous import GenerationChanged, RendezvousTimeout, rendezvous
 from ..comm.store import JobIdentity, connect, parse_endpoints
+from ..comm.init import report_store_ops
 from ..comm.world import backend_for, default_timeout
 from ..config import RunConfig
 from ..launch.channel import Channel
+from ..megatron import groups, parallel
 from ..megatron import optimizer as mopt
-from ..megatron import parallel
 from ..megatron.rebind import group_roles, rebind
 from ..megatron.shards import (capture_rng, copy_main_to_model, optimizer_state_groups,
                                optimizer_state_tensors, restore_rng, shard_key)
@@ -97,6 +98,9 @@ class RecoveryManager:
         self.disk = ck.tier == "tier3" or ck.fallback == "disk"
         self.checkpoint_root = Path(ck.checkpoint_dir or self.run_dir / "checkpoints")
         self.checkpointer: Optional[AsyncCheckpointer] = None
+        self._ops_mark: dict = {}
+        self._cleaned_gen = 0
+        groups.enable_local_group_sync()  # megatron's groups formed by their members only
 
     # ------------------------------------------------------------------ spares
     def _wait_for_assignment(self) -> None:
@@ -178,6 +182,7 @@ class RecoveryManager:
     def _recover(self) -> None:
         rec = self.recovering
         assert rec is not None
+        self.link.unwound()
         t0 = time.perf_counter()
         if self.trainer is not None:
             from megatron.core import parallel_state
@@ -205,8 +210,17 @@ class RecoveryManager:
         self.joined_gen = gen
         t0 = time.perf_counter()
         rendezvous(self.store, gen, self.rank, self.world_size, self.backend,
-                   self.recovery_timeout, default_timeout(), cancelled=self.link.superseded)
+                   self.recovery_timeout, default_timeout(self.backend),
+                   cancelled=self.link.superseded)
         t1 = time.perf_counter()
+        if self.rank == 0 and hasattr(self.store, "server_op_counts"):
+            phase = "start-up" if gen == 0 else "recovery"
+            _, self._ops_mark = report_store_ops(self.store, phase, self._ops_mark, gen)
+            if gen > 0:  # nobody reads an older generation's keys again
+                for old in range(max(0, self._cleaned_gen), gen):
+                    self.store.delete_prefix(f"pg/{old}/")
+                    self.store.delete_prefix(f"rdzv/{old}/")
+                self._cleaned_gen = gen
         built = self.trainer is None
         if self.trainer is None:
             trainer = Trainer(self.cfg, self.run_dir,

@@ -61,13 +61,24 @@ def run_pretrain(node: Any, run_dir: str | Path) -> dict[str, Any]:
     channel = Channel.from_env()
     if channel is not None:
         return _run_under_agent(cfg, Path(run_dir), channel)
-    init_world(cfg.strategy.backend)
+    tier1 = None
+    if cfg.checkpointless.tier == "tier1":
+        from ..comm.init import init as tier1_init
+
+        tier1 = tier1_init(cfg.strategy.backend)  # rootless store, members-only groups
+    else:
+        init_world(cfg.strategy.backend)
     try:
         trainer = Trainer(cfg, Path(run_dir))
         trainer.setup()
+        if tier1 is not None:
+            tier1.report_store_ops("start-up")
         summary = trainer.run()
     finally:
-        destroy_world()
+        if tier1 is not None:
+            tier1.shutdown()
+        else:
+            destroy_world()
     if rank == 0:
         logging.getLogger(__name__).info(
             "finished step %d, state_sha256 %s", summary["final_step"], summary["state_sha256"]
