@@ -84,6 +84,7 @@ class NodeAgent:
         self.lock = threading.Lock()
         self.stopping = False
         self.replacement = False
+        self.refill_at: Optional[float] = None
 
     # ------------------------------------------------------------------ start
     def start(self) -> None:
@@ -223,6 +224,10 @@ class NodeAgent:
                         child.proc.wait()
                         self._replace(rank, child, "hung (no heartbeat)")
                 self.spares = [s for s in self.spares if s.proc.poll() is None]
+                if self.refill_at is not None and time.monotonic() >= self.refill_at:
+                    self.refill_at = None
+                    while len(self.spares) < self.args.spares:
+                        self.spares.append(self._spawn(None, None, replacement=True))
             if all(c.finished for c in self.ranks.values()):
                 return self._finish()
 
@@ -257,7 +262,8 @@ class NodeAgent:
             self.ranks[rank] = spare
             log.info("warm spare pid %d takes rank %d at generation %d", spare.proc.pid, rank,
                      self.gen)
-            self.spares.append(self._spawn(None, None, replacement=True))
+            # refill later: a spare's imports would compete with the recovery for CPU
+            self.refill_at = time.monotonic() + self.args.spare_refill_delay
         else:
             self.ranks[rank] = self._spawn(rank, local_rank, replacement=True)
         for child in self.ranks.values():
@@ -315,6 +321,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--master-addr", "--master_addr", default=None)
     p.add_argument("--master-port", "--master_port", type=int, default=29400)
     p.add_argument("--spares", type=int, default=0, help="warm spare processes per node")
+    p.add_argument("--spare-refill-delay", type=float,
+                   default=float(os.environ.get("NCL_SPARE_REFILL_DELAY_S", "5")),
+                   help="seconds after a spare takes a rank before a new spare is started")
     p.add_argument("--hang-timeout", type=float,
                    default=float(os.environ.get("NCL_HANG_TIMEOUT_S", "3.0")),
                    help="seconds without a heartbeat before a rank is killed as hung")

@@ -325,6 +325,8 @@ class RecoveryManager:
 
         if self.recovering is not None:
             self.injector.fire("recovery", committed)
+        if plan:
+            dist.barrier()  # start together: the transfer time measures the transfer alone
         received, stats = exchange(plan, self.rank, optimizer_state_groups(trainer.optimizer),
                                    lambda: self._state_blob(committed))
         if received is not None:

@@ -57,8 +57,8 @@ def crc32(buf: torch.Tensor) -> int:
     return zlib.crc32(memoryview(buf.numpy())) & 0xFFFFFFFF
 
 
-CHUNK_BYTES = 16 << 20  # message size: large enough to be bandwidth-bound, small enough
-                        # that the receiver checks one chunk while the next arrives
+CHUNK_BYTES = 4 << 20  # message size: large enough to be bandwidth-bound, small enough
+                       # that the receiver checks one chunk while the next arrives
 
 
 class ByteLayout:
