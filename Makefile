@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-unit test-dist test-matrix venv clean
+.PHONY: demo test test-unit test-dist test-matrix test-slurm venv clean
 
 venv: $(STAMP)
 
@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(PY) scripts/demo.py
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not matrix" $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -m "not matrix and not slurm" $(PYTEST_ARGS) tests
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit
@@ -31,6 +31,10 @@ test-dist: $(STAMP)
 
 test-matrix: $(STAMP)
 	$(PY) -m pytest -q -m matrix tests
+
+test-slurm: $(STAMP)
+	bash scripts/slurm/local_cluster.sh start
+	$(PY) -m pytest -q -m slurm tests/e2e/test_slurm.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -36,10 +36,22 @@ class Coordinates:
 
 
 def initialize(strategy: StrategyConfig) -> Coordinates:
-    """Run ``initialize_model_parallel`` with the strategy's sizes (world group must exist)."""
+    """Run ``initialize_model_parallel`` with the strategy's sizes (world group must exist).
+
+    megatron's groups get the world's collective timeout (``comm.world.default_timeout``)
+    instead of megatron's 30 minutes: on gloo a pipeline recv is woken by nothing else
+    when its peer is gone, so the timeout is the bound on a stuck recovery.
+    """
+    import math
+
+    import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
+    from ..comm.world import default_timeout
+
+    timeout = default_timeout(dist.get_backend())
     ps.initialize_model_parallel(
+        distributed_timeout_minutes=max(1, math.ceil(timeout.total_seconds() / 60)),
         tensor_model_parallel_size=strategy.tensor_model_parallel_size,
         pipeline_model_parallel_size=strategy.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=strategy.virtual_pipeline_model_parallel_size,

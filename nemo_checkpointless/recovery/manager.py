@@ -278,6 +278,15 @@ class RecoveryManager:
 
     def _preflight(self) -> None:
         """Before training: say which ranks no peer can restore (no replica anywhere)."""
+        if self.rank == 0:
+            from ..plan import PlanError, preflight_report
+
+            per_node = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
+            try:
+                log.info("layout plan:\n%s", preflight_report(self.cfg, self.world_size,
+                                                              per_node))
+            except PlanError as err:  # the run-time check below still applies
+                log.warning("layout planner: %s", err)
         infos = self._gather_infos()
         lonely = unprotected_ranks(infos)
         if lonely and self.rank == 0:
@@ -342,9 +351,28 @@ class RecoveryManager:
         seconds = torch.tensor([stats.seconds], dtype=torch.float64)
         dist.all_reduce(received_bytes)
         dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+        raw = self._calibrate(plan) if plan and os.environ.get("NCL_TRANSFER_CALIBRATE") else None
         return {"bytes": int(received_bytes.item()), "seconds": float(seconds.item()),
+                "raw_send_seconds": raw,
                 "replacements": sorted(plan),
                 "rolled_forward": list(agreement.roll_forward), "committed_step": committed}
+
+    def _calibrate(self, plan: dict[int, list[int]]) -> float:
+        """A raw gloo send of the same bytes between the same pair, right after the transfer
+        and under the same load (benchmarks compare the two; off unless asked for)."""
+        target, donors = min(plan.items())
+        nbytes = sum(t.numel() * t.element_size() for t in
+                     optimizer_state_tensors(self.trainer.optimizer))  # type: ignore[union-attr]
+        buf = torch.ones(nbytes, dtype=torch.uint8)
+        dist.barrier()
+        t0 = time.perf_counter()
+        if self.rank == donors[0]:
+            dist.send(buf, target)
+        elif self.rank == target:
+            dist.recv(buf, donors[0])
+        seconds = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+        dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+        return float(seconds.item())
 
     def _state_blob(self, step: int) -> dict[str, Any]:
         """Everything but the optimizer shard that a rank needs to continue after ``step``."""
@@ -441,7 +469,9 @@ class RecoveryManager:
             if name == "state_transfer":
                 nbytes = transfer.get("bytes", 0)
                 secs = transfer.get("seconds", 0.0)
+                raw = transfer.get("raw_send_seconds")
                 extra = {"bytes": nbytes, "mb_per_s": (nbytes / 1e6 / secs) if secs else None,
+                         "raw_send_mb_per_s": (nbytes / 1e6 / raw) if raw else None,
                          "replacements": transfer.get("replacements", []),
                          "rolled_forward": transfer.get("rolled_forward", []),
                          "committed_step": transfer.get("committed_step")}

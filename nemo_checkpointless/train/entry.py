@@ -12,8 +12,8 @@ from typing import Any
 from ..config import ConfigError, RunConfig, to_run_config, validate
 
 
-def setup_logging(rank: int) -> None:
-    """One format for every rank: the rank is in every line."""
+def setup_logging(rank: int | str) -> None:
+    """One format for every rank: the rank (or ``spare``) is in every line."""
     logging.basicConfig(
         level=os.environ.get("NCL_LOG_LEVEL", "INFO"),
         format=f"[%(asctime)s] [rank {rank}] %(name)s %(levelname)s: %(message)s",
@@ -49,7 +49,7 @@ def run_pretrain(node: Any, run_dir: str | Path) -> dict[str, Any]:
     """Run one pre-training job on this rank (launched by torchrun or ncl-launch)."""
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    setup_logging(rank)
+    setup_logging("spare" if os.environ.get("NCL_SPARE") == "1" else rank)
     cfg = load_and_validate(node, world_size)
 
     from .. import cpu
