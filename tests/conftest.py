@@ -8,6 +8,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -105,6 +106,22 @@ def ncl_launch(nproc: int, overrides: list[str], run_dir: Path, *, spares: int =
     if code == -9:
         text += f"\n[test] ncl-launch killed after {timeout}s timeout"
     return RunResult(code, text, run_dir)
+
+
+class FaultFreeRuns:
+    """Fault-free reference runs, one per layout, made once per test session or module."""
+
+    def __init__(self, tmp_path_factory: Any, base: list[str], layouts: dict[str, list[str]],
+                 prefix: str) -> None:
+        self.factory, self.base, self.layouts, self.prefix = tmp_path_factory, base, layouts, prefix
+        self.cache: dict[str, RunResult] = {}
+
+    def __call__(self, layout: str) -> RunResult:
+        if layout not in self.cache:
+            run_dir = self.factory.mktemp(f"{self.prefix}-{layout}") / "run"
+            self.cache[layout] = ncl_launch(4, [*self.base, *self.layouts[layout]], run_dir,
+                                            spares=0).check()
+        return self.cache[layout]
 
 
 class Agents:

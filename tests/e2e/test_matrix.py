@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import ncl_launch
+from conftest import FaultFreeRuns, ncl_launch
 from nemo_checkpointless.recovery.faults import KINDS
 from nemo_checkpointless.train.hooks import PHASES
 from test_recovery import LAYOUTS, plan
@@ -21,15 +21,7 @@ BASE = ["checkpointless=tier4", f"trainer.max_steps={STEPS}"]
 
 @pytest.fixture(scope="module")
 def matrix_reference(tmp_path_factory):
-    cache: dict[str, object] = {}
-
-    def get(layout: str):
-        if layout not in cache:
-            run_dir = tmp_path_factory.mktemp(f"mref-{layout}") / "run"
-            cache[layout] = ncl_launch(4, [*BASE, *LAYOUTS[layout]], run_dir, spares=0).check()
-        return cache[layout]
-
-    return get
+    return FaultFreeRuns(tmp_path_factory, BASE, LAYOUTS, "mref")
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Agents, ncl_launch, torchrun
+from conftest import Agents, FaultFreeRuns, ncl_launch, torchrun
 
 pytestmark = [pytest.mark.timeout(600)]
 
@@ -34,15 +34,7 @@ def plan(*faults: tuple[int, int, str, str]) -> str:
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory):
     """Fault-free runs of each layout (computed once per session)."""
-    cache: dict[str, object] = {}
-
-    def get(layout: str):
-        if layout not in cache:
-            run_dir = tmp_path_factory.mktemp(f"ref-{layout}") / "run"
-            cache[layout] = ncl_launch(4, [*BASE, *LAYOUTS[layout]], run_dir, spares=0).check()
-        return cache[layout]
-
-    return get
+    return FaultFreeRuns(tmp_path_factory, BASE, LAYOUTS, "ref")
 
 
 def assert_exact(result, ref) -> None:
