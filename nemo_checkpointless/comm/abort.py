@@ -101,15 +101,3 @@ def release_forgotten_groups() -> int:
     count = len(_GRAVEYARD)
     _GRAVEYARD.clear()
     return count
-
-
-def destroy_all_groups() -> None:
-    """Forget megatron's and torch's groups (after an abort they are unusable)."""
-    from megatron.core import parallel_state
-
-    parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
-        try:
-            dist.destroy_process_group()
-        except Exception as err:
-            log.debug("destroy_process_group after abort: %s", err)

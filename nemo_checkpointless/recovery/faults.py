@@ -16,7 +16,6 @@ import ctypes
 import logging
 import os
 import signal
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
@@ -132,6 +131,3 @@ def fail_at(rank: int, step: int, phase: str, kind: str) -> dict[str, Any]:
     parse_plan([fault.__dict__], world_size=rank + 1, max_steps=step)
     return dict(fault.__dict__)
 
-
-def now() -> float:
-    return time.time()
