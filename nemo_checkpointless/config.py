@@ -113,7 +113,8 @@ class DataCacheConfig:
     path: str = "/dev/shm"
     prefetch_steps: int = 2
     lookback_steps: int = 2
-    read_timeout_s: float = 30.0  # a TP reader waits this long for its loader's batch
+    # a TP reader waits this long for its loader's batch; None: $NCL_DATA_CACHE_TIMEOUT_S, else 30 s
+    read_timeout_s: Optional[float] = None
 
 
 @dataclass(kw_only=True)
