@@ -14,7 +14,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml requirements/pins.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --disable-pip-version-check torch==$$(sed -n 's/^torch==//p' requirements/pins.txt)
-	$(PIP) install -q --disable-pip-version-check -c requirements/pins.txt -e '.[test]'
+	$(PIP) install -q --disable-pip-version-check -c requirements/pins.txt -e '.[test,bench]'
 	touch $(STAMP)
 
 demo: $(STAMP)
