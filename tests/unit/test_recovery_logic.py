@@ -8,7 +8,7 @@ import torch
 from nemo_checkpointless.recovery.faults import FaultInjector, Fault, fail_at, parse_plan
 from nemo_checkpointless.replication.replica_map import (RankInfo, UnrecoverableError, agree,
                                                          donors_for, unprotected_ranks)
-from nemo_checkpointless.replication.transfer import ByteLayout, messages, stripes
+from nemo_checkpointless.replication.transfer import ByteLayout, checksum, messages, stripes
 from nemo_checkpointless.train.hooks import Phase
 
 
@@ -95,5 +95,25 @@ def test_byte_layout_is_zero_copy_for_flat_state_and_copies_across_runs():
 
 def test_messages_stripe_over_donors_and_chunk():
     msgs = messages(100, [3, 7])
-    assert msgs == [(3, 0, 50), (7, 50, 100)]
-    assert stripes(10, 3) == [(0, 4), (4, 7), (7, 10)]
+    assert msgs == [(3, 0, 48), (7, 48, 100)]          # stripes cut on 8-byte multiples
+    assert stripes(100, 3) == [(0, 32), (32, 64), (64, 100)]
+    assert stripes(10, 1) == [(0, 10)]
+
+
+def test_checksum_depends_on_bytes_only_and_catches_corruption():
+    data = torch.randint(0, 256, (4099,), dtype=torch.uint8)
+    ref = checksum(data[:4096])
+    shifted = torch.zeros(4100, dtype=torch.uint8)
+    shifted[3:3 + 4096] = data[:4096]                  # same bytes, unaligned address
+    assert torch.equal(checksum(shifted[3:3 + 4096]), ref)
+    assert torch.equal(checksum(data), checksum(data.clone()))   # odd length: padded word
+    for corrupt in (lambda b: b.__setitem__(100, b[100] ^ 1),        # one bit
+                    lambda b: b.__setitem__(slice(1024, 2048), 0),   # a zeroed range
+                    lambda b: b.copy_(torch.cat((b[8:], b[:8])))):   # words rotated
+        bad = data[:4096].clone()
+        corrupt(bad)
+        assert not torch.equal(checksum(bad), ref)
+    swapped = data[:4096].clone()
+    swapped[:8], swapped[8:16] = data[8:16].clone(), data[:8].clone()
+    if not torch.equal(data[:8], data[8:16]):
+        assert not torch.equal(checksum(swapped), ref)
