@@ -8,7 +8,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 
@@ -142,12 +142,19 @@ class Agents:
         self.logs: list[Path] = []
         run_dir.parent.mkdir(parents=True, exist_ok=True)
 
-    def start(self, node: int) -> subprocess.Popen:
+    def start(self, node: int, host: Optional[str] = None) -> subprocess.Popen:
+        """Start node ``node``'s agent; ``host``: as a replacement on another host (another
+        loopback address) and port, named in its own peer list only."""
         log = self.run_dir.parent / f"agent{node}-{len(self.logs)}.log"
         self.logs.append(log)
+        peers = self.peers
+        if host is not None:
+            moved = self.peers.split(",")
+            moved[node] = f"{host}:{free_port()}"
+            peers = ",".join(moved)
         cmd = [sys.executable, "-m", "nemo_checkpointless.launch.agent",
                "--nnodes", str(self.nnodes), "--nproc-per-node", str(self.nproc),
-               "--node-rank", str(node), "--peers", self.peers, "--spares", str(self.spares),
+               "--node-rank", str(node), "--peers", peers, "--spares", str(self.spares),
                str(PRETRAIN), *self.overrides]
         proc = subprocess.Popen(cmd, cwd=self.run_dir.parent, env=self.env,
                                 stdout=open(log, "w"), stderr=subprocess.STDOUT,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import logging
 import os
 import re
 import secrets
@@ -31,7 +32,10 @@ from typing import Iterable, Optional, Sequence
 import torch.distributed as dist
 
 from . import wire
-from .identity import AdmissionError, Endpoint, JobIdentity, StoreError, format_endpoints
+from .identity import (AdmissionError, Endpoint, JobIdentity, StoreError, format_endpoints,
+                       parse_endpoints)
+
+log = logging.getLogger(__name__)
 
 
 def connect_timeout() -> float:
@@ -192,6 +196,7 @@ class ShardedStore(dist.Store):
         self._replicated = tuple(wire.as_bytes(k) for k in replicated)
         self._down_backoff = down_backoff
         self._down_until = [0.0] * len(self.endpoints)
+        self._rehome_after = [0.0] * len(self.endpoints)
         self._local = threading.local()
         self._counts_lock = threading.Lock()
         self._counts = [0] * len(self.endpoints)
@@ -236,6 +241,8 @@ class ShardedStore(dist.Store):
                 return links[i]
             except OSError as err:
                 last = err
+                if self._rehome(i):  # its node was replaced on another host: go there
+                    continue
             if quick or time.monotonic() + delay > deadline:
                 if time.monotonic() - start > 0.25:  # slow (silent host): skip it a while
                     self._down_until[i] = time.monotonic() + self._down_backoff
@@ -246,6 +253,85 @@ class ShardedStore(dist.Store):
                     "names reachable hosts.") from last
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
+
+    # -- where each server lives ------------------------------------------------------
+    # Server ``i`` is node rank ``i``'s agent. A replacement node may come up on another
+    # host: its agent publishes ``node/<i>/endpoint`` (a replicated key, so every other
+    # server holds it), and a client that cannot reach server ``i`` where it was looks
+    # it up there and moves on.
+
+    @staticmethod
+    def endpoint_key(i: int) -> str:
+        return f"node/{i}/endpoint"
+
+    def publish_endpoint(self, i: int, endpoint: Endpoint) -> None:
+        """Record that server ``i`` is now served at ``endpoint`` (on every server)."""
+        self.endpoints[i] = (endpoint[0], int(endpoint[1]))
+        self.set(self.endpoint_key(i), f"{endpoint[0]}:{int(endpoint[1])}")
+
+    def refresh_endpoints(self) -> list[Endpoint]:
+        """Adopt every published endpoint (a new agent's peer list may predate earlier
+        replacements); returns the current list."""
+        for i in range(len(self.endpoints)):
+            self._adopt_endpoint(i, self._published(i, range(len(self.endpoints))))
+        return list(self.endpoints)
+
+    def _published(self, i: int, servers: Iterable[int]) -> Optional[bytes]:
+        """``node/<i>/endpoint`` from the first of ``servers`` that answers, over a
+        connection of its own (this thread's links may have requests in flight)."""
+        key = wire.as_bytes(self.endpoint_key(i))
+        for j in servers:
+            try:
+                link = _Link(self.endpoints[j], self.identity, connect_timeout())
+            except AdmissionError:
+                raise
+            except OSError:
+                continue
+            try:
+                link.set_recv_timeout(connect_timeout())
+                link.send(wire.PEEK, wire.blobs(key))
+                status, reply = link.recv()
+            except OSError:
+                continue
+            finally:
+                link.close()
+            value = wire.unblobs(reply)[0] if status == wire.OK else None
+            if value:
+                return value
+        return None
+
+    def _adopt_endpoint(self, i: int, value: Optional[bytes]) -> bool:
+        if not value:
+            return False
+        (endpoint,) = parse_endpoints(value.decode())
+        if endpoint == self.endpoints[i]:
+            return False
+        log.warning("store server %d moved from %s to %s:%d (replaced node)", i,
+                    self._where(i), *endpoint)
+        self.endpoints[i] = endpoint
+        self._down_until[i] = 0.0
+        return True
+
+    def _rehome(self, i: int) -> bool:
+        """Server ``i`` is unreachable where we knew it: ask the others whether it moved.
+        At most one lookup per server every 0.25 s; never nested."""
+        loc = self._state()
+        now = time.monotonic()
+        if getattr(loc, "rehoming", False) or now < self._rehome_after[i] or \
+                len(self.endpoints) == 1:
+            return False
+        self._rehome_after[i] = now + 0.25
+        loc.rehoming = True
+        try:
+            value = self._published(i, [j for j in range(len(self.endpoints)) if j != i])
+        except (OSError, StoreError):
+            return False
+        finally:
+            loc.rehoming = False
+        if self._adopt_endpoint(i, value):
+            self._drop(i)
+            return True
+        return False
 
     def _drop(self, i: int) -> None:
         links = self._state().links

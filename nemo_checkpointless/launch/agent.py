@@ -95,6 +95,9 @@ class NodeAgent:
             log.info("node %d serves the job store at %s:%d", self.node_rank, host, port)
         timeout = datetime.timedelta(seconds=self.args.store_timeout)
         self.store = connect(self.peers, self.identity, timeout)
+        if self.server is not None:  # a replacement node may live on another host
+            self.store.publish_endpoint(self.node_rank, self.peers[self.node_rank])
+        self.peers = self.store.refresh_endpoints()
         started_key = f"node/{self.node_rank}/started"
         self.replacement = bool(self.store.check([started_key]))
         self.store.set(started_key, str(os.getpid()))
@@ -121,7 +124,8 @@ class NodeAgent:
         env = dict(os.environ)
         env.update(self.identity.env())
         env.setdefault("NCL_RUN_ID", self.identity.job_id)
-        master_host, master_port = self.peers[0]
+        peers = self.store.endpoints  # where every server lives now (replaced nodes moved)
+        master_host, master_port = peers[0]
         env.update(
             WORLD_SIZE=str(self.world_size),
             LOCAL_WORLD_SIZE=str(self.nproc),
@@ -129,7 +133,7 @@ class NodeAgent:
             NODE_RANK=str(self.node_rank),
             MASTER_ADDR=master_host,
             MASTER_PORT=str(master_port),
-            NCL_STORE_ENDPOINTS=format_endpoints(self.peers),
+            NCL_STORE_ENDPOINTS=format_endpoints(peers),
             NCL_GENERATION=str(self.gen),
             NCL_REPLACEMENT="1" if replacement else "0",
             NCL_HANG_TIMEOUT_S=str(self.args.hang_timeout),

@@ -127,7 +127,7 @@ class RecoveryManager:
 
     # ------------------------------------------------------------------ abort
     def _abort_from_link(self, gen: int) -> None:
-        closed = abort_communicators(self.endpoints)
+        closed = abort_communicators(self.store.endpoints)
         log.warning("generation %d announced: aborted communicators (%d connections)", gen,
                     closed)
 
@@ -190,7 +190,7 @@ class RecoveryManager:
             if parallel_state.model_parallel_is_initialized():
                 # accumulate: objects may still hold groups of an earlier, failed attempt
                 self.old_roles.update(group_roles())
-        abort_communicators(self.endpoints)
+        abort_communicators(self.store.endpoints)
         forget_all_groups()
         rec.setdefault("phases", {})["abort"] = time.perf_counter() - t0
         t1 = time.perf_counter()

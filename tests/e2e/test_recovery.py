@@ -103,6 +103,22 @@ def test_whole_node_lost_and_replaced(tmp_path, reference):
     assert "rejoins the job as a replacement" in result.output
 
 
+def test_node0_lost_and_replaced_on_another_host(tmp_path, reference):
+    """Node rank 0 (its agent serves a store shard; it holds rank 0) dies; the replacement
+    node comes up on another host and port. Survivors find its store shard through the
+    endpoint it publishes, and the run ends as if nothing happened."""
+    agents = Agents(2, 2, [*BASE, *LAYOUTS["dp4"]], tmp_path / "run")
+    agents.start(0)
+    agents.start(1)
+    agents.wait_for_step(3)
+    agents.kill_node(0)
+    agents.start(0, host="127.0.0.2")
+    result = agents.wait(timeout=400)
+    assert_exact(result, reference("dp4"))
+    assert "rejoins the job as a replacement" in result.output
+    assert "store server 0 moved from" in result.output
+
+
 def test_every_replica_lost_fails_clearly_and_corrupts_nothing(tmp_path, reference):
     # ranks 0 and 2 hold the same optimizer shard (DP=4, 2 instances): both die at once
     result = ncl_launch(4, [*BASE, *LAYOUTS["dp4"], plan((0, 4, "forward", "kill"),

@@ -284,3 +284,23 @@ def test_members_only_groups_where_valid(job, servers, monkeypatch):
     finally:
         monkeypatch.undo()
         dist.destroy_process_group()
+
+
+def test_a_node_replaced_on_another_host_is_found_through_its_published_endpoint(job, servers):
+    store = connect(eps(servers), job, 3 * SECONDS)
+    key = next(f"pg/1/k{i}" for i in range(100) if store.shard(f"pg/1/k{i}") == 1)
+    store.set(key, "before")
+    servers[1].stop()
+    # the scheduler's replacement for node 1 runs on another host (127.0.0.2 is a loopback
+    # address of its own) and another port; its agent serves shard 1 there and says so
+    moved = StoreServer("127.0.0.2", 0, job).start()
+    servers[1] = moved
+    agent = connect([*eps(servers)[:1], moved.endpoint, *eps(servers)[2:]], job, 3 * SECONDS)
+    agent.publish_endpoint(1, moved.endpoint)
+    store.set(key, "after")                 # the old client follows shard 1 to its new home
+    assert store.endpoints[1] == moved.endpoint
+    assert agent.get(key) == b"after"
+    stale = connect(eps(servers)[:1] + [("127.0.0.1", free_port())] + eps(servers)[2:], job,
+                    3 * SECONDS)
+    assert stale.refresh_endpoints()[1] == moved.endpoint   # a new agent's stale peer list
+    assert stale.get(key) == b"after"
