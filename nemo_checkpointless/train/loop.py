@@ -155,14 +155,29 @@ class Trainer:
         return grad
 
     def _batch_hash(self, micro_batches: list[dict]) -> str:
-        """Digest of the step's global batch (each DP slice counted once), on every rank."""
+        """Digest of the step's global batch (each DP slice counted once), on every rank.
+
+        The same all-reduce also checks that every tensor-parallel rank of a DP slice got
+        the same batch (readers of the data cache, a replaced loader): a disagreement
+        stops the step instead of training on mismatched inputs.
+        """
         assert self.coords is not None
         c = self.coords
-        value = torch.zeros(1, dtype=torch.int64)
-        if c.tp_rank == 0 and c.pp_rank == 0 and c.cp_rank == 0:
-            value += local_batch_digest(micro_batches, dp_rank=c.dp_rank)
+        value = torch.zeros(2, dtype=torch.int64)
+        if c.pp_rank == 0 and c.cp_rank == 0:
+            digest = local_batch_digest(micro_batches, dp_rank=c.dp_rank)
+            value[1] += digest
+            if c.tp_rank == 0:
+                value[0] += digest
         dist.all_reduce(value)
-        return f"{int(value.item()) & (2**64 - 1):016x}"
+        mask = 2**64 - 1
+        total, every_tp = int(value[0].item()) & mask, int(value[1].item()) & mask
+        if every_tp != (total * c.tp_size) & mask:
+            raise RuntimeError(
+                f"step {self.step + 1}: the tensor-parallel ranks of some data-parallel slice "
+                "got different batches (data cache readers out of step with their loader); "
+                "refusing to train on mismatched inputs")
+        return f"{total:016x}"
 
     def _reduce_loss(self, losses: list[dict]) -> float:
         """Mean lm loss over micro-batches and DP ranks, known on every rank afterwards."""

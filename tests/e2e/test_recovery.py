@@ -84,6 +84,20 @@ def test_two_ranks_of_different_replica_sets_in_the_same_step(tmp_path, referenc
     assert_exact(result, reference("dp4"))
 
 
+def test_killed_data_loader_rank_is_replaced_and_its_readers_stay_exact(tmp_path, reference):
+    # TP=2 with the data cache: rank 2 loads the batches of its TP pair (2, 3) and rank 3
+    # reads them from /dev/shm. The loader dies while fetching a step; its replacement
+    # takes the loader role back at the same consumed_samples. Every step also checks that
+    # both TP ranks got the same batch (Trainer._batch_hash), so a reader out of step with
+    # the loader would stop the run.
+    result = ncl_launch(4, [*BASE, *LAYOUTS["tp2"], plan((2, 4, "data", "kill"))],
+                        tmp_path / "run")
+    assert_exact(result, reference("tp2"))
+    assert [r["batch_hash"] for r in result.metrics] == \
+        [r["batch_hash"] for r in reference("tp2").metrics]
+    assert [e["rank"] for e in events(result) if e["event"] == "fault"] == [2]
+
+
 def test_second_failure_during_recovery(tmp_path, reference):
     result = ncl_launch(4, [*BASE, *LAYOUTS["tp2"], plan((1, 3, "optimizer", "kill"),
                                                          (2, 3, "recovery", "kill"))],
