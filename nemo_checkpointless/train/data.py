@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional, Protocol
@@ -11,6 +12,8 @@ import torch
 
 from ..config import DataConfig, RunConfig, data_cache_dir
 from ..megatron.parallel import Coordinates
+
+log = logging.getLogger(__name__)
 
 
 class StepData:
@@ -85,6 +88,12 @@ def make_step_data(
     """
     cache_cfg = cfg.checkpointless.data_cache
     if not cache_cfg.enabled:
+        return StepData(cfg.data, cfg.trainer.seed, coords)
+    if coords.tp_size == 1:
+        # no tensor-parallel peer to feed: the rank loads its own batches, positioned at
+        # consumed_samples in O(1) by the sampler; the cache would only cost (writes, a
+        # prefetch thread) without saving a read
+        log.info("data cache off: tensor_model_parallel_size=1 leaves no reader to feed")
         return StepData(cfg.data, cfg.trainer.seed, coords)
     from ..data.cached_step_data import DEFAULT_READ_TIMEOUT_S, CachedStepData
     from ..data.shm_cache import DataCoordinate, ShmStepCache

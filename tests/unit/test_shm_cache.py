@@ -506,3 +506,9 @@ def test_make_step_data_real_dataset(tmp_path, monkeypatch):
     direct16 = train_data.make_step_data(compose(["data.global_batch_size=16"]), _coords(0))
     assert same(other.micro_batches(16), direct16.micro_batches(16))
     assert other.stats.files_rejected == 1 and other.stats.samples_read == 16
+    # TP=1: no reader to feed, so no cache (the rank loads its own batches directly)
+    from nemo_checkpointless.megatron.parallel import Coordinates
+
+    alone = Coordinates(rank=0, world_size=1, tp_rank=0, tp_size=1, pp_rank=0, pp_size=1,
+                        dp_rank=0, dp_size=1, cp_rank=0, cp_size=1)
+    assert isinstance(train_data.make_step_data(cfg, alone, job_id="j"), train_data.StepData)
