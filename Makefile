@@ -38,3 +38,22 @@ test-slurm: $(STAMP)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
+
+# NeMo 2 adapters (issue #6): their own env, .venv-nemo, from requirements/nemo.txt.
+VENV_NEMO  ?= .venv-nemo
+PY_NEMO    := $(VENV_NEMO)/bin/python
+STAMP_NEMO := $(VENV_NEMO)/.installed
+
+.PHONY: venv-nemo test-nemo
+
+venv-nemo: $(STAMP_NEMO)
+
+$(STAMP_NEMO): pyproject.toml requirements/nemo.txt
+	test -x $(PY_NEMO) || $(PYTHON) -m venv $(VENV_NEMO)
+	$(PY_NEMO) -m pip install -q --disable-pip-version-check torch==$$(sed -n 's/^torch==//p' requirements/nemo.txt)
+	$(PY_NEMO) -m pip install -q --disable-pip-version-check -r requirements/nemo.txt
+	$(PY_NEMO) -m pip install -q --disable-pip-version-check --no-deps -e .
+	touch $(STAMP_NEMO)
+
+test-nemo: $(STAMP_NEMO)
+	OMP_NUM_THREADS=1 $(PY_NEMO) -m pytest -q -p no:warnings $(PYTEST_ARGS) tests/nemo

@@ -58,7 +58,9 @@ class _CudaToCpu(TorchFunctionMode):
     """Rewrites CUDA device arguments of torch calls to the CPU.
 
     Covers factory functions (``torch.empty(..., device='cuda')``), ``Tensor.to``,
-    ``Tensor.cuda`` and ``torch.device`` arguments passed positionally to ``to``.
+    ``Tensor.cuda`` and ``torch.device`` arguments passed positionally to ``to``, and
+    drops ``pin_memory=True`` (there is no pinned allocator without an accelerator; NeMo's
+    Lightning layer logs scalars with ``torch.tensor(x, pin_memory=True)``).
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -66,6 +68,8 @@ class _CudaToCpu(TorchFunctionMode):
         device = kwargs.get("device")
         if device is not None and _is_cuda_device(device):
             kwargs = dict(kwargs, device="cpu")
+        if kwargs.get("pin_memory"):
+            kwargs = dict(kwargs, pin_memory=False)
         if func is torch.Tensor.cuda:
             return args[0]
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
