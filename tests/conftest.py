@@ -138,7 +138,7 @@ class Agents:
         self.env = _env()
         self.env.update(NCL_JOB_ID="test-" + secrets.token_hex(3),
                         NCL_JOB_SECRET=secrets.token_hex(16))
-        self.procs: dict[int, subprocess.Popen] = {}
+        self.procs: dict[Any, subprocess.Popen] = {}
         self.logs: list[Path] = []
         run_dir.parent.mkdir(parents=True, exist_ok=True)
 
@@ -160,6 +160,20 @@ class Agents:
                                 stdout=open(log, "w"), stderr=subprocess.STDOUT,
                                 start_new_session=True)
         self.procs[node] = proc
+        return proc
+
+    def start_standby(self) -> subprocess.Popen:
+        """A warm standby node: takes over whichever node is lost first."""
+        log = self.run_dir.parent / f"standby-{len(self.logs)}.log"
+        self.logs.append(log)
+        cmd = [sys.executable, "-m", "nemo_checkpointless.launch.agent", "--standby",
+               "--nnodes", str(self.nnodes), "--nproc-per-node", str(self.nproc),
+               "--peers", self.peers, "--standby-host", "127.0.0.3", "--spares", "0",
+               str(PRETRAIN), *self.overrides]
+        proc = subprocess.Popen(cmd, cwd=self.run_dir.parent, env=self.env,
+                                stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        self.procs[f"standby-{len(self.logs)}"] = proc
         return proc
 
     def kill_node(self, node: int) -> None:

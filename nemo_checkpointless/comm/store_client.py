@@ -733,6 +733,11 @@ class ShardedStore(dist.Store):
                              "service) and that every node's agent is up.")
         return self._resolve_and_repair(kb, replies)
 
+    def probe_servers(self, peek: bytes) -> list[Optional[bytes]]:
+        """One PEEK (``wire.blobs(key, ...)``) at every server at once: the reply of each,
+        or None for a server that did not answer (down, or backing off after a failure)."""
+        return self._fanout_once(wire.PEEK, peek)
+
     def op_counts(self) -> dict[str, int]:
         """Requests this client sent, per server (``host:port`` -> count)."""
         with self._counts_lock:

@@ -10,6 +10,13 @@ generation in the store and tells its local ranks. Healthy ranks are never resta
 
 A replacement node is simply a new agent started with the same ``--node-rank``: it finds
 the job already started, starts its ranks as replacements and bumps the generation.
+
+A *standby node* (``--standby``) is an agent with no node rank of its own: it starts
+``--nproc-per-node`` warm processes (imported, waiting) and watches every agent's store
+server. When one stays unreachable for ``--lost-after`` seconds, the standby claims that
+node rank (one claim per node and generation wins), serves the node's store shard from
+its own address, bumps the generation and hands the lost node's ranks to its warm
+processes: a whole node comes back as fast as one rank, without waiting for the scheduler.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import logging
 import os
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -28,8 +36,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from ..comm import wire
 from ..comm.store import (JobIdentity, StoreServer, connect, format_endpoints,
                           parse_endpoints)
+from ..comm.world import free_port
 from .channel import ENV_FD, Channel
 
 log = logging.getLogger("ncl.agent")
@@ -70,7 +80,7 @@ class NodeAgent:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.node_rank = args.node_rank
+        self.node_rank: Optional[int] = args.node_rank
         self.nproc = args.nproc_per_node
         self.world_size = args.nnodes * args.nproc_per_node
         self.peers = parse_endpoints(args.peers)
@@ -86,6 +96,11 @@ class NodeAgent:
         self.replacement = False
         self.refill_at: Optional[float] = None
 
+    @property
+    def owner_id(self) -> str:
+        kind = "standby" if self.args.standby else "agent"
+        return f"{kind}:{socket.gethostname()}:{os.getpid()}"
+
     # ------------------------------------------------------------------ start
     def start(self) -> None:
         if self.node_rank < len(self.peers):
@@ -100,7 +115,16 @@ class NodeAgent:
         self.peers = self.store.refresh_endpoints()
         started_key = f"node/{self.node_rank}/started"
         self.replacement = bool(self.store.check([started_key]))
+        owner_key = f"node/{self.node_rank}/owner"
+        if self.replacement and self.store.check([owner_key]):
+            owner = self.store.get(owner_key).decode()
+            if owner.startswith("standby:"):
+                raise SystemExit(
+                    f"ncl-launch: node {self.node_rank} was taken over by a standby node "
+                    f"({owner}) and is running; start this agent with --standby instead, to "
+                    "be the job's next spare node")
         self.store.set(started_key, str(os.getpid()))
+        self.store.set(owner_key, self.owner_id)
         self.gen = current_generation(self.store)
         if self.replacement:
             self.gen = bump_generation(self.store, {
@@ -129,8 +153,8 @@ class NodeAgent:
         env.update(
             WORLD_SIZE=str(self.world_size),
             LOCAL_WORLD_SIZE=str(self.nproc),
-            GROUP_RANK=str(self.node_rank),
-            NODE_RANK=str(self.node_rank),
+            GROUP_RANK=str(self.node_rank if self.node_rank is not None else -1),
+            NODE_RANK=str(self.node_rank if self.node_rank is not None else -1),
             MASTER_ADDR=master_host,
             MASTER_PORT=str(master_port),
             NCL_STORE_ENDPOINTS=format_endpoints(peers),
@@ -174,15 +198,110 @@ class NodeAgent:
                 self.store.wait([f"gen/{nxt}"], datetime.timedelta(seconds=0.5))
             except Exception:  # timeout or a store hiccup: look again
                 continue
+            self._fence(nxt)
             with self.lock:
                 if nxt > self.gen:
                     self.gen = nxt
                 for child in list(self.ranks.values()):
                     child.channel.send({"t": "gen", "gen": self.gen})
 
+    def _fence(self, gen: int) -> None:
+        """A standby took this node over (it could not reach us): our ranks are no longer
+        the job's, so stop them at once instead of competing with the new owners."""
+        try:
+            record = json.loads(self.store.get(f"gen/{gen}"))
+        except Exception:
+            return
+        owner = record.get("taken_over_by")
+        if owner and record.get("node") == self.node_rank and owner != self.owner_id:
+            log.error("node %d was taken over by %s at generation %d: stopping this node's "
+                      "ranks", self.node_rank, owner, gen)
+            self.stopping = True
+            for child in [*self.ranks.values(), *self.spares]:
+                if child.proc.poll() is None:
+                    child.proc.kill()
+            os._exit(1)
+
+    # ------------------------------------------------------------------ standby
+    def _standby(self) -> bool:
+        """Wait, warm, for a node to be lost; True once this agent has taken one over,
+        False when the job finished without needing it."""
+        timeout = datetime.timedelta(seconds=self.args.store_timeout)
+        self.store = connect(self.peers, self.identity, timeout)
+        self.peers = self.store.refresh_endpoints()
+        for _ in range(self.nproc):
+            self.spares.append(self._spawn(None, None, replacement=True))
+        log.info("standby node: %d warm processes, watching %d nodes", self.nproc,
+                 len(self.peers))
+        down_since: dict[int, float] = {}
+        probe = wire.blobs(b"job/nodes_done")
+        while True:
+            replies = self.store.probe_servers(probe)
+            done = max((int(wire.unblobs(r)[0] or 0) for r in replies if r is not None),
+                       default=0)
+            if done >= self.args.nnodes:
+                log.info("standby node: the job finished")
+                return False
+            now = time.monotonic()
+            for i, reply in enumerate(replies):
+                if reply is None:
+                    down_since.setdefault(i, now)
+                else:
+                    down_since.pop(i, None)
+            for i, since in sorted(down_since.items()):
+                if now - since >= self.args.lost_after and self._claim(i):
+                    self._take_over(i)
+                    return True
+            for spare in list(self.spares):  # keep the warm processes warm
+                if spare.proc.poll() is not None:
+                    self.spares.remove(spare)
+                    self.spares.append(self._spawn(None, None, replacement=True))
+            time.sleep(0.2)
+
+    def _claim(self, node: int) -> bool:
+        """One standby wins node ``node`` for the current generation."""
+        gen = current_generation(self.store)
+        won = int(self.store.add(f"node/{node}/claim/{gen}", 1)) == 1
+        if not won:
+            log.info("node %d is lost; another standby claimed it", node)
+        return won
+
+    def _take_over(self, node: int) -> None:
+        detected = time.time()
+        self.node_rank = node
+        host = self.args.standby_host or socket.gethostname()
+        port = self.args.standby_port or free_port()
+        bind = "0.0.0.0" if host not in ("127.0.0.1", "localhost") else host
+        self.server = StoreServer(bind, port, self.identity).start()
+        self.store.publish_endpoint(node, (host, port))
+        self.peers = self.store.refresh_endpoints()
+        self.store.set(f"node/{node}/owner", self.owner_id)
+        ranks = self.local_rank_ids()
+        self.gen = bump_generation(self.store, {
+            "reason": f"node {node} lost: standby took it over", "node": node,
+            "ranks": ranks, "detected_at": detected, "fault_at": self._fault_time(ranks),
+            "taken_over_by": self.owner_id})
+        log.warning("node %d lost: this standby takes it over (store shard at %s:%d, ranks "
+                    "%s) at generation %d", node, host, port, ranks, self.gen)
+        with self.lock:
+            for local_rank, rank in enumerate(ranks):
+                spare = self.spares.pop(0)
+                spare.rank, spare.local_rank = rank, local_rank
+                spare.last_heartbeat = time.monotonic()
+                spare.channel.send({"t": "assign", "rank": rank, "local_rank": local_rank,
+                                    "node_rank": node, "gen": self.gen})
+                self.ranks[rank] = spare
+            if self.args.spares:
+                self.refill_at = time.monotonic() + self.args.spare_refill_delay
+        threading.Thread(target=self._watch_generations, daemon=True).start()
+
     def run(self) -> int:
         """Supervise until every local rank finished; return the exit code."""
-        self.start()
+        if self.args.standby:
+            if not self._standby():
+                return self._finish_standby()
+        else:
+            self.start()
         poll = self.args.poll_interval
         while True:
             for key, _ in self.selector.select(timeout=poll):
@@ -295,6 +414,14 @@ class NodeAgent:
         log.info("node %d: all ranks finished", self.node_rank)
         return 0
 
+    def _finish_standby(self) -> int:
+        self.stopping = True
+        for spare in self.spares:
+            spare.proc.kill()
+        for spare in self.spares:
+            spare.proc.wait()
+        return 0
+
     def _remove_data_cache(self) -> None:
         """The job's shared-memory batch cache on this node (tier 2) is no longer needed."""
         from ..data.shm_cache import remove_job_cache
@@ -333,6 +460,18 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="seconds without a heartbeat before a rank is killed as hung")
     p.add_argument("--store-timeout", type=float,
                    default=float(os.environ.get("NCL_STORE_TIMEOUT_S", "60")))
+    p.add_argument("--standby", action="store_true",
+                   help="a warm standby node: no node rank of its own; its processes take "
+                        "over the ranks of the first node that is lost (needs --peers)")
+    p.add_argument("--standby-host", default=None,
+                   help="address a standby serves the store from once it takes a node over "
+                        "(default: this host's name)")
+    p.add_argument("--standby-port", type=int, default=0,
+                   help="port for that (default: a free one)")
+    p.add_argument("--lost-after", type=float,
+                   default=float(os.environ.get("NCL_NODE_LOST_AFTER_S", "1.0")),
+                   help="seconds a node's store server stays unreachable before a standby "
+                        "takes the node over")
     p.add_argument("--poll-interval", type=float, default=0.01)
     p.add_argument("--job-id", default=os.environ.get("NCL_JOB_ID"))
     p.add_argument("script")
@@ -347,7 +486,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         "(or --rdzv-endpoint host:port served by node 0)")
             endpoint = f"127.0.0.1:{args.master_port}"
         args.peers = endpoint
-    if not 0 <= args.node_rank < args.nnodes:
+    if args.standby:
+        if len(parse_endpoints(args.peers)) != args.nnodes:
+            p.error("--standby watches every node's store server: give --peers with one "
+                    f"host:port per node ({args.nnodes})")
+        args.node_rank = None
+    elif not 0 <= args.node_rank < args.nnodes:
         p.error(f"--node-rank {args.node_rank} is outside 0..{args.nnodes - 1}")
     secret = os.environ.get("NCL_JOB_SECRET")
     if secret is None:
@@ -370,7 +514,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(
         level=os.environ.get("NCL_LOG_LEVEL", "INFO"),
-        format=f"[%(asctime)s] [agent {args.node_rank}] %(levelname)s: %(message)s")
+        format=f"[%(asctime)s] [agent {'standby' if args.standby else args.node_rank}] "
+               "%(levelname)s: %(message)s")
     agent = NodeAgent(args)
     signal.signal(signal.SIGTERM, agent.shutdown)
     signal.signal(signal.SIGINT, agent.shutdown)

@@ -107,6 +107,8 @@ class RecoveryManager:
         """A warm spare: everything is imported; block until the agent hands us a rank."""
         msg = self.link.wait_assignment()
         os.environ.update(RANK=str(msg["rank"]), LOCAL_RANK=str(msg["local_rank"]))
+        if msg.get("node_rank") is not None:  # a standby node's process takes a lost node's rank
+            os.environ.update(NODE_RANK=str(msg["node_rank"]), GROUP_RANK=str(msg["node_rank"]))
         os.environ.pop("NCL_SPARE", None)
         self.gen = int(msg["gen"])
         self.replacement = True

@@ -133,6 +133,23 @@ def test_node0_lost_and_replaced_on_another_host(tmp_path, reference):
     assert "store server 0 moved from" in result.output
 
 
+def test_standby_node_takes_over_a_lost_node(tmp_path, reference):
+    """A warm standby node (its processes already imported) notices node 1's store server
+    gone, claims node 1, serves its store shard from another address and hands ranks 2-3
+    to its warm processes: no scheduler, no cold start."""
+    agents = Agents(2, 2, [*BASE, *LAYOUTS["dp4"]], tmp_path / "run")
+    agents.start(0)
+    agents.start(1)
+    agents.start_standby()
+    agents.wait_for_step(3)
+    agents.kill_node(1)
+    result = agents.wait(timeout=400)
+    assert_exact(result, reference("dp4"))
+    assert "node 1 lost: this standby takes it over" in result.output
+    (rec,) = result.summary["recoveries"]
+    assert rec["bytes_transferred"] > 0
+
+
 def test_every_replica_lost_fails_clearly_and_corrupts_nothing(tmp_path, reference):
     # ranks 0 and 2 hold the same optimizer shard (DP=4, 2 instances): both die at once
     result = ncl_launch(4, [*BASE, *LAYOUTS["dp4"], plan((0, 4, "forward", "kill"),
