@@ -229,16 +229,17 @@ fi
 FAKE_SRUN = """#!/usr/bin/env bash
 # stand-in for srun: log the step, then fail as FAKE_FAIL says ("RANK@HOST=CODE ...", the
 # first start there only) or run for FAKE_RUN_S seconds and succeed
-host="" rank=""
+host="" rank="" peers=""
 prev=""
 for arg in "$@"; do
     case $arg in --nodelist=*) host=${arg#--nodelist=} ;; esac
     [[ $prev == --node-rank ]] && rank=$arg
+    [[ $prev == --peers ]] && peers=$arg
     prev=$arg
 done
 secret_sha=$(printf %s "$NCL_JOB_SECRET" | sha256sum | cut -c1-16)
-printf '{"host": "%s", "rank": %s, "secret": "%s", "job_id": "%s"}\\n' \\
-    "$host" "$rank" "$secret_sha" "$NCL_JOB_ID" >>"$FAKE_LOG"
+printf '{"host": "%s", "rank": %s, "secret": "%s", "job_id": "%s", "peers": "%s"}\\n' \\
+    "$host" "$rank" "$secret_sha" "$NCL_JOB_ID" "$peers" >>"$FAKE_LOG"
 for item in ${FAKE_FAIL:-}; do
     if [[ ${item%%=*} == "$rank@$host" && ! -e $FAKE_LOG.$rank@$host ]]; then
         touch "$FAKE_LOG.$rank@$host"
@@ -322,7 +323,7 @@ def test_sbatch_dry_run_builds_one_agent_per_training_node(fake_slurm, monkeypat
         assert "--gres=gpu:8" in srun
         args = agent_parse_args(argv)
         assert (args.nnodes, args.node_rank, args.nproc_per_node, args.spares) == (2, rank, 8, 1)
-        assert args.peers == "gpu02:24242"  # with spare nodes only node rank 0 serves
+        assert args.peers == "gpu02:24242,gpu01:24243"  # every training node serves a shard
         assert args.script == str(REPO / "recipes" / "pretrain.py")
         assert args.script_args == ["recipe=llama3_70b_2opt", *OVERRIDES]
 
@@ -354,20 +355,27 @@ def test_supervisor_replaces_a_dead_node_on_a_spare(fake_slurm):
     assert "node rank 1: replacement 1 of 4 on gpu03" in result.stderr
 
 
-def test_supervisor_restarts_a_store_node_on_its_own_host(fake_slurm):
+def test_supervisor_moves_a_store_node_to_a_spare_and_restarts_in_place_without_one(fake_slurm):
     env = dict(fake_slurm, SPARE_NODES="1", STORE_NODES="2", FAKE_FAIL="1@gpu02=137")
+    result = run_sbatch(env)
+    assert result.returncode == 0, result.stderr
+    assert [(s["rank"], s["host"]) for s in steps(env)][-1] == (1, "gpu03")
+    # the replacement serves store shard 1 from the spare (and publishes it; docs/tier1.md)
+    assert steps(env)[-1]["peers"] == "gpu01:24242,gpu03:24243"
+    env = dict(fake_slurm, SLURM_JOB_NODELIST="gpu[01-02]", FAKE_FAIL="1@gpu02=137",
+               FAKE_LOG=fake_slurm["FAKE_LOG"] + ".nospare")
     result = run_sbatch(env)
     assert result.returncode == 0, result.stderr
     assert [(s["rank"], s["host"]) for s in steps(env)][-1] == (1, "gpu02")
 
 
-def test_supervisor_gives_up_on_a_lost_store_node(fake_slurm):
-    env = dict(fake_slurm, SPARE_NODES="1", STORE_NODES="2", FAKE_FAIL="1@gpu02=137",
+def test_supervisor_gives_up_on_a_lost_node_with_no_spare(fake_slurm):
+    env = dict(fake_slurm, SLURM_JOB_NODELIST="gpu[01-02]", FAKE_FAIL="1@gpu02=137",
                FAKE_DOWN="gpu02", FAKE_RUN_S="30")
     started = time.monotonic()
     result = run_sbatch(env)
     assert result.returncode == 137
-    assert "cannot re-form" in result.stderr
+    assert "no spare node left and gpu02 is unusable" in result.stderr
     assert time.monotonic() - started < 15, "the surviving agent must be stopped"
     assert len(steps(env)) == 2
 
@@ -381,6 +389,8 @@ def test_supervisor_does_not_replace_job_failures(fake_slurm, fail, code, messag
                                                   spare_nodes):
     env = dict(fake_slurm, FAKE_FAIL=fail, FAKE_RUN_S="30", SPARE_NODES=spare_nodes,
                SLURM_JOB_NODELIST="gpu[01-03]" if spare_nodes == "1" else "gpu[01-02]")
+    if message == "only store shard":
+        env["STORE_NODES"] = "1"
     started = time.monotonic()
     result = run_sbatch(env)
     assert result.returncode == code, result.stderr
