@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 TIERS = ("off", "tier1", "tier2", "tier3", "tier4")
 FALLBACKS = ("none", "disk")
+RESUME_MODES = ("auto", "never")
 
 
 class ConfigError(ValueError):
@@ -131,6 +132,23 @@ class CheckpointlessConfig:
 
 
 @dataclass(kw_only=True)
+class RestartConfig:
+    """Stock checkpoint-restart, the baseline (``nemo_checkpointless/train/restart.py``).
+
+    With ``checkpointless=off`` and ``enabled``, every rank saves its state every
+    ``checkpoint_interval`` steps, and a rank (re)started by ``torchrun --max-restarts N``
+    resumes from the latest complete checkpoint (``resume: auto``), skips the data loader
+    forward by reading the consumed batches and replays the steps since the checkpoint.
+    """
+
+    enabled: bool = False
+    checkpoint_interval: int = 10
+    checkpoint_dir: Optional[str] = None  # None: <run dir>/restart_checkpoints
+    checkpoint_keep: int = 2
+    resume: str = "auto"  # auto: latest complete checkpoint if any; never: start at step 0
+
+
+@dataclass(kw_only=True)
 class FaultConfig:
     """Faults to inject: ``[{rank: 3, step: 7, phase: optimizer, kind: kill}]``."""
 
@@ -148,6 +166,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpointless: CheckpointlessConfig = field(default_factory=CheckpointlessConfig)
+    restart: RestartConfig = field(default_factory=RestartConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
 
 
@@ -301,11 +320,35 @@ def validate(cfg: RunConfig, world_size: int, *, cpu_mode: bool = False) -> None
         parse_plan(cfg.fault.plan, world_size, t.max_steps)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    _require(not cfg.fault.plan or cfg.checkpointless.tier in ("tier3", "tier4"),
+    _validate_restart(cfg)
+    restart_faults = cfg.restart.enabled and all(
+        str(f.get("kind")) == "kill" and str(f.get("phase")) != "recovery"
+        for f in cfg.fault.plan)
+    _require(not cfg.fault.plan or cfg.checkpointless.tier in ("tier3", "tier4")
+             or restart_faults,
              "fault.plan injects failures that only checkpointless=tier3 or tier4 recovers "
-             "from; select one (and launch with ncl-launch).")
+             "from; select one (and launch with ncl-launch), or, for the checkpoint-restart "
+             "baseline, use kind: kill faults (no phase: recovery) with checkpointless=off "
+             "restart.enabled=true under torchrun --max-restarts N.")
     _require(cfg.checkpointless.fallback in FALLBACKS,
              f"checkpointless.fallback={cfg.checkpointless.fallback!r}: use 'none' or 'disk'.")
+
+
+def _validate_restart(cfg: RunConfig) -> None:
+    r = cfg.restart
+    if not r.enabled:
+        return
+    _require(cfg.checkpointless.tier == "off",
+             f"restart.enabled=true is the stock checkpoint-restart baseline; it needs "
+             f"checkpointless=off (now checkpointless={cfg.checkpointless.tier}, which "
+             "recovers in process: drop restart.enabled).")
+    _require(r.checkpoint_interval >= 1,
+             f"restart.checkpoint_interval={r.checkpoint_interval}: must be a positive "
+             "number of steps.")
+    _require(r.checkpoint_keep >= 1,
+             f"restart.checkpoint_keep={r.checkpoint_keep}: keep at least 1 checkpoint.")
+    _require(r.resume in RESUME_MODES,
+             f"restart.resume={r.resume!r}: use one of {', '.join(RESUME_MODES)}.")
 
 
 def data_cache_dir(data: DataConfig) -> str:

@@ -61,6 +61,10 @@ def run_pretrain(node: Any, run_dir: str | Path) -> dict[str, Any]:
     channel = Channel.from_env()
     if channel is not None:
         return _run_under_agent(cfg, Path(run_dir), channel)
+    if cfg.restart.enabled:  # the stock checkpoint-restart baseline (torchrun --max-restarts)
+        from .restart import run_with_restart
+
+        return run_with_restart(cfg, Path(run_dir))
     tier1 = None
     if cfg.checkpointless.tier == "tier1":
         from ..comm.init import init as tier1_init
@@ -90,8 +94,13 @@ RECOVERY_TIERS = ("tier3", "tier4")
 EXIT_UNRECOVERABLE = 3  # the agent stops the whole job instead of replacing the rank
 
 
-def _run_under_agent(cfg: RunConfig, run_dir: Path, channel: Any) -> dict[str, Any]:
-    """Started by ncl-launch: recover in process (tier 3/4) or fail like stock training."""
+def _run_under_agent(cfg: RunConfig, run_dir: Path, channel: Any,
+                     train: Any = None) -> dict[str, Any]:
+    """Started by ncl-launch: recover in process (tier 3/4) or fail like stock training.
+
+    ``train(manager)``: how the job trains under the manager (default ``manager.run()``,
+    the lean loop; ``nemo/driver.py`` passes one that builds NeMo's objects first).
+    """
     from ..comm import destroy_world
     from ..recovery.manager import RecoveryManager
 
@@ -105,7 +114,7 @@ def _run_under_agent(cfg: RunConfig, run_dir: Path, channel: Any) -> dict[str, A
     channel.send({"t": "hello", "recovery": True})
     manager = RecoveryManager(cfg, run_dir, channel)
     try:
-        summary = manager.run()
+        summary = manager.run() if train is None else train(manager)
         channel.send({"t": "done"})
     except UnrecoverableError as err:
         # every rank reaches the same verdict from the same gathered facts: stop the job

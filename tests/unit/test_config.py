@@ -73,3 +73,40 @@ def test_check_overrides_accepts_groups_and_hydra_keys():
                      "fault.plan=[]", "+hydra.job.name=x"])
     with pytest.raises(ConfigError, match="Valid keys under 'trainer'"):
         check_overrides(["trainer.max_stepz=3"])
+
+
+# ---------------------------------------------------------------- checkpoint-restart baseline
+KILL = "fault.plan=[{rank:1,step:5,phase:optimizer,kind:kill}]"
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["checkpointless=tier4", "restart.enabled=true"], "needs checkpointless=off"),
+        (["restart.enabled=true", "restart.checkpoint_interval=0"],
+         "restart.checkpoint_interval=0: must be a positive"),
+        (["restart.enabled=true", "restart.checkpoint_keep=0"], "keep at least 1"),
+        (["restart.enabled=true", "restart.resume=latest"], "use one of auto, never"),
+        ([KILL], "or, for the checkpoint-restart baseline"),
+        (["restart.enabled=true", "fault.plan=[{rank:1,step:5,phase:forward,kind:hang}]"],
+         "use kind: kill faults"),
+        (["restart.enabled=true", "fault.plan=[{rank:1,step:5,phase:recovery,kind:kill}]"],
+         "no phase: recovery"),
+    ],
+)
+def test_restart_validation_messages(overrides, message):
+    cfg = compose(overrides)
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg, 4, cpu_mode=True)
+
+
+def test_restart_with_kill_faults_validates():
+    cfg = compose(["restart.enabled=true", "restart.checkpoint_interval=3", KILL])
+    validate(cfg, 4, cpu_mode=True)
+    assert cfg.restart.enabled and cfg.restart.checkpoint_interval == 3
+    assert cfg.restart.resume == "auto" and cfg.restart.checkpoint_dir is None
+
+
+def test_restart_override_typo_names_the_key():
+    with pytest.raises(ConfigError, match="restart.checkpoint_interval"):
+        check_overrides(["restart.checkpoint_intervall=3"])

@@ -1,0 +1,244 @@
+"""Recovery, side by side: checkpointless (ncl-launch, tier 4) vs stock checkpoint-restart.
+
+    .venv/bin/python scripts/bench/recovery.py [--recipe bench_gpt] [--interval 10] [--kill-step 15]
+    .venv/bin/python scripts/bench/recovery.py --recipe tiny_gpt_2opt --interval 3 --kill-step 5  # quick
+
+The same job (default ``recipe=bench_gpt``: 27.8 M parameters, DP=4 on 4 CPU ranks, 2
+distributed-optimizer instances) runs three times:
+
+1. *reference*: ``torchrun``, no fault, ``trainer.max_steps = kill_step + 3``;
+2. *checkpointless*: ``ncl-launch --spares 1 checkpointless=tier4``, rank 1 SIGKILLed at
+   ``kill_step`` (phase optimizer). Total = ``summary.json`` ``recoveries[0].total_s``:
+   kill -> first step completed after it; phases from the same record;
+3. *checkpoint-restart*: ``torchrun --max-restarts 1 checkpointless=off
+   restart.enabled=true restart.checkpoint_interval=K``, the same kill. Every process
+   restarts, loads the checkpoint of step ``K * floor((S-1)/K)``, reads and discards the
+   consumed batches, replays the steps since the checkpoint and redoes step S. Phases from
+   ``restart_events.jsonl`` (``nemo_checkpointless/train/restart.py``):
+   ``detect_teardown`` (kill -> the new rank 0 process exists: torchrun notices the death,
+   SIGTERMs the other ranks, waits for them, re-rendezvous, spawns), ``restart_imports``
+   (Python, torch, megatron, Hydra), ``init`` (the world group), ``build`` (model, DDP,
+   optimizer, dataset), ``load`` (checkpoint read), ``skip`` (data loader skipped forward),
+   ``replay`` (steps since the checkpoint), ``first_step`` (step S itself).
+
+Both recovered runs are checked against the reference: ``state_sha256`` and every
+``loss_hex`` (one metrics row per step). Writes a stacked bar chart (``--plot``, default
+``docs/img/recovery.png``). Last line: JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PRETRAIN = REPO / "recipes" / "pretrain.py"
+OURS_PHASES = ("detect", "abort", "rendezvous", "group_rebuild", "state_transfer", "first_step")
+RESTART_PHASES = ("detect_teardown", "restart_imports", "init", "build", "load", "skip",
+                  "replay", "first_step")
+
+
+def free_port() -> int:
+    sys.path.insert(0, str(REPO))
+    from nemo_checkpointless.comm.world import free_port as _free_port
+
+    return _free_port()
+
+
+def bench_env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # a loaded 2-core machine stalls ranks for seconds: a silent rank is not a hung one
+    env.setdefault("NCL_HANG_TIMEOUT_S", "30")
+    return env
+
+
+def run(cmd: list[str], log: Path, timeout: float) -> None:
+    t0 = time.monotonic()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=bench_env(), stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+            code = -9
+    if code != 0:
+        tail = log.read_text()[-4000:]
+        raise SystemExit(f"{' '.join(cmd[:6])} ... failed ({code}); log {log}:\n{tail}")
+    print(f"  {log.stem}: {time.monotonic() - t0:.0f} s", flush=True)
+
+
+def torchrun_cmd(overrides: list[str], run_dir: Path, max_restarts: int = 0) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
+            "--max-restarts", str(max_restarts), "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", f"127.0.0.1:{free_port()}", str(PRETRAIN), *overrides,
+            f"hydra.run.dir={run_dir}"]
+
+
+def ncl_launch_cmd(overrides: list[str], run_dir: Path, spares: int) -> list[str]:
+    return [sys.executable, "-m", "nemo_checkpointless.launch.agent", "--nproc-per-node", "4",
+            "--spares", str(spares), "--master-port", str(free_port()), str(PRETRAIN),
+            *overrides, f"hydra.run.dir={run_dir}"]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def compare(run_dir: Path, reference: Path) -> dict:
+    """Is ``run_dir`` bit for bit the reference run: state hash and every loss row."""
+    rows, ref_rows = read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(reference / "metrics.jsonl")
+    state = json.loads((run_dir / "summary.json").read_text())["state_sha256"]
+    ref_state = json.loads((reference / "summary.json").read_text())["state_sha256"]
+    one_row_per_step = [r["step"] for r in rows] == list(range(1, len(ref_rows) + 1))
+    losses = [r["loss_hex"] for r in rows] == [r["loss_hex"] for r in ref_rows]
+    return {"state_sha256_equal": state == ref_state, "loss_hex_equal": losses,
+            "one_row_per_step": one_row_per_step,
+            "exact": state == ref_state and losses and one_row_per_step}
+
+
+def restart_phases(run_dir: Path, kill_step: int) -> dict:
+    """Phases of the first restart from restart_events.jsonl (rank 0's view)."""
+    events = read_jsonl(run_dir / "restart_events.jsonl")
+    fault = next(e for e in events if e["event"] == "fault")
+    after = [e for e in events if e["attempt"] == fault["attempt"] + 1 and e["rank"] == 0]
+    at = {e["event"]: e["t"] for e in after if e["event"] != "step"}
+    steps = {e["step"]: e["t"] for e in after if e["event"] == "step"}
+    loaded = next(e for e in after if e["event"] == "checkpoint_loaded")
+    replay_end = steps.get(kill_step - 1, at["data_skipped"])
+    marks = [fault["t"], at["process_start"], at["imports_done"], at["world_ready"],
+             at["model_built"], at["checkpoint_loaded"], at["data_skipped"],
+             max(replay_end, at["data_skipped"]), steps[kill_step]]
+    phases = {name: round(b - a, 3) for name, a, b in zip(RESTART_PHASES, marks, marks[1:])}
+    return {"total_s": round(steps[kill_step] - fault["t"], 3), "phases": phases,
+            "checkpoint_step": loaded["checkpoint_step"], "checkpoint_bytes": loaded["bytes"],
+            "replayed_steps": max(0, kill_step - 1 - loaded["checkpoint_step"])}
+
+
+def ours_phases(run_dir: Path) -> dict:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rec = summary["recoveries"][0]
+    events = read_jsonl(run_dir / "events.jsonl")
+    transfer = next((e for e in events if e.get("phase") == "state_transfer"), {})
+    return {"total_s": round(rec["total_s"], 3),
+            "phases": {k: round(rec["phases"][k], 3) for k in
+                       sorted(rec["phases"], key=lambda k: (k not in OURS_PHASES,
+                              OURS_PHASES.index(k) if k in OURS_PHASES else 0))},
+            "transfer_bytes": transfer.get("bytes", 0)}
+
+
+def mean_step_s(run_dir: Path) -> float:
+    rows = read_jsonl(run_dir / "metrics.jsonl")[2:]
+    return sum(r["step_time_s"] for r in rows) / max(1, len(rows))
+
+
+def plot(ours: dict, restart: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 3.2))
+    cmap = plt.get_cmap("tab20")
+    color = 0
+    longest = max(restart["total_s"], ours["total_s"])
+    for row, (label, data) in enumerate((("restart", restart), ("ours", ours))):
+        left = 0.0
+        for name, seconds in data["phases"].items():
+            ax.barh(row, seconds, left=left, color=cmap(color % 20), edgecolor="white",
+                    label=f"{label}: {name} ({seconds:.2f} s)")
+            if seconds > 0.08 * longest:
+                ax.text(left + seconds / 2, row, name, ha="center", va="center", fontsize=7)
+            left += seconds
+            color += 1
+        ax.text(left + 0.2, row, f"{data['total_s']:.2f} s", va="center", fontsize=9)
+    ax.set_yticks([0, 1], ["checkpoint-restart", "checkpointless"])
+    ax.set_xlabel("seconds from the kill to the first completed step after it")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=6, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_xlim(0, longest * 1.15)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default="bench_gpt")
+    parser.add_argument("--interval", type=int, default=10, help="checkpoint every K steps")
+    parser.add_argument("--kill-step", type=int, default=15, help="rank 1 is killed at step S")
+    parser.add_argument("--extra-steps", type=int, default=3, help="steps after S")
+    parser.add_argument("--spares", type=int, default=1)
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--plot", type=Path, default=REPO / "docs" / "img" / "recovery.png")
+    parser.add_argument("--timeout", type=float, default=1200, help="per run, seconds")
+    parser.add_argument("--reuse", action="store_true",
+                        help="do not run: analyse the runs already in --workdir")
+    args = parser.parse_args()
+    if args.reuse and args.workdir is None:
+        parser.error("--reuse needs --workdir")
+    if args.kill_step <= args.interval:
+        parser.error("--kill-step must be after the first checkpoint (> --interval)")
+    steps = args.kill_step + args.extra_steps
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="ncl-bench-recovery-cmp-"))
+    work.mkdir(parents=True, exist_ok=True)
+    base = [f"recipe={args.recipe}", f"trainer.max_steps={steps}"]
+    fault = f"fault.plan=[{{rank:1,step:{args.kill_step},phase:optimizer,kind:kill}}]"
+    print(f"recipe={args.recipe}, {steps} steps, checkpoint every {args.interval}, rank 1 "
+          f"killed at step {args.kill_step}; runs in {work}", flush=True)
+
+    ref_dir, ours_dir, restart_dir = work / "reference", work / "ours", work / "restart"
+    if not args.reuse:
+        run(torchrun_cmd(base, ref_dir), work / "reference.log", args.timeout)
+        run(ncl_launch_cmd([*base, "checkpointless=tier4", fault], ours_dir, args.spares),
+            work / "ours.log", args.timeout)
+        run(torchrun_cmd([*base, "restart.enabled=true",
+                          f"restart.checkpoint_interval={args.interval}", fault], restart_dir,
+                         max_restarts=1), work / "restart.log", args.timeout)
+
+    ours = ours_phases(ours_dir)
+    restart = restart_phases(restart_dir, args.kill_step)
+    ours["exactness"] = compare(ours_dir, ref_dir)
+    restart["exactness"] = compare(restart_dir, ref_dir)
+    step_s = mean_step_s(ref_dir)
+    ratio = ours["total_s"] / restart["total_s"]
+    # both totals end with the redone step S; without it, recovery proper vs restart proper
+    ratio_wo_step = ((ours["total_s"] - ours["phases"].get("first_step", 0.0))
+                     / (restart["total_s"] - restart["phases"]["first_step"]))
+    for label, data in (("checkpointless", ours), ("checkpoint-restart", restart)):
+        print(f"{label}: {data['total_s']:.2f} s, exact: {data['exactness']['exact']}")
+        for name, seconds in data["phases"].items():
+            print(f"  {name:16s} {seconds:7.3f} s")
+    print(f"state: {restart['checkpoint_bytes'] / 1e6:.0f} MB of optimizer state across "
+          f"ranks (checkpoint of step {restart['checkpoint_step']}, "
+          f"{restart['replayed_steps']} steps replayed); checkpointless moved "
+          f"{ours['transfer_bytes'] / 1e6:.0f} MB; mean step {step_s:.2f} s")
+    print(f"ratio checkpointless / checkpoint-restart: {ratio:.3f} (target <= 0.10); "
+          f"without the redone step S in both: {ratio_wo_step:.3f}")
+    plot(ours, restart, args.plot,
+         f"{args.recipe}, 4 CPU ranks, rank 1 SIGKILLed at step {args.kill_step}, checkpoint "
+         f"every {args.interval} steps (ratio {ratio:.3f})")
+    print(json.dumps({
+        "ratio": round(ratio, 4), "ratio_without_first_step": round(ratio_wo_step, 4),
+        "ours_s": ours["total_s"], "restart_s": restart["total_s"],
+        "ours_phases": ours["phases"], "restart_phases": restart["phases"],
+        "state_bytes": restart["checkpoint_bytes"], "transfer_bytes": ours["transfer_bytes"],
+        "K": args.interval, "kill_step": args.kill_step, "max_steps": steps,
+        "checkpoint_step": restart["checkpoint_step"],
+        "replayed_steps": restart["replayed_steps"], "mean_step_s": round(step_s, 3),
+        "recipe": args.recipe, "ours_exact": ours["exactness"]["exact"],
+        "restart_exact": restart["exactness"]["exact"],
+        "ours_exactness": ours["exactness"], "restart_exactness": restart["exactness"],
+        "plot": str(args.plot)}))
+
+
+if __name__ == "__main__":
+    main()
