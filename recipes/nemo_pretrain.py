@@ -87,8 +87,19 @@ def main(argv: list[str]) -> int:
     import fiddle as fdl
 
     from nemo_checkpointless import cpu
+    from nemo_checkpointless.launch.channel import Channel
 
     cpu.enable()  # no-op with CUDA
+    channel = Channel.from_env()
+    if channel is not None:  # started by ncl-launch: the recovery manager drives the steps
+        from nemo_checkpointless.nemo.driver import run_recipe_under_agent
+        from nemo_checkpointless.train.entry import setup_logging
+
+        setup_logging("spare" if os.environ.get("NCL_SPARE") == "1"
+                      else os.environ.get("RANK", "0"))
+        own, _, _ = split_args(argv)
+        run_recipe_under_agent(recipe, own.get("run_dir"), channel)
+        return 0
     fdl.build(recipe)()
     return 0
 

@@ -37,6 +37,8 @@ class CheckpointlessCallback(pl.Callback):
 
     # ------------------------------------------------------------------ Lightning
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if _driven(trainer):  # nemo/driver.py runs the steps and writes the record
+            return
         run_dir = Path(self.run_dir or trainer.default_root_dir)
         self.metrics = JsonlWriter(run_dir / "metrics.jsonl", enabled=trainer.global_rank == 0)
 
@@ -49,6 +51,8 @@ class CheckpointlessCallback(pl.Callback):
     def on_megatron_microbatch_start(self, step: Any, batch: Any, forward_callback: Any) -> None:
         """NeMo's Megatron-step event: one per micro-batch, with the batch itself."""
         trainer = step.trainer
+        if _driven(trainer):
+            return
         if isinstance(batch, dict) and batch.get("tokens") is not None:
             self._micro.append({"tokens": batch["tokens"]})
         current = trainer.global_step + 1
@@ -69,6 +73,8 @@ class CheckpointlessCallback(pl.Callback):
         from ..megatron.state import job_digest
         from ..metrics.writer import write_json
 
+        if _driven(trainer):
+            return
         optimizer = trainer.optimizers[0]
         chunks = getattr(optimizer, "model_chunks", None) or [m.module for m in
                                                               trainer.strategy.model]
@@ -111,6 +117,11 @@ class CheckpointlessCallback(pl.Callback):
         if dist.is_initialized():
             dist.all_reduce(value)
         return f"{int(value.item()) & (2**64 - 1):016x}"
+
+
+def _driven(trainer: Any) -> bool:
+    """The recovery manager drives the steps (``nemo/driver.py``, under ncl-launch)."""
+    return getattr(getattr(trainer, "strategy", None), "driven_hooks", None) is not None
 
 
 def _hooks(trainer: pl.Trainer):

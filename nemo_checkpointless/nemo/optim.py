@@ -93,8 +93,10 @@ class CheckpointlessOptimizerModule(MegatronOptimizerModule):
         from nemo.utils import AppState
 
         chunks = [m.module for m in model]  # megatron's DDP modules
-        mcore_opt = get_megatron_optimizer(
-            self.config, chunks, use_gloo_process_groups=AppState().use_gloo_process_groups)
+        with _param_group_keys_gather():
+            mcore_opt = get_megatron_optimizer(
+                self.config, chunks,
+                use_gloo_process_groups=AppState().use_gloo_process_groups)
         opt = CheckpointlessMcoreOptimizer(mcore_opt, self.hooks, self.step_of)
         opt.model_chunks = chunks
         return [opt]
@@ -102,3 +104,16 @@ class CheckpointlessOptimizerModule(MegatronOptimizerModule):
     def finalize_model_grads(self, *args: Any, **kwargs: Any):
         self.hooks(Phase.GRAD_SYNC, self.step_of())
         return super().finalize_model_grads(*args, **kwargs)
+
+
+def _param_group_keys_gather():
+    """megatron's optimizer constructor all-gathers every rank's param-group keys; in the
+    fake world a driven job builds in (``nemo/driver.py``) that gather returns nothing, so
+    it is answered locally (every rank of a dense GPT has the same keys)."""
+    import contextlib
+
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_backend() == "fake":
+        return mopt._local_all_gather_object()
+    return contextlib.nullcontext()

@@ -51,17 +51,44 @@ class CheckpointlessMegatronStrategy(MegatronStrategy):
         self.hooks = HookList()
         self.commit: Optional[CommitProtocol] = None
         self.rehearsal = False
+        # set by nemo/driver.py when the recovery manager drives the steps (ncl-launch):
+        # its hooks (commit protocol, fault injector) replace the strategy's own
+        self.driven_hooks: Optional[HookList] = None
 
     # ------------------------------------------------------------------ start-up
     def setup_distributed(self) -> None:
-        if os.environ.get("NCL_AGENT_FD") is not None and self.tier in RECOVERY_TIERS:
+        if os.environ.get("NCL_AGENT_FD") is not None and self.tier in RECOVERY_TIERS \
+                and self.driven_hooks is None:
             raise NotImplementedError(
-                "in-process recovery of a NeMo/Lightning job under ncl-launch is not wired "
-                "yet (docs/nemo.md, 'What is not done'): launch NeMo recipes with torchrun, "
-                "or use recipes/pretrain.py for recovery")
+                "under ncl-launch a NeMo recipe recovers in process only when the recovery "
+                "manager drives its steps: run it through recipes/nemo_pretrain.py (which "
+                "uses nemo_checkpointless.nemo.driver.run_recipe_under_agent), or launch "
+                "with torchrun for a run without recovery")
         self.rehearsal = cpu.enable()
         super().setup_distributed()
+        if self.driven_hooks is not None:
+            self._finish_setup_in_given_world()
         self._install_hooks()
+
+    def _finish_setup_in_given_world(self) -> None:
+        """NeMo's ``setup_distributed`` returns early when a world exists (the driven job's
+        fake one) and skips megatron's parallel state and the data sampler: do both."""
+        from megatron.core import parallel_state
+        from nemo.lightning._strategy_lib import init_model_parallel
+
+        if not parallel_state.model_parallel_is_initialized():
+            init_model_parallel(self.model)
+            if self.data_sampler:
+                self.data_sampler.setup(self.cluster_environment.global_rank())
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        """In the fake world of a driven job's set-up every rank keeps its own value (what
+        it broadcasts, a log directory, is the same on every rank)."""
+        import torch.distributed as dist
+
+        if dist.is_initialized() and dist.get_backend() == "fake":
+            return obj
+        return super().broadcast(obj, src)
 
     def _install_hooks(self) -> None:
         import torch.distributed as dist
@@ -72,6 +99,10 @@ class CheckpointlessMegatronStrategy(MegatronStrategy):
         max_steps = trainer.max_steps if trainer is not None and trainer.max_steps > 0 \
             else 1 << 30  # Lightning's -1: no limit
         faults = parse_plan(self.fault_plan, world, max_steps)
+        if self.driven_hooks is not None:
+            self.hooks = self.driven_hooks
+            self._bind_optimizer_module()
+            return
         hooks = []
         if self.tier in RECOVERY_TIERS:
             self.commit = CommitProtocol()

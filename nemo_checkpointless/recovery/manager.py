@@ -33,7 +33,7 @@ from ..comm.init import report_store_ops
 from ..comm.world import backend_for, default_timeout
 from ..config import RunConfig
 from ..launch.channel import Channel
-from ..megatron import groups, parallel
+from ..megatron import groups
 from ..megatron import optimizer as mopt
 from ..megatron.rebind import group_roles, rebind
 from ..megatron.shards import (capture_rng, copy_main_to_model, optimizer_state_groups,
@@ -42,7 +42,7 @@ from ..replication.replica_map import (RankInfo, UnrecoverableError, agree, dono
                                        unprotected_ranks)
 from ..replication.transfer import TransferError, exchange
 from ..train.hooks import HookList
-from ..train.loop import Trainer
+from ..train.loop import StepDriver, Trainer
 from .checkpoint import AsyncCheckpointer, complete_steps, load_part
 from .commit import CommitProtocol
 from .events import EventLog, read_events, summarize_recoveries
@@ -87,7 +87,10 @@ class RecoveryManager:
         self.injector = FaultInjector(self.faults, self.rank, claim=self._claim_fault,
                                       on_fire=self._fault_fired)
         self.events = EventLog(self.run_dir / "events.jsonl", self.rank)
-        self.trainer: Optional[Trainer] = None
+        # the step hooks a driver calls: commit barrier + RNG snapshots, fault injection
+        self.step_hooks = HookList([self.commit, self.injector])
+        self.trainer: Optional[StepDriver] = None
+        self._prebuilt = False
         self.has_state = False
         self.old_roles: dict[int, str] = {}
         self.recovering: Optional[dict[str, Any]] = None
@@ -145,8 +148,22 @@ class RecoveryManager:
         return isinstance(err, RuntimeError) and any(s in str(err) for s in _COMM_ERRORS)
 
     # ------------------------------------------------------------------ main loop
-    def run(self) -> dict[str, Any]:
-        """Train to max_steps through any number of recoveries; return the summary."""
+    def run(self, driver: Optional[StepDriver] = None) -> dict[str, Any]:
+        """Train to max_steps through any number of recoveries; return the summary.
+
+        ``driver``: one already built (``nemo/driver.py`` builds NeMo's objects in a
+        world of fake groups before the job's world exists): its groups are forgotten
+        here and rebound to the real ones when generation ``gen`` is joined. Without it,
+        a lean :class:`Trainer` is built after the rendezvous.
+        """
+        if driver is not None:
+            from megatron.core import parallel_state
+
+            self.trainer = driver
+            self._prebuilt = True
+            if parallel_state.model_parallel_is_initialized():
+                self.old_roles.update(group_roles())
+            forget_all_groups()
         first = True
         while True:
             try:
@@ -223,32 +240,19 @@ class RecoveryManager:
                     self.store.delete_prefix(f"pg/{old}/")
                     self.store.delete_prefix(f"rdzv/{old}/")
                 self._cleaned_gen = gen
-        built = self.trainer is None
+        built = self.trainer is None or self._prebuilt
+        fresh_job = gen == 0 and not self.replacement
         if self.trainer is None:
-            trainer = Trainer(self.cfg, self.run_dir,
-                              HookList([self.commit, self.injector]))
-            fresh_job = gen == 0 and not self.replacement
+            trainer = Trainer(self.cfg, self.run_dir, self.step_hooks)
             trainer.setup(collective=fresh_job)
             self.trainer = trainer
-            self.has_state = fresh_job
-            self.commit.rng_at[trainer.step + 1] = capture_rng()
-            if self.disk:
-                self.checkpointer = AsyncCheckpointer(
-                    self.checkpoint_root, self.rank, self.world_size,
-                    self.cfg.checkpointless.checkpoint_interval,
-                    tensors=lambda: optimizer_state_tensors(trainer.optimizer),
-                    blob=lambda step: self._state_blob(step),
-                    keep=self.cfg.checkpointless.checkpoint_keep)
-                trainer.hooks.add(self.checkpointer)
-                if fresh_job:
-                    self.checkpointer.save(0, wait=True)
-            if fresh_job:
-                self._preflight()
+            self._attach(fresh_job)
+        elif self._prebuilt:
+            self._prebuilt = False
+            self._rebuild()
+            self._attach(fresh_job)
         else:
-            self.trainer.coords = parallel.initialize(self.cfg.strategy)
-            roots = [self.trainer.model, self.trainer.optimizer, self.trainer.scheduler]
-            rebind(roots, self.old_roles)
-            self.old_roles = {}
+            self._rebuild()
         t2 = time.perf_counter()
         transfer = self._reconcile()
         t3 = time.perf_counter()
@@ -263,6 +267,32 @@ class RecoveryManager:
             rec["transfer"] = transfer
             rec["gen"] = gen
             rec["resumed_at"] = time.time()
+
+    def _rebuild(self) -> None:
+        """Rebuild megatron's parallel state on the new world and rebind cached groups."""
+        assert self.trainer is not None
+        self.trainer.rebuild_parallel()
+        rebind(self.trainer.rebind_roots(), self.old_roles)
+        self.old_roles = {}
+
+    def _attach(self, fresh_job: bool) -> None:
+        """First entry of a newly built driver: state flag, RNG, disk tier, preflight."""
+        trainer = self.trainer
+        assert trainer is not None
+        self.has_state = fresh_job
+        self.commit.rng_at[trainer.step + 1] = capture_rng()
+        if self.disk:
+            self.checkpointer = AsyncCheckpointer(
+                self.checkpoint_root, self.rank, self.world_size,
+                self.cfg.checkpointless.checkpoint_interval,
+                tensors=lambda: optimizer_state_tensors(trainer.optimizer),
+                blob=lambda step: self._state_blob(step),
+                keep=self.cfg.checkpointless.checkpoint_keep)
+            trainer.hooks.add(self.checkpointer)
+            if fresh_job:
+                self.checkpointer.save(0, wait=True)
+        if fresh_job:
+            self._preflight()
 
     def _rank_info(self) -> RankInfo:
         trainer = self.trainer
@@ -346,7 +376,7 @@ class RecoveryManager:
         if plan or agreement.roll_forward or self.recovering is not None:
             mopt.gather_params(trainer.model, trainer.optimizer)
         restore_rng(self.commit.rng_at[committed + 1])
-        trainer._forward_step = trainer._backward_step = 0
+        trainer.reset_step_marks()
         if self.rank == 0:
             self._ensure_metrics_row(committed)
         received_bytes = torch.tensor([stats.bytes_received], dtype=torch.int64)
@@ -381,7 +411,7 @@ class RecoveryManager:
         trainer = self.trainer
         assert trainer is not None
         return {"step": trainer.step, "consumed_samples": trainer.consumed_samples,
-                "scheduler_steps": trainer.scheduler.num_steps,
+                "scheduler_steps": trainer.schedule_state(),
                 "rng": self.commit.rng_at[step + 1], "record": trainer.last_record}
 
     def _adopt(self, blob: dict[str, Any]) -> None:
@@ -391,8 +421,7 @@ class RecoveryManager:
         step = blob["step"]
         trainer.step = step
         trainer.consumed_samples = blob["consumed_samples"]
-        trainer.scheduler.num_steps = blob["scheduler_steps"]
-        trainer.scheduler.step(increment=0)
+        trainer.load_schedule_state(blob["scheduler_steps"])
         trainer.last_record = blob["record"]
         self.commit.rng_at = {step + 1: blob["rng"]}
         self.commit.entered_step = self.commit.passed_step = step
@@ -423,7 +452,7 @@ class RecoveryManager:
         trainer.pending = None
         mopt.gather_params(trainer.model, trainer.optimizer)
         restore_rng(self.commit.rng_at[step + 1])
-        trainer._forward_step = trainer._backward_step = 0
+        trainer.reset_step_marks()
         if self.rank == 0 and trainer.metrics is not None:
             dropped = trainer.metrics.truncate_after(step)
             log.warning("rolled back to checkpoint step %d (%d metrics rows to redo)", step,

@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Protocol
 
 import torch
 import torch.distributed as dist
@@ -65,6 +65,36 @@ class PendingCommit:
     loss: float
     start: float
     batch_hash: str
+
+
+class StepDriver(Protocol):
+    """What :class:`~nemo_checkpointless.recovery.manager.RecoveryManager` drives.
+
+    :class:`Trainer` is one; ``nemo/driver.py`` runs NeMo/Lightning steps through the same
+    surface. ``model`` are megatron's DDP chunks, ``optimizer`` megatron's optimizer; a
+    step is ``train_step`` (which calls ``commit`` after the commit barrier), and
+    ``commit`` alone rolls a prepared step forward.
+    """
+
+    hooks: HookList
+    step: int
+    consumed_samples: int
+    coords: Optional[parallel.Coordinates]
+    model: list[torch.nn.Module]
+    optimizer: Any
+    pending: Optional["PendingCommit"]
+    last_record: Optional[dict[str, Any]]
+    metrics: Optional[JsonlWriter]
+
+    def setup(self, collective: bool = True) -> None: ...
+    def train_step(self) -> Any: ...
+    def commit(self) -> Any: ...
+    def finish(self) -> dict[str, Any]: ...
+    def rebuild_parallel(self) -> None: ...
+    def rebind_roots(self) -> list[Any]: ...
+    def schedule_state(self) -> Any: ...
+    def load_schedule_state(self, state: Any) -> None: ...
+    def reset_step_marks(self) -> None: ...
 
 
 class Trainer:
@@ -121,6 +151,26 @@ class Trainer:
 
         for chunk in self.model:
             chunk.config.finalize_model_grads_func = finalize
+
+    # ------------------------------------------------------------------ recovery surface
+    def rebuild_parallel(self) -> None:
+        """Re-run ``initialize_model_parallel`` with the same sizes (the world exists)."""
+        self.coords = parallel.initialize(self.cfg.strategy)
+
+    def rebind_roots(self) -> list[Any]:
+        """Objects that may cache process groups (rebound after a rebuild)."""
+        return [self.model, self.optimizer, self.scheduler]
+
+    def schedule_state(self) -> Any:
+        return self.scheduler.num_steps
+
+    def load_schedule_state(self, state: Any) -> None:
+        self.scheduler.num_steps = state
+        self.scheduler.step(increment=0)
+
+    def reset_step_marks(self) -> None:
+        """Forget which phases of the interrupted step already fired."""
+        self._forward_step = self._backward_step = 0
 
     # ------------------------------------------------------------------ one step
     @property

@@ -30,12 +30,12 @@ import torch.multiprocessing as mp
 REPO = Path(__file__).resolve().parents[2]
 
 
-def recover_once(run_dir: Path, spares: int, step: int) -> dict:
+def recover_once(run_dir: Path, spares: int, step: int, recipe: str = "tiny_gpt") -> dict:
     from nemo_checkpointless.comm.world import free_port
 
     cmd = [sys.executable, "-m", "nemo_checkpointless.launch.agent", "--nproc-per-node", "4",
            "--spares", str(spares), "--master-port", str(free_port()),
-           str(REPO / "recipes" / "pretrain.py"), "checkpointless=tier4",
+           str(REPO / "recipes" / "pretrain.py"), f"recipe={recipe}", "checkpointless=tier4",
            "strategy.num_distributed_optimizer_instances=2", f"trainer.max_steps={step + 3}",
            f"fault.plan=[{{rank:1,step:{step},phase:optimizer,kind:kill}}]",
            f"hydra.run.dir={run_dir}"]
@@ -88,11 +88,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--spares", type=int, default=1)
     parser.add_argument("--step", type=int, default=6)
+    parser.add_argument("--recipe", default="tiny_gpt",
+                        help="bench_gpt: a 167 MB optimizer shard instead of 30 MB")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="ncl-bench-recovery-"))
     runs = []
     for i in range(args.repeats):
-        r = recover_once(root / f"run{i}", args.spares, args.step)
+        r = recover_once(root / f"run{i}", args.spares, args.step, args.recipe)
         runs.append(r)
         print(f"run {i}: kill -> first step {r['total_s']:.2f} s; phases "
               + ", ".join(f"{k} {v:.3f}" for k, v in r["phases"].items())
