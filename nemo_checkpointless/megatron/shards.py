@@ -65,8 +65,10 @@ def make_state_contiguous(optimizer: Any) -> None:
         if not mains:
             continue
         total = sum(p.numel() for p in mains)
-        exp_avg = torch.zeros(total, dtype=mains[0].dtype)
-        exp_avg_sq = torch.zeros(total, dtype=mains[0].dtype)
+        # written, not calloc'ed: the pages are resident before a peer streams state into
+        # them (a replacement would otherwise take a page fault per 4 KB mid-transfer)
+        exp_avg = torch.empty(total, dtype=mains[0].dtype).zero_()
+        exp_avg_sq = torch.empty(total, dtype=mains[0].dtype).zero_()
         steps = torch.zeros(len(mains), dtype=torch.float32)
         offset = 0
         for i, p in enumerate(mains):

@@ -25,7 +25,8 @@ class AgentLink:
     """Heartbeats to, and notices from, the node agent."""
 
     def __init__(self, channel: Channel, on_new_generation: Callable[[int], None],
-                 interval: float = 0.1, stuck_after: float = 0.0) -> None:
+                 interval: float = 0.1, stuck_after: float = 0.0,
+                 abort_grace: float = 0.0) -> None:
         self.channel = channel
         self.on_new_generation = on_new_generation
         self.interval = interval
@@ -41,6 +42,15 @@ class AgentLink:
         self.stuck_after = stuck_after or float(os.environ.get("NCL_STUCK_AFTER_S", "20"))
         self._aborted_at: Optional[float] = None
         self._reaborted = False
+        # grace: a new generation is announced at once, but the communicators are aborted
+        # only if the main thread has not left training by itself within ``abort_grace``
+        # seconds. On gloo, shutting down this process's own sockets does not wake a send
+        # that waits for its peer to post the receive (it ends only at the collective
+        # timeout), so aborting an operation between two healthy ranks mid-flight can
+        # stall a rank; every operation that involves the dead rank fails on its own
+        # (the kernel closed its sockets), and the others finish in well under a second.
+        self.abort_grace = abort_grace
+        self._abort_due: Optional[float] = None
 
     def start(self) -> "AgentLink":
         self._thread.start()
@@ -62,6 +72,7 @@ class AgentLink:
                 return
             for msg in messages:
                 self._handle(msg)
+            self._abort_when_due()
             self._watchdog()
 
     def _watchdog(self) -> None:
@@ -91,11 +102,24 @@ class AgentLink:
                 return
             self.latest_gen = gen
             self._cond.notify_all()
-            abort = gen > self.active_gen >= 0
-            if abort and self._aborted_at is None:
+            if not gen > self.active_gen >= 0:
+                return
+            if self._abort_due is None:
+                self._abort_due = time.monotonic() + self.abort_grace
+        self._abort_when_due()
+
+    def _abort_when_due(self) -> None:
+        with self._cond:
+            due = self._abort_due
+            if due is None or time.monotonic() < due:
+                return
+            self._abort_due = None
+            if not self.latest_gen > self.active_gen >= 0:
+                return
+            gen = self.latest_gen
+            if self._aborted_at is None:
                 self._aborted_at = time.monotonic()
-        if abort:
-            self.on_new_generation(gen)
+        self.on_new_generation(gen)
 
     def activate(self, gen: int) -> None:
         """This rank now works in generation ``gen``."""
@@ -103,12 +127,14 @@ class AgentLink:
             self.active_gen = gen
             self.latest_gen = max(self.latest_gen, gen)
             self._aborted_at = None
+            self._abort_due = None
             self._reaborted = False
 
     def unwound(self) -> None:
-        """The main thread reached recovery: the watchdog stands down."""
+        """The main thread reached recovery: no abort is due, the watchdog stands down."""
         with self._cond:
             self._aborted_at = None
+            self._abort_due = None
             self._reaborted = False
 
     def superseded(self) -> bool:

@@ -55,6 +55,14 @@ _COMM_ERRORS = ("Connection closed", "Connection reset", "Broken pipe", "Socket 
                 "Timed out", "gloo", "NCCL", "aborted", "Connection refused")
 
 
+def abort_grace(backend: str) -> float:
+    """Seconds between a generation notice and the abort of this rank's communicators
+    (``NCL_ABORT_GRACE_S``): 1 s on gloo (see ``AgentLink``), none on NCCL, whose abort
+    wakes every operation."""
+    default = 1.0 if backend == "gloo" else 0.0
+    return float(os.environ.get("NCL_ABORT_GRACE_S", default))
+
+
 def _env_seconds(name: str, default: float) -> datetime.timedelta:
     return datetime.timedelta(seconds=float(os.environ.get(name, default)))
 
@@ -76,7 +84,8 @@ class RecoveryManager:
                              _env_seconds("NCL_STORE_TIMEOUT_S", 60))
         self.recovery_timeout = _env_seconds("NCL_RECOVERY_TIMEOUT_S", 300)
         self.backend = backend_for(cfg.strategy.backend)
-        self.link = AgentLink(channel, on_new_generation=self._abort_from_link).start()
+        self.link = AgentLink(channel, on_new_generation=self._abort_from_link,
+                              abort_grace=abort_grace(self.backend)).start()
         self.replacement = os.environ.get("NCL_REPLACEMENT", "0") == "1"
         self.gen = int(os.environ.get("NCL_GENERATION", "0"))
         if os.environ.get("NCL_SPARE") == "1":
