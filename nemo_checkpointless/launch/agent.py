@@ -291,6 +291,8 @@ class NodeAgent:
                 spare.channel.send({"t": "assign", "rank": rank, "local_rank": local_rank,
                                     "node_rank": node, "gen": self.gen})
                 self.ranks[rank] = spare
+                log.info("warm spare pid %d takes rank %d at generation %d", spare.proc.pid,
+                         rank, self.gen)
             if self.args.spares:
                 self.refill_at = time.monotonic() + self.args.spare_refill_delay
         threading.Thread(target=self._watch_generations, daemon=True).start()

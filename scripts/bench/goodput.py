@@ -11,7 +11,10 @@ seconds; each failure kills one rank process with SIGKILL, or with probability
   --node-rank 0/1 --peers``, ``--spares 1`` each), ``checkpointless=tier4``. A rank kill
   SIGKILLs the rank's current process (pids from the agent's log: ``started rank R (pid
   P)`` and ``warm spare pid P takes rank R``); a node kill SIGKILLs the agent's process
-  group and starts a replacement agent with the same ``--node-rank``, as a scheduler would.
+  group. A warm standby node (``ncl-launch --standby``, started with the job) takes the
+  lost node over by itself, and a new standby is started 10 s later, as a scheduler would
+  bring a new spare node (``--no-standby``: a replacement agent for the same
+  ``--node-rank`` is started at once instead, and its ranks start cold).
 * **checkpoint-restart**: ``torchrun --max-restarts 1000`` of the same 4 ranks with
   ``checkpointless=off restart.enabled=true restart.checkpoint_interval=K`` (see
   ``scripts/bench/recovery.py``). A node kill is SIGKILL of both ranks of that node.
@@ -142,8 +145,11 @@ class CheckpointlessJob:
     """2 ncl-launch agents x 2 ranks (one per simulated node), tier 4, warm spares."""
 
     def __init__(self, overrides: list[str], run_dir: Path, spares: int,
-                 fallback: str = "none") -> None:
-        self.run_dir, self.spares = run_dir, spares
+                 fallback: str = "none", standby: bool = True) -> None:
+        self.run_dir, self.spares, self.standby = run_dir, spares, standby
+        self.standby_proc: Optional[subprocess.Popen] = None
+        self.standby_log: Optional[Path] = None
+        self.standby_due: Optional[float] = None
         self.overrides = [*overrides, "checkpointless=tier4",
                           f"checkpointless.fallback={fallback}", f"hydra.run.dir={run_dir}"]
         self.peers = ",".join(f"127.0.0.1:{free_port()}" for _ in range(NNODES))
@@ -158,6 +164,20 @@ class CheckpointlessJob:
     def start(self) -> None:
         for node in range(NNODES):
             self._start_agent(node)
+        if self.standby:
+            self._start_standby()
+
+    def _start_standby(self) -> None:
+        """A warm standby node (``ncl-launch --standby``): takes over the next lost node."""
+        log = self.run_dir.parent / f"{self.run_dir.name}-standby-{self.starts}.log"
+        self.starts += 1
+        cmd = [sys.executable, "-m", "nemo_checkpointless.launch.agent", "--standby",
+               "--nnodes", str(NNODES), "--nproc-per-node", str(NPROC), "--peers", self.peers,
+               "--standby-host", "127.0.0.1", "--spares", str(self.spares), str(PRETRAIN),
+               *self.overrides]
+        self.standby_log = log
+        self.standby_proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=open(log, "w"),
+                                             stderr=subprocess.STDOUT, start_new_session=True)
 
     def _start_agent(self, node: int) -> None:
         log = self.run_dir.parent / f"{self.run_dir.name}-agent{node}-{self.starts}.log"
@@ -190,11 +210,22 @@ class CheckpointlessJob:
         agent = self.agents[f.target]
         os.killpg(agent.pid, signal.SIGKILL)
         agent.wait()
+        if self.standby and self.standby_proc is not None and self.standby_proc.poll() is None:
+            # the standby takes the node over by itself; the "scheduler" brings a new spare
+            # node a little later (its imports would compete with the recovery for the cores)
+            self.agents[f.target] = self.standby_proc
+            self.logs[f.target] = self.standby_log  # type: ignore[assignment]
+            self.standby_proc = None
+            self.standby_due = time.monotonic() + 10.0
+            return f"SIGKILL node {f.target} (agent {agent.pid} and its ranks), standby takes over"
         self._start_agent(f.target)
         return f"SIGKILL node {f.target} (agent {agent.pid} and its ranks), replacement started"
 
     def poll(self) -> Optional[int]:
         """None while running; else the exit code (the max over agents)."""
+        if self.standby_due is not None and time.monotonic() >= self.standby_due:
+            self.standby_due = None
+            self._start_standby()
         codes = [p.poll() for p in self.agents.values()]
         if any(c is None for c in codes):
             if any(c not in (None, 0) for c in codes):
@@ -203,7 +234,7 @@ class CheckpointlessJob:
         return max(codes)
 
     def stop(self) -> None:
-        for p in self.agents.values():
+        for p in [*self.agents.values(), *([self.standby_proc] if self.standby_proc else [])]:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
@@ -425,6 +456,9 @@ def main() -> None:
     parser.add_argument("--fallback", choices=("none", "disk"), default="none",
                         help="checkpointless.fallback: disk survives losing both replicas "
                              "of a shard at once (tier 4 alone stops the job, exit 3)")
+    parser.add_argument("--no-standby", action="store_true",
+                        help="checkpointless: replace a lost node by a new agent for its node "
+                             "rank (cold start) instead of a warm standby node")
     parser.add_argument("--step-s", type=float, default=None,
                         help="step time to size max_steps (default: measured first)")
     parser.add_argument("--modes", default="checkpointless,checkpoint-restart")
@@ -457,7 +491,8 @@ def main() -> None:
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
         run_dir = work / mode
         if mode == "checkpointless":
-            job = CheckpointlessJob(overrides, run_dir, args.spares, args.fallback)
+            job = CheckpointlessJob(overrides, run_dir, args.spares, args.fallback,
+                                    standby=not args.no_standby)
         elif mode == "checkpoint-restart":
             job = RestartJob(overrides, run_dir, args.interval)
         else:
