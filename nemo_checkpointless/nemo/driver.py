@@ -45,7 +45,7 @@ from ..megatron.state import job_digest
 from ..metrics.writer import JsonlWriter, write_json
 from ..train.data import local_batch_digest
 from ..train.hooks import HookList, Phase
-from ..train.loop import PendingCommit, StepMetrics
+from ..train.loop import PendingCommit, StepMetrics, finish_step
 
 log = logging.getLogger(__name__)
 
@@ -175,15 +175,7 @@ class NemoStepDriver:
         out = self.trainer.strategy.model.training_step(data)
         self._data_at = self.consumed_samples + self.global_batch_size
         loss = _loss(out)
-        batch_hash = self._batch_hash()
-        prepared = mopt.prepare(self.optimizer, self.clip_grad)
-        self.pending = PendingCommit(step, prepared, loss, start, batch_hash)
-        self.hooks(Phase.OPTIMIZER, step)
-        metrics = self.commit()
-        self.hooks(Phase.PARAM_SYNC, step)
-        mopt.gather_params(self.model, self.optimizer)
-        self.hooks(Phase.AFTER_STEP, step)
-        return metrics
+        return finish_step(self, step, loss, start, self._batch_hash(), self.clip_grad)
 
     def commit(self) -> StepMetrics:
         """Local only: Adam on the shard, LR schedule, counters, metrics row."""

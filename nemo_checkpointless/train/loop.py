@@ -97,6 +97,22 @@ class StepDriver(Protocol):
     def reset_step_marks(self) -> None: ...
 
 
+def finish_step(driver: Any, step: int, loss: float, start: float, batch_hash: str,
+                clip_grad: float) -> "StepMetrics":
+    """The end of every step, whatever ran its forward and backward (the lean loop, or
+    NeMo's driver): prepare the update (clip, found-inf), stop at the commit point, apply
+    it, re-gather the parameters. ``driver`` has ``optimizer``, ``model``, ``hooks``,
+    ``pending`` and ``commit()``."""
+    prepared = mopt.prepare(driver.optimizer, clip_grad)
+    driver.pending = PendingCommit(step, prepared, loss, start, batch_hash)
+    driver.hooks(Phase.OPTIMIZER, step)
+    metrics = driver.commit()
+    driver.hooks(Phase.PARAM_SYNC, step)
+    mopt.gather_params(driver.model, driver.optimizer)
+    driver.hooks(Phase.AFTER_STEP, step)
+    return metrics
+
+
 class Trainer:
     """Owns the model, optimizer, scheduler and data of one rank, and runs steps."""
 
@@ -265,14 +281,7 @@ class Trainer:
         )
         loss = self._reduce_loss(losses)
         batch_hash = self._batch_hash(micro_batches)
-        prepared = mopt.prepare(self.optimizer, self.cfg.optim.clip_grad)
-        self.pending = PendingCommit(step, prepared, loss, start, batch_hash)
-        self.hooks(Phase.OPTIMIZER, step)
-        metrics = self.commit()
-        self.hooks(Phase.PARAM_SYNC, step)
-        mopt.gather_params(self.model, self.optimizer)
-        self.hooks(Phase.AFTER_STEP, step)
-        return metrics
+        return finish_step(self, step, loss, start, batch_hash, self.cfg.optim.clip_grad)
 
     def commit(self) -> StepMetrics:
         """The step's single mutation: optimizer update, schedule, counters, metrics row.
