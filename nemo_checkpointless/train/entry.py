@@ -53,27 +53,45 @@ def run_pretrain(node: Any, run_dir: str | Path) -> dict[str, Any]:
     cfg = load_and_validate(node, world_size)
 
     from .. import cpu
-    from ..comm import destroy_world, init_world
     from ..launch.channel import Channel
-    from .loop import Trainer
 
     cpu.enable()
     channel = Channel.from_env()
-    if channel is not None:
+    if channel is not None and cfg.checkpointless.tier in RECOVERY_TIERS:
         return _run_under_agent(cfg, Path(run_dir), channel)
+    if channel is not None:
+        # started by ncl-launch without in-process recovery: train like stock training
+        # (a failed rank stops the job), with the world formed from the agents' store
+        channel.send({"t": "hello", "recovery": False})
+        if os.environ.get("NCL_SPARE") == "1":
+            _idle_until_closed(channel)  # nobody will hand a rank to a spare
+            return {}
+        summary = _run_plain(cfg, Path(run_dir), rootless=True)
+        channel.send({"t": "done"})
+        return summary
     if cfg.restart.enabled:  # the stock checkpoint-restart baseline (torchrun --max-restarts)
         from .restart import run_with_restart
 
         return run_with_restart(cfg, Path(run_dir))
+    return _run_plain(cfg, Path(run_dir), rootless=cfg.checkpointless.tier == "tier1")
+
+
+def _run_plain(cfg: RunConfig, run_dir: Path, rootless: bool) -> dict[str, Any]:
+    """Train without in-process recovery. ``rootless``: form the world from the rootless
+    store (tier 1, or any tier under ncl-launch, whose agents serve the store)."""
+    from ..comm import destroy_world, init_world
+    from .loop import Trainer
+
+    rank = int(os.environ.get("RANK", "0"))
     tier1 = None
-    if cfg.checkpointless.tier == "tier1":
+    if rootless:
         from ..comm.init import init as tier1_init
 
         tier1 = tier1_init(cfg.strategy.backend)  # rootless store, members-only groups
     else:
         init_world(cfg.strategy.backend)
     try:
-        trainer = Trainer(cfg, Path(run_dir))
+        trainer = Trainer(cfg, run_dir)
         trainer.setup()
         if tier1 is not None:
             tier1.report_store_ops("start-up")
@@ -90,6 +108,11 @@ def run_pretrain(node: Any, run_dir: str | Path) -> dict[str, Any]:
     return summary
 
 
+def _idle_until_closed(channel: Any) -> None:
+    while channel.recv(timeout=1.0) is not None:
+        pass
+
+
 RECOVERY_TIERS = ("tier3", "tier4")
 EXIT_UNRECOVERABLE = 3  # the agent stops the whole job instead of replacing the rank
 
@@ -104,11 +127,6 @@ def _run_under_agent(cfg: RunConfig, run_dir: Path, channel: Any,
     from ..comm import destroy_world
     from ..recovery.manager import RecoveryManager
 
-    if cfg.checkpointless.tier not in RECOVERY_TIERS:
-        channel.send({"t": "hello", "recovery": False})
-        raise NotImplementedError(
-            f"checkpointless={cfg.checkpointless.tier} under ncl-launch: use tier3 or tier4 "
-            "for in-process recovery, or launch with torchrun")
     from ..replication.replica_map import UnrecoverableError
 
     channel.send({"t": "hello", "recovery": True})

@@ -210,3 +210,13 @@ def test_commit_barrier_changes_nothing(tmp_path, reference):
     """The same layout under torchrun without recovery gives the same state."""
     plain = torchrun(4, [f"trainer.max_steps={STEPS}", *LAYOUTS["dp4"]], tmp_path / "run")
     assert plain.check().summary["state_sha256"] == reference("dp4").summary["state_sha256"]
+
+
+def test_tiers_without_recovery_under_ncl_launch(tmp_path, reference):
+    """``checkpointless=off`` under the agent trains exactly like torchrun (the overhead
+    benchmark separates the launcher's own cost this way)."""
+    base = ["checkpointless=off", f"trainer.max_steps={STEPS}", *LAYOUTS["dp4"]]
+    result = ncl_launch(4, base, tmp_path / "off").check()
+    plain = torchrun(4, base, tmp_path / "torchrun").check()
+    assert result.summary["state_sha256"] == plain.summary["state_sha256"]
+    assert [r["loss_hex"] for r in result.metrics] == [r["loss_hex"] for r in plain.metrics]

@@ -1,0 +1,44 @@
+"""The asynchronous disk checkpoint of a rank's state: one flat, reused snapshot buffer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nemo_checkpointless.recovery.checkpoint import AsyncCheckpointer, complete_steps, load_part
+
+
+def _state() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(1000, generator=g), torch.randn(3, 7, generator=g).double(),
+            torch.tensor(5, dtype=torch.int64), torch.randn(17, generator=g).half()]
+
+
+def test_roundtrip_every_dtype_and_buffer_reuse(tmp_path):
+    state = _state()
+    ckpt = AsyncCheckpointer(tmp_path, rank=0, world_size=1, interval=1,
+                             tensors=lambda: state, blob=lambda step: {"step": step}, keep=2)
+    ckpt.save(1, wait=True)
+    buffer = ckpt._buffer
+    want = [t.clone() for t in state]
+    for t in state:
+        t.add_(1)  # the next checkpoint differs; the first one must not change
+    ckpt.save(2, wait=True)
+    assert ckpt._buffer is buffer, "the snapshot buffer is allocated once"
+    assert complete_steps(tmp_path, 1) == [1, 2]
+    target = [torch.zeros_like(t) for t in state]
+    assert load_part(tmp_path, 1, 0, target) == {"step": 1}
+    for got, expected in zip(target, want):
+        assert torch.equal(got, expected)
+    assert load_part(tmp_path, 2, 0, target) == {"step": 2}
+    for got, expected in zip(target, state):
+        assert torch.equal(got, expected)
+
+
+def test_load_into_another_layout_is_refused(tmp_path):
+    state = _state()
+    ckpt = AsyncCheckpointer(tmp_path, rank=0, world_size=1, interval=1,
+                             tensors=lambda: state, blob=lambda step: {}, keep=1)
+    ckpt.save(1, wait=True)
+    with pytest.raises(ValueError, match="another model or parallel layout"):
+        load_part(tmp_path, 1, 0, [torch.zeros(10)])
