@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -62,9 +63,13 @@ def run_pretrain(node: Any, run_dir: str | Path) -> dict[str, Any]:
     if channel is not None:
         # started by ncl-launch without in-process recovery: train like stock training
         # (a failed rank stops the job), with the world formed from the agents' store
+        from ..recovery.link import AgentLink
+
         channel.send({"t": "hello", "recovery": False})
+        link = AgentLink(channel, on_new_generation=lambda gen: None).start()  # heartbeats
         if os.environ.get("NCL_SPARE") == "1":
-            _idle_until_closed(channel)  # nobody will hand a rank to a spare
+            while not link.closed:  # nobody will hand a rank to a spare: wait to be stopped
+                time.sleep(1.0)
             return {}
         summary = _run_plain(cfg, Path(run_dir), rootless=True)
         channel.send({"t": "done"})
@@ -106,11 +111,6 @@ def _run_plain(cfg: RunConfig, run_dir: Path, rootless: bool) -> dict[str, Any]:
             "finished step %d, state_sha256 %s", summary["final_step"], summary["state_sha256"]
         )
     return summary
-
-
-def _idle_until_closed(channel: Any) -> None:
-    while channel.recv(timeout=1.0) is not None:
-        pass
 
 
 RECOVERY_TIERS = ("tier3", "tier4")
