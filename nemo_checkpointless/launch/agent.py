@@ -17,6 +17,11 @@ server. When one stays unreachable for ``--lost-after`` seconds, the standby cla
 node rank (one claim per node and generation wins), serves the node's store shard from
 its own address, bumps the generation and hands the lost node's ranks to its warm
 processes: a whole node comes back as fast as one rank, without waiting for the scheduler.
+
+Ranks and spares are forked from a *zygote* (``--spawn fork``, the default; zygote.py): one
+process per agent that imported torch, megatron-core and hydra once, at the agent's start.
+A new rank or spare then costs a fork and the script's own set-up, not ~3 CPU-seconds of
+imports competing with training. ``--spawn exec`` starts each one as ``python -u script``.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from ..comm.store import (JobIdentity, StoreServer, connect, format_endpoints,
                           parse_endpoints)
 from ..comm.world import free_port
 from .channel import ENV_FD, Channel
+from .zygote import Zygote, ZygoteError
 
 log = logging.getLogger("ncl.agent")
 
@@ -51,7 +57,7 @@ EXIT_UNRECOVERABLE = 3  # a rank's verdict that the job cannot recover (train/en
 class Child:
     """A rank or spare process of this node."""
 
-    proc: subprocess.Popen
+    proc: Any  # subprocess.Popen, or zygote.ForkedProcess (the same calls)
     channel: Channel
     rank: Optional[int] = None
     local_rank: Optional[int] = None
@@ -95,6 +101,9 @@ class NodeAgent:
         self.stopping = False
         self.replacement = False
         self.refill_at: Optional[float] = None
+        self.zygote: Optional[Zygote] = None
+        self.zygote_checked = False
+        self.fork = args.spawn == "fork"  # False once the zygote failed: exec from then on
 
     @property
     def owner_id(self) -> str:
@@ -143,11 +152,22 @@ class NodeAgent:
         base = self.node_rank * self.nproc
         return list(range(base, base + self.nproc))
 
-    def _env(self, rank: Optional[int], local_rank: Optional[int], replacement: bool,
-             child_fd: int) -> dict[str, str]:
+    def _base_env(self) -> dict[str, str]:
+        """What every child's environment has, store aside (the zygote starts with it: it
+        holds what is read at import time, such as OMP_NUM_THREADS)."""
         env = dict(os.environ)
         env.update(self.identity.env())
         env.setdefault("NCL_RUN_ID", self.identity.job_id)
+        env.update(
+            OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"),
+            TORCH_CPP_LOG_LEVEL=env.get("TORCH_CPP_LOG_LEVEL", "ERROR"),
+            PYTHONUNBUFFERED="1",
+        )
+        return env
+
+    def _env(self, rank: Optional[int], local_rank: Optional[int], replacement: bool,
+             child_fd: int) -> dict[str, str]:
+        env = self._base_env()
         peers = self.store.endpoints  # where every server lives now (replaced nodes moved)
         master_host, master_port = peers[0]
         env.update(
@@ -161,9 +181,6 @@ class NodeAgent:
             NCL_GENERATION=str(self.gen),
             NCL_REPLACEMENT="1" if replacement else "0",
             NCL_HANG_TIMEOUT_S=str(self.args.hang_timeout),
-            OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"),
-            TORCH_CPP_LOG_LEVEL=env.get("TORCH_CPP_LOG_LEVEL", "ERROR"),
-            PYTHONUNBUFFERED="1",
         )
         env[ENV_FD] = str(child_fd)
         if rank is None:
@@ -177,17 +194,63 @@ class NodeAgent:
 
     def _spawn(self, rank: Optional[int], local_rank: Optional[int], replacement: bool) -> Child:
         channel, child_sock = Channel.pair()
-        cmd = [sys.executable, "-u", self.args.script, *self.args.script_args]
-        proc = subprocess.Popen(
-            cmd, env=self._env(rank, local_rank, replacement, child_sock.fileno()),
-            pass_fds=(child_sock.fileno(),),
-        )
+        env = self._env(rank, local_rank, replacement, child_sock.fileno())
+        proc, how = None, "exec"
+        zygote = self._ready_zygote()
+        if zygote is not None:
+            try:  # the child gets its own copy of the socket; NCL_AGENT_FD names that fd
+                proc, how = zygote.spawn([self.args.script, *self.args.script_args], env,
+                                         child_sock), "fork"
+            except ZygoteError as err:
+                # keep the zygote: the children it forked before live as long as it does
+                log.warning("cannot fork from the zygote (%s): starting processes with exec "
+                            "from now on", err)
+                self.fork = False
+        if proc is None:
+            cmd = [sys.executable, "-u", self.args.script, *self.args.script_args]
+            proc = subprocess.Popen(cmd, env=env, pass_fds=(child_sock.fileno(),))
         child_sock.close()
         child = Child(proc=proc, channel=channel, rank=rank, local_rank=local_rank)
         self.selector.register(channel.sock, selectors.EVENT_READ, child)
-        log.info("started %s (pid %d)", f"rank {rank}" if rank is not None else "a warm spare",
-                 proc.pid)
+        # "started rank R (pid P)" is parsed by scripts/bench/goodput.py: keep it first
+        log.info("started %s (pid %d)%s", f"rank {rank}" if rank is not None else "a warm spare",
+                 proc.pid, " forked from the zygote" if how == "fork" else "")
         return child
+
+    # ------------------------------------------------------------------ zygote
+    def _start_zygote(self) -> None:
+        """Start the template process early: its imports overlap the agent's start-up."""
+        if not self.fork:
+            return
+        try:
+            self.zygote = Zygote(self.args.script, self._base_env())
+        except (OSError, ZygoteError) as err:
+            log.warning("cannot start the zygote (%s): starting processes with exec", err)
+            self.fork = False
+
+    def _ready_zygote(self) -> Optional[Zygote]:
+        """The zygote to fork from, once it has imported its modules; None: use exec."""
+        if not self.fork or self.zygote is None:
+            return None
+        if not self.zygote_checked:
+            self.zygote_checked = True
+            try:
+                info = self.zygote.ready()
+            except ZygoteError as err:  # nothing was forked from it yet: stop it
+                log.warning("%s: starting processes with exec", err)
+                self.fork = False
+                self._stop_zygote()
+                return None
+            log.info("zygote (pid %d) ready: %d modules imported in %.1fs; ranks and spares "
+                     "are forked from it", info["pid"], info["modules"], info["seconds"])
+            for failure in info["failed"]:
+                log.debug("zygote: not preloaded: %s", failure)
+        return self.zygote
+
+    def _stop_zygote(self) -> None:
+        if self.zygote is not None:
+            zygote, self.zygote = self.zygote, None
+            zygote.close()
 
     # ------------------------------------------------------------------ watch
     def _watch_generations(self) -> None:
@@ -299,6 +362,7 @@ class NodeAgent:
 
     def run(self) -> int:
         """Supervise until every local rank finished; return the exit code."""
+        self._start_zygote()
         if self.args.standby:
             if not self._standby():
                 return self._finish_standby()
@@ -401,6 +465,7 @@ class NodeAgent:
             spare.proc.kill()
         for spare in self.spares:
             spare.proc.wait()
+        self._stop_zygote()
         try:
             self.store.add("job/nodes_done", 1)
             deadline = time.monotonic() + self.args.store_timeout
@@ -422,6 +487,7 @@ class NodeAgent:
             spare.proc.kill()
         for spare in self.spares:
             spare.proc.wait()
+        self._stop_zygote()
         return 0
 
     def _remove_data_cache(self) -> None:
@@ -475,10 +541,16 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="seconds a node's store server stays unreachable before a standby "
                         "takes the node over")
     p.add_argument("--poll-interval", type=float, default=0.01)
+    p.add_argument("--spawn", default=os.environ.get("NCL_SPAWN", "fork"),
+                   help="how ranks and spares start: 'fork' from a zygote that imported the "
+                        "script's modules once (default), or 'exec' a new interpreter each "
+                        "(NCL_SPAWN)")
     p.add_argument("--job-id", default=os.environ.get("NCL_JOB_ID"))
     p.add_argument("script")
     p.add_argument("script_args", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
+    if args.spawn not in ("fork", "exec"):
+        p.error(f"--spawn (or NCL_SPAWN) must be 'fork' or 'exec', not {args.spawn!r}")
     if args.peers is None:
         endpoint = args.rdzv_endpoint or (
             f"{args.master_addr}:{args.master_port}" if args.master_addr else None)
