@@ -127,6 +127,12 @@ def _run_under_agent(cfg: RunConfig, run_dir: Path, channel: Any,
     from ..comm import destroy_world
     from ..recovery.manager import RecoveryManager
 
+    if cfg.checkpointless.tier not in RECOVERY_TIERS:  # the lean loop never gets here so
+        channel.send({"t": "hello", "recovery": False})
+        raise NotImplementedError(
+            f"checkpointless={cfg.checkpointless.tier}: a driven job (NeMo recipe) under "
+            "ncl-launch needs tier3 or tier4; launch it with torchrun for a run without "
+            "recovery")
     from ..replication.replica_map import UnrecoverableError
 
     channel.send({"t": "hello", "recovery": True})
