@@ -33,6 +33,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from ..megatron.shards import from_bytes, to_bytes
+from ..replication.transfer import nbytes
 from ..train.hooks import Phase
 
 log = logging.getLogger(__name__)
@@ -159,7 +160,7 @@ class AsyncCheckpointer:
         """Snapshot now (a host copy), write in the background."""
         self.wait()  # the previous write is done with the buffer
         tensors = list(self._tensors())
-        total = sum(t.numel() * t.element_size() for t in tensors)
+        total = nbytes(tensors)
         if self._buffer is None or self._buffer.numel() != total:
             self._buffer = torch.zeros(total, dtype=torch.uint8)
         pos = 0
@@ -201,7 +202,7 @@ def load_part(root: Path, step: int, rank: int, tensors: Sequence[torch.Tensor])
     """Load ``rank``'s part of checkpoint ``step`` into ``tensors``; return its blob."""
     part = step_dir(root, step) / f"rank_{rank:05d}"
     meta = dcp.FileSystemReader(str(part)).read_metadata().state_dict_metadata
-    total = sum(t.numel() * t.element_size() for t in tensors)
+    total = nbytes(tensors)
     if tuple(meta["state"].size) != (total,):
         raise ValueError(f"checkpoint {part} holds {tuple(meta['state'].size)[0]} state bytes, "
                          f"this rank's optimizer shard has {total}: was it written with another "

@@ -40,7 +40,7 @@ from ..megatron.shards import (capture_rng, copy_main_to_model, optimizer_state_
                                optimizer_state_tensors, restore_rng, shard_key)
 from ..replication.replica_map import (RankInfo, UnrecoverableError, agree, donors_for,
                                        unprotected_ranks)
-from ..replication.transfer import TransferError, exchange
+from ..replication.transfer import TransferError, exchange, nbytes
 from ..train.hooks import HookList
 from ..train.loop import StepDriver, Trainer
 from .checkpoint import AsyncCheckpointer, complete_steps, load_part
@@ -402,9 +402,8 @@ class RecoveryManager:
         """A raw gloo send of the same bytes between the same pair, right after the transfer
         and under the same load (benchmarks compare the two; off unless asked for)."""
         target, donors = min(plan.items())
-        nbytes = sum(t.numel() * t.element_size() for t in
-                     optimizer_state_tensors(self.trainer.optimizer))  # type: ignore[union-attr]
-        buf = torch.ones(nbytes, dtype=torch.uint8)
+        size = nbytes(optimizer_state_tensors(self.trainer.optimizer))  # type: ignore[union-attr]
+        buf = torch.ones(size, dtype=torch.uint8)
         dist.barrier()
         t0 = time.perf_counter()
         if self.rank == donors[0]:
@@ -466,10 +465,9 @@ class RecoveryManager:
             dropped = trainer.metrics.truncate_after(step)
             log.warning("rolled back to checkpoint step %d (%d metrics rows to redo)", step,
                         dropped)
-        nbytes = torch.tensor([sum(t.numel() * t.element_size() for t in tensors)],
-                              dtype=torch.int64)
-        dist.all_reduce(nbytes)
-        return {"bytes": int(nbytes.item()), "seconds": seconds, "source": "disk",
+        loaded = torch.tensor([nbytes(tensors)], dtype=torch.int64)
+        dist.all_reduce(loaded)
+        return {"bytes": int(loaded.item()), "seconds": seconds, "source": "disk",
                 "checkpoint_step": step, "replacements": orphans, "committed_step": step}
 
     def _ensure_metrics_row(self, committed: int) -> None:
