@@ -11,13 +11,25 @@ from ..config import ModelConfig, StrategyConfig, padded_vocab_size
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def transformer_config(model: ModelConfig, strategy: StrategyConfig, *, meta: bool = False):
-    """The megatron ``TransformerConfig`` for ``model`` under ``strategy``."""
+def transformer_config(model: ModelConfig, strategy: StrategyConfig, *, meta: bool = False,
+                       draw_weights: bool = True):
+    """The megatron ``TransformerConfig`` for ``model`` under ``strategy``.
+
+    ``draw_weights=False``: weights are zero-filled instead of drawn (a replacement rank,
+    whose weights all come from its peers). megatron's initialization still runs, so the
+    tensor-parallel attributes it sets are there (the grad-norm reduction reads them).
+    """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     dtype = _DTYPES[model.params_dtype]
     swiglu = model.activation == "swiglu"
+    inits = {}
+    if not draw_weights:
+        zeros = torch.nn.init.zeros_
+        inits = dict(init_method=zeros, output_layer_init_method=zeros,
+                     embedding_init_method=zeros)
     return TransformerConfig(
+        **inits,
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         ffn_hidden_size=model.ffn_hidden_size,
@@ -58,17 +70,19 @@ def build_model_chunks(
     seq_length: int,
     *,
     meta: bool = False,
+    draw_weights: bool = True,
 ) -> list[torch.nn.Module]:
     """One GPTModel per virtual pipeline stage held by this rank (one without VP).
 
     ``parallel_state`` must be initialised. With ``meta=True`` the parameters live on the
-    meta device (for sizing 70B/405B configs without memory).
+    meta device (for sizing 70B/405B configs without memory); ``draw_weights=False``
+    zero-fills them (see :func:`transformer_config`).
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
 
-    config = transformer_config(model, strategy, meta=meta)
+    config = transformer_config(model, strategy, meta=meta, draw_weights=draw_weights)
     spec = get_gpt_layer_local_spec(normalization=model.normalization)
     vocab = padded_vocab_size(model, strategy.tensor_model_parallel_size)
     vp = strategy.virtual_pipeline_model_parallel_size

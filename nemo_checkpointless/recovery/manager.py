@@ -47,6 +47,7 @@ from .checkpoint import AsyncCheckpointer, complete_steps, load_part
 from .commit import CommitProtocol
 from .events import EventLog, read_events, summarize_recoveries
 from .faults import FaultInjector, InjectedFault, parse_plan
+from .interrupt import ComputeInterrupt
 from .link import AgentLink
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,10 @@ class RecoveryManager:
         self.backend = backend_for(cfg.strategy.backend)
         self.link = AgentLink(channel, on_new_generation=self._abort_from_link,
                               abort_grace=abort_grace(self.backend)).start()
+        # forward/backward stop at the next module on a failure notice (NCL_INTERRUPT=0: off)
+        self.interrupt: Optional[ComputeInterrupt] = None
+        if os.environ.get("NCL_INTERRUPT", "1") != "0":
+            self.interrupt = ComputeInterrupt(self.link.interrupt_pending)
         self.replacement = os.environ.get("NCL_REPLACEMENT", "0") == "1"
         self.gen = int(os.environ.get("NCL_GENERATION", "0"))
         if os.environ.get("NCL_SPARE") == "1":
@@ -262,6 +267,8 @@ class RecoveryManager:
             self._attach(fresh_job)
         else:
             self._rebuild()
+        if self.interrupt is not None:
+            self.interrupt.install(self.trainer.model)
         t2 = time.perf_counter()
         transfer = self._reconcile()
         t3 = time.perf_counter()
@@ -280,9 +287,13 @@ class RecoveryManager:
     def _rebuild(self) -> None:
         """Rebuild megatron's parallel state on the new world and rebind cached groups."""
         assert self.trainer is not None
+        t0 = time.perf_counter()
         self.trainer.rebuild_parallel()
+        t1 = time.perf_counter()
         rebind(self.trainer.rebind_roots(), self.old_roles)
         self.old_roles = {}
+        log.info("rebuild: parallel state %.3fs, rebind %.3fs", t1 - t0,
+                 time.perf_counter() - t1)
 
     def _attach(self, fresh_job: bool) -> None:
         """First entry of a newly built driver: state flag, RNG, disk tier, preflight."""
@@ -344,6 +355,7 @@ class RecoveryManager:
         """Agree on the committed step, roll forward, stream state to replacements."""
         trainer = self.trainer
         assert trainer is not None
+        marks = [time.perf_counter()]
         infos = self._gather_infos()
         lost = [i.rank for i in infos if not i.has_state]
         orphans = [r for r in lost if not donors_for(infos, r)]
@@ -377,13 +389,19 @@ class RecoveryManager:
             self.injector.fire("recovery", committed)
         if plan:
             dist.barrier()  # start together: the transfer time measures the transfer alone
+        marks.append(time.perf_counter())
         received, stats = exchange(plan, self.rank, optimizer_state_groups(trainer.optimizer),
                                    lambda: self._state_blob(committed))
         if received is not None:
             self._adopt(received)
         trainer.pending = None
+        marks.append(time.perf_counter())
         if plan or agreement.roll_forward or self.recovering is not None:
             mopt.gather_params(trainer.model, trainer.optimizer)
+        marks.append(time.perf_counter())
+        if plan or self.recovering is not None:
+            log.info("agreement %.3fs, transfer %.3fs, parameter all-gather %.3fs",
+                     *(b - a for a, b in zip(marks, marks[1:])))
         restore_rng(self.commit.rng_at[committed + 1])
         trainer.reset_step_marks()
         if self.rank == 0:

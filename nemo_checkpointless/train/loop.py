@@ -137,26 +137,36 @@ class Trainer:
     def setup(self, collective: bool = True) -> None:
         """Build parallel state, seed, model chunks, DDP, optimizer, scheduler and data.
 
-        ``collective=False`` builds without the world-wide collective megatron's optimizer
-        constructor makes (a replacement rank joining healthy ones that do not rebuild).
+        ``collective=False``: a replacement rank joining healthy ones that do not rebuild.
+        It builds without the world-wide collective megatron's optimizer constructor makes,
+        and without drawing initial weights (every weight comes from its peers).
         """
         cfg = self.cfg
+        marks = [time.perf_counter()]
         torch.set_num_threads(cfg.trainer.num_threads)
         self.coords = parallel.initialize(cfg.strategy)
         parallel.seed_everything(cfg.trainer.seed, self.coords)
+        marks.append(time.perf_counter())
         dtype = _DTYPES[cfg.model.params_dtype]
-        # Replacements initialize too, although their weights are overwritten by peers:
-        # megatron sets tensor-parallel attributes (used by the grad-norm reduction) only
-        # while initializing, and skipping it broke exactness under TP=2.
-        chunks = build_model_chunks(cfg.model, cfg.strategy, cfg.data.seq_length)
+        # Replacements run megatron's initialization too (zero-filled, not drawn: peers
+        # overwrite every weight): it is what sets the tensor-parallel attributes the
+        # grad-norm reduction reads, and skipping it broke exactness under TP=2.
+        chunks = build_model_chunks(cfg.model, cfg.strategy, cfg.data.seq_length,
+                                    draw_weights=collective)
+        marks.append(time.perf_counter())
         self.model = mopt.wrap_ddp(chunks, cfg.strategy)
+        marks.append(time.perf_counter())
         self.optimizer = mopt.build_optimizer(self.model, cfg.optim, cfg.strategy, dtype,
                                               collective=collective)
         make_state_contiguous(self.optimizer)
+        marks.append(time.perf_counter())
         self.scheduler = mopt.build_scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)
         self._install_grad_sync_hook()
         self.data = make_step_data(cfg, self.coords, run_dir=self.run_dir)
         self.metrics = JsonlWriter(self.run_dir / "metrics.jsonl", enabled=self.coords.rank == 0)
+        marks.append(time.perf_counter())
+        log.info("set-up: parallel state %.3fs, model %.3fs, DDP %.3fs, optimizer %.3fs, "
+                 "scheduler and data %.3fs", *(b - a for a, b in zip(marks, marks[1:])))
 
     def _install_grad_sync_hook(self) -> None:
         from megatron.core.distributed import finalize_model_grads

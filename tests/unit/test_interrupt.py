@@ -1,0 +1,85 @@
+"""A failure notice stops forward and backward at the next module (recovery/interrupt.py),
+and the link raises that notice only for a generation newer than the active one."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from nemo_checkpointless.comm.rendezvous import GenerationChanged
+from nemo_checkpointless.launch.channel import Channel
+from nemo_checkpointless.megatron.rebind import _key
+from nemo_checkpointless.recovery.interrupt import ComputeInterrupt, StepInterrupted
+from nemo_checkpointless.recovery.link import AgentLink
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+
+
+def test_forward_and_backward_stop_once_a_notice_is_pending():
+    pending = {"v": False}
+    interrupt = ComputeInterrupt(lambda: pending["v"])
+    model = _model()
+    assert interrupt.install([model]) == 4
+    assert interrupt.install([model]) == 0  # idempotent: a rebuilt trainer keeps one set
+
+    loss = model(torch.randn(4, 8)).sum()  # no notice: an ordinary step
+    loss.backward()
+    assert interrupt.fired == 0
+
+    loss = model(torch.randn(4, 8)).sum()
+    pending["v"] = True  # the notice arrives between forward and backward
+    with pytest.raises(StepInterrupted):
+        loss.backward()
+    with pytest.raises(StepInterrupted):
+        model(torch.randn(4, 8))
+    assert issubclass(StepInterrupted, GenerationChanged)  # what recovery handles
+
+    interrupt.remove()
+    model(torch.randn(4, 8)).sum().backward()  # hooks gone
+
+
+def test_hooks_do_not_change_the_arithmetic():
+    x = torch.randn(4, 8)
+    plain = _model()
+    plain(x).sum().backward()
+    hooked = _model()
+    ComputeInterrupt(lambda: False).install([hooked])
+    hooked(x).sum().backward()
+    for a, b in zip(plain.parameters(), hooked.parameters()):
+        assert torch.equal(a.grad, b.grad)
+
+
+def _wait(cond, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_link_flags_only_a_generation_newer_than_the_active_one():
+    agent, child = Channel.pair()
+    link = AgentLink(Channel(child), on_new_generation=lambda gen: None,
+                     abort_grace=60.0).start()
+    try:
+        assert not link.interrupt_pending()  # not active yet (a spare waiting for a rank)
+        agent.send({"t": "gen", "gen": 0})
+        link.activate(0)
+        assert not link.interrupt_pending()
+        agent.send({"t": "gen", "gen": 1})
+        _wait(link.interrupt_pending)  # at once, not after the abort grace (60 s here)
+        link.activate(1)
+        assert not link.interrupt_pending()
+    finally:
+        agent.close()
+        _wait(lambda: link.closed)
+
+
+def test_paths_never_format_tensor_keys():
+    t = torch.zeros(3)
+    assert _key(t).startswith("<Tensor 0x")
+    assert _key("a") == "'a'" and _key(3) == "3"
