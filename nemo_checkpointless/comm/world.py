@@ -55,6 +55,16 @@ def device_kwargs(backend: str) -> dict:
     return {"device_id": torch.device("cuda", local_rank)}
 
 
+def fake_world(rank: int, world_size: int) -> None:
+    """A world whose collectives do nothing (torch's ``fake`` backend): objects that need
+    parallel state to be built (NeMo's, a warm spare's model) are built in it, and their
+    group handles are rebound to the real world's later (``megatron/rebind.py``)."""
+    import torch.testing._internal.distributed.fake_pg as fake_pg  # registers "fake"
+
+    dist.init_process_group("fake", store=fake_pg.FakeStore(), rank=rank,
+                            world_size=world_size)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free now (the OS picks it; never a hard-coded port)."""
     import socket

@@ -35,7 +35,7 @@ class Coordinates:
         return self.pp_rank == self.pp_size - 1
 
 
-def initialize(strategy: StrategyConfig) -> Coordinates:
+def initialize(strategy: StrategyConfig, gloo_groups: bool = True) -> Coordinates:
     """Run ``initialize_model_parallel`` with the strategy's sizes (world group must exist).
 
     megatron's groups get the world's collective timeout (``comm.world.default_timeout``)
@@ -57,8 +57,18 @@ def initialize(strategy: StrategyConfig) -> Coordinates:
         virtual_pipeline_model_parallel_size=strategy.virtual_pipeline_model_parallel_size,
         context_parallel_size=strategy.context_parallel_size,
         num_distributed_optimizer_instances=strategy.num_distributed_optimizer_instances,
+        create_gloo_process_groups=gloo_groups,  # False in a fake world: gloo cannot form
     )
     return coordinates()
+
+
+def model_is_rank_independent(strategy: StrategyConfig) -> bool:
+    """Whether every rank builds the same model chunks (no tensor, pipeline or context
+    split): a warm spare can then build its model before it knows its rank."""
+    return (strategy.tensor_model_parallel_size == 1
+            and strategy.pipeline_model_parallel_size == 1
+            and not strategy.virtual_pipeline_model_parallel_size
+            and strategy.context_parallel_size == 1)
 
 
 def coordinates() -> Coordinates:

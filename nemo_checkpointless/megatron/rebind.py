@@ -186,3 +186,22 @@ def stale_parallel_state_groups() -> list[str]:
     """Roles in megatron's parallel_state whose group is not a live group."""
     live = live_groups()
     return [role for role, group in _named_groups() if id(group) not in live]
+
+
+def refresh_cached_ranks(chunks: Iterable[Any]) -> int:
+    """Re-read the ranks megatron's DDP caches next to a group handle.
+
+    megatron-core 0.16's bucket groups keep ``intra_distributed_optimizer_instance_rank``
+    (``param_and_grad_buffer.py``) beside the group it came from. A rebound group of the
+    same role gives the same rank on a healthy rank, but not on chunks built in another
+    world (a warm spare's, built before it had a rank). Returns the values refreshed.
+    """
+    count = 0
+    for chunk in chunks:
+        for bucket_group in [*getattr(chunk, "bucket_groups", []),
+                             *getattr(chunk, "expert_parallel_bucket_groups", [])]:
+            group = getattr(bucket_group, "intra_distributed_optimizer_instance_group", None)
+            if group is not None:
+                bucket_group.intra_distributed_optimizer_instance_rank = group.rank()
+                count += 1
+    return count

@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from ..comm.world import fake_world
 from ..config import (CheckpointlessConfig, DataConfig, FaultConfig, ModelConfig, RunConfig,
                       StrategyConfig, TrainerConfig)
 from ..megatron import optimizer as mopt
@@ -268,14 +269,6 @@ def run_config(recipe: Any, tier: str, fallback: str, fault_plan: list) -> RunCo
     )
 
 
-def _fake_world(rank: int, world_size: int) -> None:
-    """A world whose collectives do nothing: NeMo builds its objects in it."""
-    import torch.testing._internal.distributed.fake_pg as fake_pg  # registers "fake"
-
-    dist.init_process_group("fake", store=fake_pg.FakeStore(), rank=rank,
-                            world_size=world_size)
-
-
 def run_recipe_under_agent(recipe: Any, run_dir: str | None, channel: Any) -> dict[str, Any]:
     """Run a checkpointless NeMo recipe on a rank started by ``ncl-launch``."""
     import fiddle as fdl
@@ -290,7 +283,7 @@ def run_recipe_under_agent(recipe: Any, run_dir: str | None, channel: Any) -> di
     def train(manager: Any) -> dict[str, Any]:
         summary: dict[str, Any] = {}
         # only now: a warm spare learns its rank when the agent assigns it
-        _fake_world(manager.rank, manager.world_size)
+        fake_world(manager.rank, manager.world_size)  # NeMo builds its objects in it
         fn = fdl.build(recipe)
         trainer = fn.keywords["trainer"]
         strategy = trainer.strategy

@@ -76,7 +76,8 @@ class RecoveryManager:
     (default 600 s) bounds every collective.
     """
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, channel: Channel) -> None:
+    def __init__(self, cfg: RunConfig, run_dir: Path, channel: Channel,
+                 lean_loop: bool = True) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.world_size = int(os.environ["WORLD_SIZE"])
@@ -87,13 +88,18 @@ class RecoveryManager:
         self.backend = backend_for(cfg.strategy.backend)
         self.link = AgentLink(channel, on_new_generation=self._abort_from_link,
                               abort_grace=abort_grace(self.backend)).start()
-        # forward/backward stop at the next module on a failure notice (NCL_INTERRUPT=0: off)
+        # forward/backward stop at the next module on a failure notice. Default on gloo
+        # (CPU compute runs on the training thread, uninterrupted by an abort); on NCCL the
+        # abort fails the next collective and kernels are asynchronous (NCL_INTERRUPT=0/1)
         self.interrupt: Optional[ComputeInterrupt] = None
-        if os.environ.get("NCL_INTERRUPT", "1") != "0":
+        if os.environ.get("NCL_INTERRUPT", "1" if self.backend == "gloo" else "0") == "1":
             self.interrupt = ComputeInterrupt(self.link.interrupt_pending)
         self.replacement = os.environ.get("NCL_REPLACEMENT", "0") == "1"
         self.gen = int(os.environ.get("NCL_GENERATION", "0"))
+        self._spare_model: Optional[tuple[list[torch.nn.Module], dict[int, str]]] = None
         if os.environ.get("NCL_SPARE") == "1":
+            if lean_loop:  # a driven (NeMo) job builds its own objects
+                self._spare_model = self._prebuild_spare_model()
             self._wait_for_assignment()
         self.rank = int(os.environ["RANK"])
         self.faults = parse_plan(cfg.fault.plan, self.world_size, cfg.trainer.max_steps)
@@ -133,6 +139,56 @@ class RecoveryManager:
 
         setup_logging(int(msg["rank"]))
         log.warning("warm spare takes rank %d at generation %d", msg["rank"], self.gen)
+
+    def _prebuild_spare_model(self) -> Optional[tuple[list[torch.nn.Module], dict[int, str]]]:
+        """While idle, build the model chunks and DDP a replacement will need.
+
+        Only where every rank has the same model (no TP/PP/CP split): built in a fake world
+        of the job's size, weights zero-filled (peers overwrite them); the group handles
+        are rebound to the real groups when the spare takes a rank (``_adopt_spare_model``).
+        ``NCL_SPARE_PREBUILD=0`` turns it off. Any failure here only costs the head start.
+        """
+        from ..comm.world import fake_world
+        from ..megatron import parallel
+        from ..megatron.model import build_model_chunks
+
+        cfg = self.cfg
+        if (os.environ.get("NCL_SPARE_PREBUILD", "1") == "0"
+                or not parallel.model_is_rank_independent(cfg.strategy)):
+            return None
+        t0 = time.perf_counter()
+        try:
+            torch.set_num_threads(cfg.trainer.num_threads)
+            fake_world(self.world_size - 1, self.world_size)
+            parallel.initialize(cfg.strategy, gloo_groups=False)
+            chunks = build_model_chunks(cfg.model, cfg.strategy, cfg.data.seq_length,
+                                        draw_weights=False)
+            model = mopt.wrap_ddp(chunks, cfg.strategy)
+            roles = group_roles()
+        except Exception as err:  # noqa: BLE001 - the spare builds after assignment instead
+            log.warning("warm spare could not prebuild its model (%s): it will build it when "
+                        "it takes a rank", err)
+            return None
+        finally:
+            forget_all_groups()
+        log.info("warm spare: model and DDP built ahead in %.3fs", time.perf_counter() - t0)
+        return model, roles
+
+    def _adopt_spare_model(self) -> Optional[list[torch.nn.Module]]:
+        """The prebuilt chunks, rebound to this world's groups (None: build them now)."""
+        from ..megatron.rebind import refresh_cached_ranks
+
+        if self._spare_model is None:
+            return None
+        model, roles = self._spare_model
+        self._spare_model = None
+        try:
+            rebind([model], roles)
+            refresh_cached_ranks(model)
+        except RuntimeError as err:
+            log.warning("prebuilt model not usable (%s): building it now", err)
+            return None
+        return model
 
     # ------------------------------------------------------------------ faults
     def _claim_fault(self, index: int) -> bool:
@@ -258,7 +314,7 @@ class RecoveryManager:
         fresh_job = gen == 0 and not self.replacement
         if self.trainer is None:
             trainer = Trainer(self.cfg, self.run_dir, self.step_hooks)
-            trainer.setup(collective=fresh_job)
+            trainer.setup(collective=fresh_job, prebuilt=self._adopt_spare_model)
             self.trainer = trainer
             self._attach(fresh_job)
         elif self._prebuilt:

@@ -136,7 +136,7 @@ def _run_under_agent(cfg: RunConfig, run_dir: Path, channel: Any,
     from ..replication.replica_map import UnrecoverableError
 
     channel.send({"t": "hello", "recovery": True})
-    manager = RecoveryManager(cfg, run_dir, channel)
+    manager = RecoveryManager(cfg, run_dir, channel, lean_loop=train is None)
     try:
         summary = manager.run() if train is None else train(manager)
         channel.send({"t": "done"})

@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Protocol
+from typing import Any, Callable, Iterator, Optional, Protocol
 
 import torch
 import torch.distributed as dist
@@ -53,6 +53,7 @@ class StepMetrics:
             "grad_norm": self.grad_norm,
             "lr": self.lr,
             "batch_hash": self.batch_hash,
+            "time": round(time.time(), 6),  # wall clock at the commit (cadence, benchmarks)
         }
 
 
@@ -134,12 +135,15 @@ class Trainer:
         self.last_record: Optional[dict[str, Any]] = None
 
     # ------------------------------------------------------------------ set-up
-    def setup(self, collective: bool = True) -> None:
+    def setup(self, collective: bool = True,
+              prebuilt: Optional[Callable[[], Optional[list[torch.nn.Module]]]] = None) -> None:
         """Build parallel state, seed, model chunks, DDP, optimizer, scheduler and data.
 
         ``collective=False``: a replacement rank joining healthy ones that do not rebuild.
         It builds without the world-wide collective megatron's optimizer constructor makes,
         and without drawing initial weights (every weight comes from its peers).
+        ``prebuilt``: called once parallel state exists; returns DDP chunks built earlier
+        (a warm spare's, rebound to this world) or None to build them here.
         """
         cfg = self.cfg
         marks = [time.perf_counter()]
@@ -151,10 +155,15 @@ class Trainer:
         # Replacements run megatron's initialization too (zero-filled, not drawn: peers
         # overwrite every weight): it is what sets the tensor-parallel attributes the
         # grad-norm reduction reads, and skipping it broke exactness under TP=2.
-        chunks = build_model_chunks(cfg.model, cfg.strategy, cfg.data.seq_length,
-                                    draw_weights=collective)
-        marks.append(time.perf_counter())
-        self.model = mopt.wrap_ddp(chunks, cfg.strategy)
+        ready = prebuilt() if prebuilt is not None else None
+        if ready is None:
+            chunks = build_model_chunks(cfg.model, cfg.strategy, cfg.data.seq_length,
+                                        draw_weights=collective)
+            marks.append(time.perf_counter())
+            self.model = mopt.wrap_ddp(chunks, cfg.strategy)
+        else:
+            self.model = ready
+            marks.append(time.perf_counter())
         marks.append(time.perf_counter())
         self.optimizer = mopt.build_optimizer(self.model, cfg.optim, cfg.strategy, dtype,
                                               collective=collective)
@@ -166,7 +175,8 @@ class Trainer:
         self.metrics = JsonlWriter(self.run_dir / "metrics.jsonl", enabled=self.coords.rank == 0)
         marks.append(time.perf_counter())
         log.info("set-up: parallel state %.3fs, model %.3fs, DDP %.3fs, optimizer %.3fs, "
-                 "scheduler and data %.3fs", *(b - a for a, b in zip(marks, marks[1:])))
+                 "scheduler and data %.3fs%s", *(b - a for a, b in zip(marks, marks[1:])),
+                 " (model and DDP built before this rank was assigned)" if ready else "")
 
     def _install_grad_sync_hook(self) -> None:
         from megatron.core.distributed import finalize_model_grads

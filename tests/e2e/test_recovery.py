@@ -74,6 +74,9 @@ def test_rank0_killed(tmp_path, reference):
     result = ncl_launch(4, [*BASE, *LAYOUTS["dp4"], plan((0, 4, "forward", "kill"))],
                         tmp_path / "run")
     assert_exact(result, reference("dp4"))
+    # DP only: every rank has the same model, so the warm spare built its model and DDP
+    # before it was given rank 0 (zero-filled, rebound to the real groups, then filled)
+    assert "model and DDP built before this rank was assigned" in result.output
 
 
 def test_two_ranks_of_different_replica_sets_in_the_same_step(tmp_path, reference):
@@ -96,6 +99,7 @@ def test_killed_data_loader_rank_is_replaced_and_its_readers_stay_exact(tmp_path
     assert [r["batch_hash"] for r in result.metrics] == \
         [r["batch_hash"] for r in reference("tp2").metrics]
     assert [e["rank"] for e in events(result) if e["event"] == "fault"] == [2]
+    assert "built before this rank was assigned" not in result.output  # TP=2: rank-specific
 
 
 def test_second_failure_during_recovery(tmp_path, reference):
