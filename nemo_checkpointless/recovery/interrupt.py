@@ -9,7 +9,7 @@ step, measured: ``docs/bench_recovery.md``).
 
 :class:`ComputeInterrupt` puts a check at every module boundary of the model chunks: a
 forward pre-hook on each module, and a gradient hook on each module's output so the
-backward pass checks too. The check is one lock-free read of a flag; it raises
+backward pass checks too. The check is two lock-free integer reads; it raises
 :class:`StepInterrupted` (a :class:`GenerationChanged`, which recovery handles) when the
 agent announced a generation newer than the one this rank trains in.
 

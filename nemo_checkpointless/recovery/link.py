@@ -51,8 +51,6 @@ class AgentLink:
         # (the kernel closed its sockets), and the others finish in well under a second.
         self.abort_grace = abort_grace
         self._abort_due: Optional[float] = None
-        # read without the lock at every module boundary (recovery/interrupt.py)
-        self._interrupt = False
 
     def start(self) -> "AgentLink":
         self._thread.start()
@@ -106,7 +104,6 @@ class AgentLink:
             self._cond.notify_all()
             if not gen > self.active_gen >= 0:
                 return
-            self._interrupt = True
             if self._abort_due is None:
                 self._abort_due = time.monotonic() + self.abort_grace
         self._abort_when_due()
@@ -129,7 +126,6 @@ class AgentLink:
         with self._cond:
             self.active_gen = gen
             self.latest_gen = max(self.latest_gen, gen)
-            self._interrupt = self.latest_gen > gen
             self._aborted_at = None
             self._abort_due = None
             self._reaborted = False
@@ -142,9 +138,10 @@ class AgentLink:
             self._reaborted = False
 
     def interrupt_pending(self) -> bool:
-        """True once a generation newer than the active one was announced (no lock: a
-        plain attribute read, cheap enough for every module boundary)."""
-        return self._interrupt
+        """True once a generation newer than the active one was announced. No lock: it is
+        read at every module boundary, and both counters only grow."""
+        active = self.active_gen
+        return active >= 0 and self.latest_gen > active
 
     def superseded(self) -> bool:
         """True when a newer generation than the active one was announced."""
