@@ -1,5 +1,6 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Each creates .venv if
-# missing and installs the project with versions pinned in requirements/pins.txt.
+# missing and installs the project with versions pinned in requirements/pins.txt (and,
+# best effort, tcmalloc for CPU rehearsal: scripts/install_allocator.sh).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -15,6 +16,7 @@ $(STAMP): pyproject.toml requirements/pins.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --disable-pip-version-check torch==$$(sed -n 's/^torch==//p' requirements/pins.txt)
 	$(PIP) install -q --disable-pip-version-check -c requirements/pins.txt -e '.[test,bench]'
+	bash scripts/install_allocator.sh
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -105,5 +105,8 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    from nemo_checkpointless import allocator
+
+    allocator.reexec_if_needed()  # CPU rehearsal: tcmalloc/jemalloc for glibc malloc
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     sys.exit(main(sys.argv[1:]))

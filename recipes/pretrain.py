@@ -11,10 +11,15 @@ from __future__ import annotations
 import os
 import sys
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
+from nemo_checkpointless import allocator
 
-from nemo_checkpointless.config import ConfigError, check_overrides, register_configs
+allocator.reexec_if_needed()  # CPU rehearsal: tcmalloc/jemalloc for glibc malloc (may re-exec)
+
+import hydra  # noqa: E402  (after the allocator: a re-execution should not import twice)
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from nemo_checkpointless.config import (  # noqa: E402
+    ConfigError, check_overrides, register_configs)
 
 
 def _hydra_subdir() -> str | None:

@@ -55,8 +55,11 @@ def _env() -> dict[str, str]:
     return env
 
 
-def torchrun(nproc: int, overrides: list[str], run_dir: Path, timeout: float = 240) -> RunResult:
+def torchrun(nproc: int, overrides: list[str], run_dir: Path, timeout: float = 240,
+             env: dict[str, str] | None = None) -> RunResult:
     """``torchrun --nproc-per-node N recipes/pretrain.py ...`` on a free port."""
+    full_env = _env()
+    full_env.update(env or {})
     cmd = [
         sys.executable, "-m", "torch.distributed.run",
         "--nproc-per-node", str(nproc),
@@ -64,7 +67,7 @@ def torchrun(nproc: int, overrides: list[str], run_dir: Path, timeout: float = 2
         "--master-port", str(free_port()),
         str(PRETRAIN), *overrides, f"hydra.run.dir={run_dir}",
     ]
-    proc = subprocess.run(cmd, cwd=run_dir.parent, env=_env(), capture_output=True, text=True,
+    proc = subprocess.run(cmd, cwd=run_dir.parent, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
     return RunResult(proc.returncode, proc.stdout + proc.stderr, run_dir)
 

@@ -41,6 +41,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from .. import allocator
 from ..comm import wire
 from ..comm.store import (JobIdentity, StoreServer, connect, format_endpoints,
                           parse_endpoints)
@@ -104,6 +105,12 @@ class NodeAgent:
         self.zygote: Optional[Zygote] = None
         self.zygote_checked = False
         self.fork = args.spawn == "fork"  # False once the zygote failed: exec from then on
+        try:  # CPU rehearsal preloads tcmalloc/jemalloc into every child (allocator.py)
+            self.allocator_env = allocator.worker_env()
+        except allocator.AllocatorError as err:
+            raise SystemExit(f"ncl-launch: {err}") from None
+        preloaded = self.allocator_env.get("LD_PRELOAD", "").split()
+        log.info("workers' host allocator: %s", preloaded[0] if preloaded else "glibc malloc")
 
     @property
     def owner_id(self) -> str:
@@ -163,6 +170,7 @@ class NodeAgent:
             TORCH_CPP_LOG_LEVEL=env.get("TORCH_CPP_LOG_LEVEL", "ERROR"),
             PYTHONUNBUFFERED="1",
         )
+        env.update(self.allocator_env)
         return env
 
     def _env(self, rank: Optional[int], local_rank: Optional[int], replacement: bool,

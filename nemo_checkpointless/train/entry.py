@@ -57,6 +57,10 @@ def run_pretrain(node: Any, run_dir: str | Path) -> dict[str, Any]:
     from ..launch.channel import Channel
 
     cpu.enable()
+    if rank == 0:
+        from .. import allocator
+
+        logging.getLogger(__name__).info(allocator.describe())
     channel = Channel.from_env()
     if channel is not None and cfg.checkpointless.tier in RECOVERY_TIERS:
         return _run_under_agent(cfg, Path(run_dir), channel)

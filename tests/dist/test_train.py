@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
+import re
 
+import pytest
 from conftest import torchrun
+
+from nemo_checkpointless import allocator
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(400)]
 
@@ -32,9 +35,14 @@ def test_layout_trains_and_loss_falls(layout, tmp_path):
 
 
 def test_two_identical_runs_are_bitwise_identical(tmp_path):
+    """Also across host allocators: glibc's malloc in one run, tcmalloc/jemalloc (the CPU
+    rehearsal default, when installed) in the other."""
     overrides = [*LAYOUTS["pp2_dp2"], "strategy.tensor_model_parallel_size=1", "trainer.max_steps=6"]
-    a = torchrun(4, overrides, tmp_path / "a").check()
-    b = torchrun(4, overrides, tmp_path / "b").check()
+    a = torchrun(4, overrides, tmp_path / "a", env={"NCL_ALLOCATOR": "system"}).check()
+    b = torchrun(4, overrides, tmp_path / "b", env={"NCL_ALLOCATOR": "auto"}).check()
     assert [r["loss_hex"] for r in a.metrics] == [r["loss_hex"] for r in b.metrics]
     assert a.summary["state_sha256"] == b.summary["state_sha256"]
+    assert "host allocator: glibc malloc" in a.output
+    if allocator.find("tcmalloc") or allocator.find("jemalloc"):
+        assert re.search(r"host allocator: \S*lib(tcmalloc|jemalloc)", b.output), b.output[-3000:]
 

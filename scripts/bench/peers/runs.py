@@ -14,6 +14,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from nemo_checkpointless import allocator
+
 HERE = Path(__file__).resolve().parent
 WORLD = 4
 
@@ -33,7 +35,11 @@ def read_timelines(out: Path) -> list[dict]:
 
 
 def _env(out: Path, **extra: str) -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1", PEERS_OUT=str(out), PYTHONUNBUFFERED="1", **extra)
+    """The peers' workers get the host allocator our ranks get (tcmalloc under CPU rehearsal,
+    allocator.py), so that no side is slowed by glibc's malloc."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PEERS_OUT=str(out), PYTHONUNBUFFERED="1", **extra)
+    env.update(allocator.worker_env(env))
+    return env
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:
