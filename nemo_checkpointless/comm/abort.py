@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
+import time
 from typing import Iterable
 
 import torch.distributed as dist
@@ -77,7 +79,9 @@ def forget_all_groups() -> None:
     group can block for seconds while holding the GIL (the heartbeat thread then stalls
     and the agent would take a healthy rank for hung). The aborted groups are instead
     forgotten by torch.distributed and parked here; their sockets are already shut down.
-    They are released with :func:`release_forgotten_groups` (or at process exit).
+    The recovery manager releases them once the new generation has completed a step
+    (:func:`release_forgotten_groups_in_background`); :func:`release_forgotten_groups`
+    drops them on the caller's thread.
     """
     from megatron.core import parallel_state
 
@@ -94,6 +98,33 @@ def forget_all_groups() -> None:
         table.clear()
     c10d._unregister_all_process_groups()
     world.group_count = 0
+
+
+def release_forgotten_groups_in_background() -> int:
+    """Destroy the parked groups on a daemon thread; returns how many.
+
+    Parked groups are not free: each aborted gloo group keeps its worker and event-loop
+    threads (69 threads per recovery in a 4-rank tiny_gpt_2opt job), and on a CPU-bound
+    rank they cost compute. Measured: with three recoveries in 450 steps, the survivors'
+    steps went from 0.29 s to 0.33 s when the groups stayed parked and stayed at 0.30 s when
+    they were released after each recovery. Destroying 21-23 groups takes 0.3-0.7 s (their
+    threads are joined). torch's process-group bindings drop the GIL in their destructor, so
+    that wait runs here, beside training, instead of stalling the step.
+    """
+    groups = list(_GRAVEYARD)
+    _GRAVEYARD.clear()
+    if not groups:
+        return 0
+
+    def drop() -> None:
+        t0 = time.perf_counter()
+        groups.clear()  # the last references: the destructors run on this thread
+        log.info("destroyed %d groups parked by the last recovery in %.2fs", count,
+                 time.perf_counter() - t0)
+
+    count = len(groups)
+    threading.Thread(target=drop, name="ncl-release-groups", daemon=True).start()
+    return count
 
 
 def release_forgotten_groups() -> int:

@@ -26,7 +26,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from ..comm.abort import abort_communicators, forget_all_groups
+from ..comm.abort import (abort_communicators, forget_all_groups,
+                          release_forgotten_groups_in_background)
 from ..comm.rendezvous import GenerationChanged, RendezvousTimeout, rendezvous
 from ..comm.store import JobIdentity, connect, parse_endpoints
 from ..comm.init import report_store_ops
@@ -559,6 +560,8 @@ class RecoveryManager:
     def _first_step_done(self) -> None:
         rec = self.recovering
         self.recovering = None
+        # the new generation has stepped: the groups the failure aborted can go now
+        release_forgotten_groups_in_background()
         if rec is None or self.rank != 0 or "gen" not in rec:
             return
         now = time.time()

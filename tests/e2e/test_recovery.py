@@ -7,6 +7,7 @@ faults: ``state_sha256`` and every ``loss_hex`` line must be equal, bit for bit.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,9 @@ def test_rank0_killed(tmp_path, reference):
     # DP only: every rank has the same model, so the warm spare built its model and DDP
     # before it was given rank 0 (zero-filled, rebound to the real groups, then filled)
     assert "model and DDP built before this rank was assigned" in result.output
+    # the survivors' aborted groups (and their gloo threads) go once the new world has stepped
+    assert re.search(r"\[rank [123]\] \S+ INFO: destroyed \d+ groups parked by the last "
+                     r"recovery", result.output), result.output[-4000:]
 
 
 def test_two_ranks_of_different_replica_sets_in_the_same_step(tmp_path, reference):
