@@ -69,9 +69,6 @@ class Allocator:
     name: str  # "tcmalloc", "jemalloc" or the file's name
     path: str  # what goes into LD_PRELOAD
 
-    def __str__(self) -> str:
-        return f"{self.name} ({self.path})"
-
 
 def _search_dirs() -> list[str]:
     dirs = [os.path.join(sys.prefix, "lib")]
@@ -129,13 +126,17 @@ def choose(env: Mapping[str, str] = os.environ) -> Optional[Allocator]:
 
 
 def loaded() -> Optional[str]:
-    """The tcmalloc/jemalloc library mapped into this process, if any (Linux)."""
+    """The tcmalloc/jemalloc library (or the one NCL_ALLOCATOR names by path) mapped into
+    this process, if any (Linux)."""
+    names = ("libtcmalloc", "libjemalloc")
+    custom = os.environ.get(ENV, "")
+    if os.sep in custom:
+        names += (os.path.basename(custom),)
     try:
         with open("/proc/self/maps") as maps:
             for line in maps:
                 path = line.rsplit(" ", 1)[-1].strip()
-                base = os.path.basename(path)
-                if base.startswith(("libtcmalloc", "libjemalloc")):
+                if os.path.basename(path).startswith(names):
                     return path
     except OSError:
         pass
