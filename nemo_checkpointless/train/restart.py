@@ -170,7 +170,7 @@ def run_with_restart(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
                                "consumed_samples": trainer.consumed_samples,
                                "scheduler_steps": trainer.scheduler.num_steps,
                                "rng": capture_rng(), "record": trainer.last_record},
-            keep=r.checkpoint_keep)
+            keep=r.checkpoint_keep, fmt="dcp")  # what jobs do today
         resumed = resume(trainer, root if r.resume == "auto" else None, world_size,
                          events if lead else None)
         trainer.hooks.add(checkpointer)
