@@ -133,7 +133,39 @@ def run_once(variant: str, recipe: str, steps: int, warmup: int, run_dir: Path,
     cadence = (window[-1] - window[0]) / (len(window) - 1)
     return {"cadence_s": cadence, "step_s": statistics.median(steady),
             "intervals_s": [round(b - a, 4) for a, b in zip(window, window[1:])],
+            "first_step": warmup + 2,  # the row that closes intervals_s[0]
             "wall_s": round(wall, 2), "final_loss_hex": rows[-1]["loss_hex"]}
+
+
+def checkpoint_interval(overrides: list[str]) -> int:
+    """Tier 3's disk checkpoint interval for these runs: an override, else its default."""
+    for o in overrides:
+        if o.startswith("checkpointless.checkpoint_interval="):
+            return int(o.split("=", 1)[1])
+    from omegaconf import OmegaConf
+
+    return int(OmegaConf.load(REPO / "conf" / "checkpointless" / "tier3.yaml")
+               .checkpoint_interval)
+
+
+def checkpoint_share(run: dict[str, Any], interval: int) -> Optional[float]:
+    """The disk checkpoints' share of a tier 3 run's step time, measured inside the run.
+
+    A checkpoint is taken after step s (s % interval == 0); its cost lands in the step
+    intervals closing on rows s and s + 1. Their excess over the mean of every other
+    interval of the same run, per checkpoint, divided by ``interval`` mean steps. Being
+    side by side in one run, it is immune to the run-to-run drift of a shared machine
+    that dominates the spread of the cadence ratio.
+    """
+    near: list[float] = []
+    other: list[float] = []
+    for i, dt in enumerate(run["intervals_s"]):
+        step = run["first_step"] + i
+        (near if step % interval in (0, 1 % interval) else other).append(dt)
+    if not near or not other or interval < 3:
+        return None
+    per_checkpoint = (sum(near) - len(near) * statistics.mean(other)) / (len(near) / 2)
+    return per_checkpoint / (interval * statistics.mean(other))
 
 
 def overheads(runs: dict[str, list[Optional[dict]]], key: str) -> dict[str, dict[str, float]]:
@@ -235,6 +267,13 @@ def main() -> None:
         print(f"{v:10s} overhead {100 * s['median']:+6.2f}% (min {100 * s['min']:+.2f}%, max "
               f"{100 * s['max']:+.2f}%, n={s['n']}); step_time_s median "
               f"{100 * spread_step[v]['median']:+6.2f}%  {flag}")
+    interval = checkpoint_interval(args.overrides)
+    shares = [x for x in (checkpoint_share(r, interval) for r in runs.get("tier3", []) if r)
+              if x is not None]
+    if shares:
+        print(f"tier3 disk checkpoints (every {interval} steps), measured inside each run: "
+              f"{100 * statistics.median(shares):+.2f}% of step time (per run: "
+              f"{', '.join(f'{100 * x:+.2f}%' for x in shares)})")
     try:
         load = os.getloadavg()
     except OSError:
@@ -248,6 +287,10 @@ def main() -> None:
                       for v, rs in runs.items()},
         "step_time_s": {v: [round(x["step_s"], 4) if x else None for x in rs]
                         for v, rs in runs.items()},
+        "tier3_checkpoint_share": {
+            "interval": interval,
+            "median": round(statistics.median(shares), 4) if shares else None,
+            "per_run": [round(x, 4) for x in shares]},
         "dropped": dropped, "recipe": args.recipe, "steps": args.steps,
         "warmup": args.warmup, "repeats": args.repeats, "target": TARGET,
         "loadavg_end": load, "run_root": str(root),
