@@ -320,6 +320,9 @@ def serve() -> None:
     sock = socket.socket(fileno=fd)
     started = time.monotonic()
     failed = _preload([m for m in modules.split(",") if m])
+    from ..heap import freeze
+
+    freeze("zygote", collect=True)  # children's passes skip what they inherit
     _send(sock, {"t": "ready", "pid": os.getpid(), "threads": _thread_count(),
                  "cuda": _cuda_loaded(), "failed": failed[:20], "modules": len(sys.modules),
                  "seconds": round(time.monotonic() - started, 3)})

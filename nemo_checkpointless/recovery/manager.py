@@ -33,6 +33,7 @@ from ..comm.store import JobIdentity, connect, parse_endpoints
 from ..comm.init import report_store_ops
 from ..comm.world import backend_for, default_timeout
 from ..config import RunConfig
+from ..heap import freeze
 from ..launch.channel import Channel
 from ..megatron import groups
 from ..megatron import optimizer as mopt
@@ -173,6 +174,7 @@ class RecoveryManager:
         finally:
             forget_all_groups()
         log.info("warm spare: model and DDP built ahead in %.3fs", time.perf_counter() - t0)
+        freeze("warm spare", collect=True)  # while idle: its set-up then walks no more
         return model, roles
 
     def _adopt_spare_model(self) -> Optional[list[torch.nn.Module]]:

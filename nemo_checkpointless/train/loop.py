@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import RunConfig
+from ..heap import freeze
 from ..megatron import optimizer as mopt
 from ..megatron import parallel
 from ..megatron.model import build_model_chunks
@@ -173,6 +174,7 @@ class Trainer:
         self._install_grad_sync_hook()
         self.data = make_step_data(cfg, self.coords, run_dir=self.run_dir)
         self.metrics = JsonlWriter(self.run_dir / "metrics.jsonl", enabled=self.coords.rank == 0)
+        freeze("set-up")  # model, optimizer, data: full collector passes skip them
         marks.append(time.perf_counter())
         log.info("set-up: parallel state %.3fs, model %.3fs, DDP %.3fs, optimizer %.3fs, "
                  "scheduler and data %.3fs%s", *(b - a for a, b in zip(marks, marks[1:])),

@@ -30,13 +30,13 @@ pytestmark = pytest.mark.timeout(120)
 REPO = Path(__file__).resolve().parents[2]
 
 CHILD = textwrap.dedent("""
-    import os, sys, time
+    import gc, os, sys, time
     from nemo_checkpointless.launch.channel import Channel
 
     ch = Channel.from_env()
     ch.send({"t": "hello", "argv": sys.argv, "path0": sys.path[0], "cwd": os.getcwd(),
              "value": os.environ.get("ZYGOTE_TEST"), "gone": os.environ.get("ZYGOTE_GONE"),
-             "name": __name__,
+             "name": __name__, "frozen": gc.get_freeze_count(),
              "fd": os.environ["NCL_AGENT_FD"], "spare": os.environ.get("NCL_SPARE")})
     mode = sys.argv[1]
     if mode == "echo":
@@ -105,6 +105,7 @@ def test_child_runs_the_script_as_python_would(zygote, child_script, tmp_path):
     assert msg["gone"] is None  # in the zygote's environment, not in the child's
     assert msg["name"] == "__main__"
     assert int(msg["fd"]) > 2
+    assert msg["frozen"] > 1000  # the zygote's objects: full collections here skip them
     channel.send({"t": "gen", "gen": 4})
     assert channel.recv(timeout=10) == [{"t": "echo", "got": {"t": "gen", "gen": 4}}]
     assert proc.wait(timeout=10) == 0
