@@ -13,12 +13,14 @@ It is called where the long-lived objects are complete: in the zygote once its m
 imported (also sparing forked ranks the copy-on-write of every object header a pass would
 touch), in a warm spare after it prebuilt its model, and at the end of a rank's set-up.
 Frozen objects are still freed by reference counting; only cycles among them stay.
+``NCL_GC_FREEZE=0`` turns it off.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import os
 import time
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,8 @@ log = logging.getLogger(__name__)
 def freeze(where: str, collect: bool = False) -> int:
     """Freeze the objects alive now; with ``collect``, first free the garbage among them
     (a full pass: only where time does not matter). Returns the number now frozen."""
+    if os.environ.get("NCL_GC_FREEZE", "1") == "0":
+        return 0
     t0 = time.perf_counter()
     if collect:
         gc.collect()
