@@ -47,7 +47,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Tuple
 import torch
 import torch.distributed.checkpoint as dcp
 
-from ..megatron.shards import from_bytes
+from ..megatron.shards import from_bytes, to_bytes
 from ..replication.transfer import nbytes
 from ..train.hooks import Phase
 
@@ -202,8 +202,8 @@ class AsyncCheckpointer:
         self.wait()  # the previous write is done with the buffer
         tensors = list(self._tensors())
         state = nbytes(tensors)
-        blob = pickle.dumps(self._blob(step))
         if self.fmt == "raw":
+            blob = pickle.dumps(self._blob(step))
             header = MAGIC + json.dumps({"state_bytes": state, "blob_bytes": len(blob),
                                          "step": step}).encode()
             if len(header) > ALIGN:
@@ -219,8 +219,7 @@ class AsyncCheckpointer:
         else:
             self._reserve(state)
             self._pack(tensors, 0)
-            snapshot = {"state": self._buffer[:state],
-                        "blob": torch.frombuffer(bytearray(blob), dtype=torch.uint8)}
+            snapshot = {"state": self._buffer[:state], "blob": to_bytes(self._blob(step))}
             target, args = self._write_dcp, (step, snapshot)
         self._thread = threading.Thread(target=self._timed, args=(target, step, args),
                                         name="ncl-checkpoint", daemon=True)
