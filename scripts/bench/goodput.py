@@ -27,15 +27,20 @@ failure waits until it has (failures hit a running job, not a recovering one).
 * ``goodput`` = time the steps that count would take without failures / wall time of the
   chaos run = (fault-free reference run's time for the same ``max_steps``) / (chaos run's
   time). Everything else (detection, recovery, restarts, replays, redone steps, checkpoint
-  writes, the tiers' steady overhead) is lost time.
+  writes, the tiers' steady overhead) is lost time. The fault-free reference (torchrun,
+  ``checkpointless=off``) runs once before and once after the chaos runs, and their mean
+  is used (``--references 2``, the default): this VM's speed drifts by several percent
+  over the ~45 minutes, and a single reference on one side charges or credits that drift
+  to the chaos runs. Both references, the drift between them and the goodput against
+  each are printed.
 * ``lost_steps``: committed steps whose result was thrown away (checkpoint-restart: the
   steps after the checkpoint, dropped from metrics.jsonl at each resume; checkpointless:
   none, by the commit protocol; a step in flight at a failure is redone by both and counts
   as lost time only).
 
 ``max_steps`` = duration / step time, measured first with a short fault-free run. Both
-chaos runs end compared with the fault-free reference of the same ``max_steps``
-(``state_sha256`` and every ``loss_hex``). Plot: steps completed over time for the three
+chaos runs, and the second reference, end compared with the first fault-free reference
+of the same ``max_steps`` (``state_sha256`` and every ``loss_hex``). Plot: steps completed over time for the three
 runs with the failures marked (``--plot``, default ``docs/img/goodput.png``). Last line: JSON.
 
 Default recipe: ``tiny_gpt_2opt`` (4 ranks, DP=4, 2 optimizer instances, the replicas
@@ -297,12 +302,22 @@ class Trace:
     lost_steps: int = 0
 
 
-def last_row(path: Path) -> Optional[dict]:
+def last_row(path: Path, tail: int = 8192) -> Optional[dict]:
+    """The file's last complete row, read from its last ``tail`` bytes only: the driver
+    polls every 50 ms, and reading a whole metrics file that grows by a row a step would
+    cost the 2-core machine more CPU the longer a run lasts."""
     try:
-        lines = [l for l in path.read_text().splitlines() if l.strip()]
-        return json.loads(lines[-1]) if lines else None
-    except (OSError, ValueError):
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - tail))
+            lines = [l for l in f.read().splitlines() if l.strip()]
+    except OSError:
         return None
+    for line in reversed(lines):  # the newest line may be half written, the first cut
+        try:
+            return json.loads(line)
+        except ValueError:
+            continue
+    return None
 
 
 def drive(job, run_dir: Path, max_steps: int, schedule: list[Failure], timeout: float,
@@ -459,6 +474,9 @@ def main() -> None:
     parser.add_argument("--no-standby", action="store_true",
                         help="checkpointless: replace a lost node by a new agent for its node "
                              "rank (cold start) instead of a warm standby node")
+    parser.add_argument("--references", type=int, choices=(1, 2), default=2,
+                        help="fault-free reference runs: 2 = one before and one after the "
+                             "chaos runs, averaged (cancels the machine's drift); 1 = before")
     parser.add_argument("--step-s", type=float, default=None,
                         help="step time to size max_steps (default: measured first)")
     parser.add_argument("--modes", default="checkpointless,checkpoint-restart")
@@ -482,11 +500,14 @@ def main() -> None:
 
     ref_dir = work / "reference"
     traces: dict[str, Trace] = {}
-    traces["fault-free"] = drive(_Once(torchrun_cmd(overrides, ref_dir), ref_dir), ref_dir,
-                                 max_steps, [], timeout_of(args.duration), "reference")
-    ref_time = traces["fault-free"].t_end
-    ref_in_run = in_run_goodput(ref_dir, traces["fault-free"])
-    print(f"  fault-free: {ref_time:.1f} s for {max_steps} steps", flush=True)
+
+    def reference(run_dir: Path, label: str) -> Trace:
+        trace = drive(_Once(torchrun_cmd(overrides, run_dir), run_dir), run_dir, max_steps, [],
+                      timeout_of(args.duration), label)
+        print(f"  {label}: {trace.t_end:.1f} s for {max_steps} steps", flush=True)
+        return trace
+
+    traces["fault-free"] = reference(ref_dir, "fault-free")
     results: dict[str, dict] = {}
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
         run_dir = work / mode
@@ -507,16 +528,35 @@ def main() -> None:
         lost = restart_lost_steps(run_dir) if mode == "checkpoint-restart" else trace.lost_steps
         exact = compare(run_dir, ref_dir)
         results[mode] = {
-            "goodput": round(ref_time / trace.t_end, 4) if trace.t_end else 0.0,
             "in_run": in_run_goodput(run_dir, trace),
             "wall_s": round(trace.t_end, 1), "lost_steps": lost,
             "failures": len(trace.failures),
             "node_failures": sum(f.kind == "node" for f in trace.failures),
             "exact": exact["exact"], "exactness": exact}
-        print(f"  {mode}: {trace.t_end:.1f} s, goodput {results[mode]['goodput']:.3f} "
-              f"(in-run {results[mode]['in_run']:.3f}, fault-free run {ref_in_run:.3f}), "
-              f"{len(trace.failures)} failures, {lost} committed steps lost, exact "
-              f"{exact['exact']}", flush=True)
+        print(f"  {mode}: {trace.t_end:.1f} s, {len(trace.failures)} failures, {lost} "
+              f"committed steps lost, exact {exact['exact']}", flush=True)
+
+    # The fault-free time is measured before and after the chaos runs and averaged: this
+    # shared VM's speed drifts by several percent over the half hour they take, and one
+    # reference on one side would charge (or credit) that drift to the chaos runs.
+    ref_times = [traces["fault-free"].t_end]
+    if args.references == 2:
+        after_dir = work / "reference-after"
+        after = reference(after_dir, "fault-free, after")
+        ref_times.append(after.t_end)
+        results["reference-after"] = {"exact": compare(after_dir, ref_dir)["exact"]}
+    ref_time = sum(ref_times) / len(ref_times)
+    drift = ref_times[-1] / ref_times[0] - 1
+    ref_in_run = in_run_goodput(ref_dir, traces["fault-free"])
+    print(f"  fault-free time {ref_time:.1f} s (" + " and ".join(f"{t:.1f}" for t in ref_times)
+          + f"; the machine drifted {100 * drift:+.1f}% between them)", flush=True)
+    for mode, r in results.items():
+        if "wall_s" in r:
+            r["goodput"] = round(ref_time / r["wall_s"], 4)
+            r["goodput_vs_each"] = [round(t / r["wall_s"], 4) for t in ref_times]
+            print(f"  {mode}: goodput {r['goodput']:.3f} (vs each fault-free run: "
+                  + ", ".join(f"{g:.3f}" for g in r["goodput_vs_each"])
+                  + f"; in-run {r['in_run']:.3f}, fault-free run {ref_in_run:.3f})", flush=True)
 
     ours = results.get("checkpointless", {})
     restart = results.get("checkpoint-restart", {})
@@ -533,7 +573,13 @@ def main() -> None:
         "node_failures": ours.get("node_failures"),
         "restart_node_failures": restart.get("node_failures"),
         "wall_s": ours.get("wall_s"), "restart_wall_s": restart.get("wall_s"),
-        "fault_free_s": round(ref_time, 1), "exact": ours.get("exact"),
+        "fault_free_s": round(ref_time, 1),
+        "fault_free_runs_s": [round(t, 1) for t in ref_times],
+        "machine_drift": round(drift, 4),
+        "goodput_vs_each": ours.get("goodput_vs_each"),
+        "restart_goodput_vs_each": restart.get("goodput_vs_each"),
+        "reference_after_exact": results.get("reference-after", {}).get("exact"),
+        "exact": ours.get("exact"),
         "restart_exact": restart.get("exact"), "max_steps": max_steps,
         "step_s": round(step_s, 3), "mtbf_s": args.mtbf, "seed": args.seed,
         "duration_s": args.duration, "recipe": args.recipe, "K": args.interval,
