@@ -59,3 +59,50 @@ $(STAMP_NEMO): pyproject.toml requirements/nemo.txt
 
 test-nemo: $(STAMP_NEMO)
 	OMP_NUM_THREADS=1 $(PY_NEMO) -m pytest -q -p no:warnings $(PYTEST_ARGS) tests/nemo
+
+# The current NVIDIA stack (issue #20): .venv-latest with Python 3.12, torch 2.13.0 (the CUDA
+# build, the only one served for 3.12; it runs on CPU), megatron-core 0.19.2 and
+# Megatron-Bridge 0.6.2, pinned in requirements/latest.txt (which says why two packages go in
+# without their dependencies). Python 3.12: $(PYTHON312) if set, else python3.12 on PATH,
+# else the newest pyenv 3.12. test-latest runs the core recovery tests (every phase and
+# fault kind through ncl-launch, a lost node, bit for bit) and the Bridge tests there.
+PYTHON312    ?=
+VENV_LATEST  ?= .venv-latest
+PY_LATEST    := $(VENV_LATEST)/bin/python
+PIP_LATEST   := $(PY_LATEST) -m pip install -q --disable-pip-version-check
+STAMP_LATEST := $(VENV_LATEST)/.installed
+LATEST_CORE_TESTS ?= \
+	"tests/e2e/test_recovery.py::test_every_phase_and_kind_recovers_exactly" \
+	"tests/e2e/test_recovery.py::test_whole_node_lost_and_replaced" \
+	"tests/e2e/test_recovery.py::test_commit_barrier_changes_nothing" \
+	tests/dist/test_rebind.py
+
+.PHONY: venv-latest test-latest
+
+venv-latest: $(STAMP_LATEST)
+
+$(STAMP_LATEST): pyproject.toml requirements/latest.txt
+	@py="$(PYTHON312)"; \
+	if [ -z "$$py" ]; then \
+	  for c in python3.12 $$(ls -d $$(pyenv root 2>/dev/null)/versions/3.12*/bin/python3.12 2>/dev/null | sort -rV); do \
+	    if "$$c" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null; then py="$$c"; break; fi; \
+	  done; \
+	fi; \
+	if [ -z "$$py" ]; then \
+	  echo "error: make venv-latest needs Python 3.12 (megatron-core 0.17+ requires it) and found none: install it (apt-get install python3.12, or pyenv install 3.12) or pass PYTHON312=/path/to/python3.12" >&2; \
+	  exit 1; \
+	fi; \
+	echo "venv-latest: $$py"; \
+	test -x $(PY_LATEST) || "$$py" -m venv $(VENV_LATEST)
+	$(PIP_LATEST) torch==$$(sed -n 's/^torch==//p' requirements/latest.txt)
+	$(PIP_LATEST) -r requirements/latest.txt
+	$(PIP_LATEST) --no-deps $$(sed -n 's/^# no-deps: //p' requirements/latest.txt)
+	$(PIP_LATEST) --no-deps --upgrade --only-binary=:all: --platform manylinux_2_39_x86_64 \
+		--python-version 3.12 --target $$($(PY_LATEST) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') \
+		$$(sed -n 's/^# no-deps-any-glibc: //p' requirements/latest.txt)
+	$(PIP_LATEST) --no-deps -e .
+	touch $(STAMP_LATEST)
+
+test-latest: $(STAMP_LATEST)
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY_LATEST) -m pytest -q -p no:warnings $(PYTEST_ARGS) \
+		$(LATEST_CORE_TESTS) tests/bridge

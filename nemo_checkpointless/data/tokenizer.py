@@ -19,14 +19,10 @@ from nemo_checkpointless.data import bpe
 from nemo_checkpointless.data._logging import quiet_logger
 from nemo_checkpointless.data.corpus import ASSETS_DIR
 
-try:  # megatron-core >= 0.14 renamed the legacy base class
-    from megatron.core.datasets.megatron_tokenizer import (
-        MegatronLegacyTokenizer as _MegatronTokenizer,
-    )
-except ImportError:  # pragma: no cover - older megatron-core
-    from megatron.core.datasets.megatron_tokenizer import (  # type: ignore[no-redef]
-        MegatronTokenizer as _MegatronTokenizer,
-    )
+from nemo_checkpointless.compat.megatron_versions import legacy_tokenizer_base
+
+# megatron-core's legacy tokenizer base (its module is gone in 0.19: the package's own then)
+_MegatronTokenizer = legacy_tokenizer_base()
 
 EOD_TOKEN = "<|endoftext|>"
 TOKENIZER_FORMAT = "nemo_checkpointless.byte_bpe"

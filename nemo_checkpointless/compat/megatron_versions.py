@@ -1,0 +1,184 @@
+"""Which megatron-core releases the package supports, and its version-dependent surfaces.
+
+Supported: megatron-core 0.15 to 0.19 (:data:`SUPPORTED`). 0.17 and later need Python 3.12.
+CI runs two of them: 0.16.1 on Python 3.11 (``make test``) and 0.19.2 on Python 3.12
+(``make test-latest``). Everything here is found by feature detection, never by comparing
+version numbers; the number only goes into messages.
+
+* :func:`legacy_tokenizer_base`: the base class of the package's tokenizer. megatron-core
+  up to 0.16 ships ``megatron.core.datasets.megatron_tokenizer.MegatronLegacyTokenizer``
+  (``MegatronTokenizer`` before 0.14); 0.19 removed the module. The datasets only read
+  ``unique_identifiers``, ``vocab_size``, ``eod`` and, optionally, ``pad``/``eos``
+  (:class:`DatasetTokenizerBase` is the package's own equivalent of the removed class).
+* :func:`check_megatron_core`: the start-up check. It probes every megatron-core surface
+  the package calls and names the supported versions when one is missing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import logging
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+SUPPORTED = ("0.15", "0.16", "0.17", "0.18", "0.19")
+TESTED = {"0.16.1": "Python 3.11 (make test)", "0.19.2": "Python 3.12 (make test-latest)"}
+
+
+def supported_text() -> str:
+    """One sentence naming the supported and the tested releases."""
+    tested = ", ".join(f"{v} on {where}" for v, where in TESTED.items())
+    return (f"nemo-checkpointless supports megatron-core {SUPPORTED[0]} to {SUPPORTED[-1]} "
+            f"(0.17 and later need Python 3.12; CI runs {tested})")
+
+
+def installed_version() -> str:
+    """The installed megatron-core version string ('' when megatron-core is missing)."""
+    try:
+        from importlib.metadata import version
+
+        return version("megatron-core")
+    except Exception:  # noqa: BLE001 - a source checkout without metadata
+        try:
+            from megatron.core import package_info
+
+            return str(package_info.__version__)
+        except Exception:  # noqa: BLE001
+            return ""
+
+
+class DatasetTokenizerBase(ABC):
+    """What megatron-core's datasets need from a tokenizer, for releases without
+    ``megatron.core.datasets.megatron_tokenizer``.
+
+    ``unique_identifiers`` is built as that module built it (the class name, the paths,
+    then every option as a string), so a dataset's cache key does not change with the
+    megatron-core release.
+    """
+
+    def __init__(self, *tokenizer_paths: str, **tokenizer_options: Any) -> None:
+        self.unique_identifiers: OrderedDict[str, Any] = OrderedDict()
+        self.unique_identifiers["class"] = type(self).__name__
+        self.unique_identifiers["tokenizer_path"] = list(tokenizer_paths)
+        for option, value in tokenizer_options.items():
+            self.unique_identifiers[option] = str(value)
+        self.unique_description = json.dumps(self.unique_identifiers, indent=4)
+        super().__init__()
+
+    @abstractmethod
+    def tokenize(self, text: str) -> Any: ...
+
+    @property
+    @abstractmethod
+    def vocab(self) -> Any: ...
+
+    @property
+    @abstractmethod
+    def inv_vocab(self) -> Any: ...
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int: ...
+
+    def _absent(self, name: str) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} has no attribute {name!r}")
+
+    # optional attributes: the datasets catch the error and fall back to their defaults
+    cls = property(lambda self: self._absent("cls"))
+    sep = property(lambda self: self._absent("sep"))
+    pad = property(lambda self: self._absent("pad"))
+    eod = property(lambda self: self._absent("eod"))
+    bos = property(lambda self: self._absent("bos"))
+    eos = property(lambda self: self._absent("eos"))
+    mask = property(lambda self: self._absent("mask"))
+
+
+def legacy_tokenizer_base() -> type:
+    """The tokenizer base class megatron-core's datasets expect, on any supported release."""
+    try:
+        module = importlib.import_module("megatron.core.datasets.megatron_tokenizer")
+    except ImportError:
+        return DatasetTokenizerBase
+    for name in ("MegatronLegacyTokenizer", "MegatronTokenizer"):
+        base = getattr(module, name, None)
+        if isinstance(base, type):
+            return base
+    return DatasetTokenizerBase
+
+
+# ---------------------------------------------------------------------- start-up check
+def _attr(module: str, *path: str) -> Callable[[], bool]:
+    def probe() -> bool:
+        obj: Any = importlib.import_module(module)
+        for name in path:
+            obj = getattr(obj, name)
+        return True
+    return probe
+
+
+def _params(module: str, func: str, *names: str) -> Callable[[], bool]:
+    def probe() -> bool:
+        target = getattr(importlib.import_module(module), func)
+        params = inspect.signature(target).parameters
+        return all(n in params for n in names)
+    return probe
+
+
+# (what the package does with it, probe)
+_PROBES: list[tuple[str, Callable[[], bool]]] = [
+    ("parallel state with distributed-optimizer instances and optional gloo groups",
+     _params("megatron.core.parallel_state", "initialize_model_parallel",
+             "num_distributed_optimizer_instances", "create_gloo_process_groups")),
+    ("the replica group of an optimizer shard",
+     _attr("megatron.core.parallel_state", "get_inter_distributed_optimizer_instance_group")),
+    ("the optimizer step split at the commit point",
+     _attr("megatron.core.optimizer.optimizer", "MixedPrecisionOptimizer",
+           "step_with_ready_grads")),
+    ("the gradient preparation before the commit point",
+     _attr("megatron.core.optimizer.optimizer", "MixedPrecisionOptimizer", "prepare_grads")),
+    ("the distributed optimizer",
+     _attr("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer")),
+    ("the parameter all-gather after an update",
+     _attr("megatron.core.distributed", "DistributedDataParallel", "start_param_sync")),
+    ("the tensor-parallel RNG state (CPU rehearsal)",
+     _attr("megatron.core.tensor_parallel.random", "_get_cuda_rng_state")),
+]
+
+
+def missing_surfaces() -> list[str]:
+    """What the installed megatron-core lacks of the surfaces the package calls."""
+    missing = []
+    for what, probe in _PROBES:
+        try:
+            ok = probe()
+        except (ImportError, AttributeError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            missing.append(what)
+    return missing
+
+
+def check_megatron_core() -> str:
+    """Start-up check: the installed megatron-core has every surface the package calls.
+
+    Returns the version. Raises RuntimeError naming what is missing and the supported
+    versions; logs a warning for a release outside :data:`SUPPORTED` that passes the probes.
+    """
+    version = installed_version()
+    if not version:
+        raise RuntimeError(f"megatron-core is not installed: {supported_text()}")
+    missing = missing_surfaces()
+    if missing:
+        raise RuntimeError(
+            f"megatron-core {version} lacks what nemo-checkpointless needs ({'; '.join(missing)})."
+            f" {supported_text()}: install one of them (pip install 'megatron-core>=0.15,<0.20').")
+    series = ".".join(version.split(".")[:2])
+    if series not in SUPPORTED:
+        log.warning("megatron-core %s is outside the supported releases; the probes pass, but "
+                    "it is untested. %s", version, supported_text())
+    return version
