@@ -10,6 +10,11 @@ version numbers; the number only goes into messages.
   (``MegatronTokenizer`` before 0.14); 0.19 removed the module. The datasets only read
   ``unique_identifiers``, ``vocab_size``, ``eod`` and, optionally, ``pad``/``eos``
   (:class:`DatasetTokenizerBase` is the package's own equivalent of the removed class).
+* :func:`forget_collective_caches`: megatron-core 0.19's optimizers cache the answer of a
+  collective (``has_grad_norm_group``: one all-reduce over the grad-stats group, the first
+  time a step asks). A replacement rank starts with an empty cache and would run that
+  all-reduce alone while its peers skip it: every rank forgets the cache after a recovery
+  rebuilt the groups, so all of them ask again, together, at the next step.
 * :func:`check_megatron_core`: the start-up check. It probes every megatron-core surface
   the package calls and names the supported versions when one is missing.
 """
@@ -109,6 +114,20 @@ def legacy_tokenizer_base() -> type:
         if isinstance(base, type):
             return base
     return DatasetTokenizerBase
+
+
+_COLLECTIVE_CACHES = ("_has_grad_norm_group_cache",)
+
+
+def forget_collective_caches(optimizer: Any) -> int:
+    """Drop the optimizer's cached collective answers (see module doc); returns how many."""
+    dropped = 0
+    for opt in [optimizer, *getattr(optimizer, "chained_optimizers", [])]:
+        for name in _COLLECTIVE_CACHES:
+            if getattr(opt, name, None) is not None:
+                setattr(opt, name, None)
+                dropped += 1
+    return dropped
 
 
 # ---------------------------------------------------------------------- start-up check

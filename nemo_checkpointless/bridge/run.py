@@ -1,0 +1,114 @@
+"""Run a Bridge ConfigContainer on one rank: Bridge alone, or under the recovery loop.
+
+* :func:`run_bridge`: Bridge's own ``pretrain()`` (under torchrun, Slurm's srun, or a
+  plain process), with :class:`~.steps.MetricsCallback` writing ``metrics.jsonl`` and
+  ``summary.json``. Nothing of the recovery core runs.
+* :func:`run_bridge_under_agent`: a rank started by ``ncl-launch`` with tier 3 or 4. Every
+  rank (a first start and a warm spare taking over alike) runs Bridge's ``setup()`` in a
+  world of fake process groups, so a replacement builds its objects alone while its peers
+  keep theirs; then :class:`~.driver.BridgeStepDriver` is handed to the recovery loop,
+  which joins the job's world, rebuilds megatron's parallel state with Bridge's arguments,
+  rebinds every cached group handle and drives Bridge's loop step by step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from ..config import (ConfigError, DataConfig, FaultConfig, ModelConfig, RunConfig,
+                      StrategyConfig, TrainerConfig)
+from .apply import check_bridge_layout, checkpointless_of
+
+log = logging.getLogger(__name__)
+
+
+def prepare(cpu_mode: Optional[bool] = None) -> bool:
+    """Process-wide start-up: megatron-core check, Bridge's wheel/CPU patches, rehearsal
+    mode without CUDA. Returns whether CPU rehearsal mode is on."""
+    from .. import cpu
+    from ..compat import bridge as cbridge
+    from ..compat.megatron_versions import check_megatron_core
+
+    check_megatron_core()
+    rehearsal = cpu.enable() if cpu_mode is None else cpu_mode and cpu.enable()
+    cbridge.prepare_start_up(cpu_mode=rehearsal)
+    return rehearsal
+
+
+def run_bridge(cfg: Any, run_dir: str | Path, forward_step: Optional[Callable[..., Any]] = None,
+               callbacks: Sequence[Any] = ()) -> None:
+    """Bridge's own ``pretrain()``, recording ``metrics.jsonl`` and ``summary.json``."""
+    from megatron.bridge.training.pretrain import pretrain
+
+    from .steps import MetricsCallback, RecordingForwardStep
+
+    prepare()
+    forward = RecordingForwardStep(forward_step)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    check_bridge_layout(cfg, world)
+    pretrain(cfg, forward, callbacks=[MetricsCallback(Path(run_dir), forward), *callbacks])
+
+
+def run_config(cfg: Any, world_size: int) -> RunConfig:
+    """The core settings the recovery loop reads, taken from a Bridge ConfigContainer."""
+    from ..config import FaultSpec
+
+    ck = checkpointless_of(cfg)
+    m, ddp, train = cfg.model, cfg.ddp, cfg.train
+    check_bridge_layout(cfg, world_size)
+    plan = [item if isinstance(item, FaultSpec) else FaultSpec(**dict(item))
+            for item in ck.fault_plan]
+    return RunConfig(
+        name="bridge",
+        model=ModelConfig(num_layers=m.num_layers, hidden_size=m.hidden_size,
+                          ffn_hidden_size=m.ffn_hidden_size,
+                          num_attention_heads=m.num_attention_heads,
+                          num_query_groups=m.num_query_groups),
+        strategy=StrategyConfig(
+            tensor_model_parallel_size=int(m.tensor_model_parallel_size),
+            pipeline_model_parallel_size=int(m.pipeline_model_parallel_size),
+            virtual_pipeline_model_parallel_size=m.virtual_pipeline_model_parallel_size,
+            context_parallel_size=int(m.context_parallel_size or 1),
+            sequence_parallel=bool(m.sequence_parallel),
+            use_distributed_optimizer=bool(ddp.use_distributed_optimizer),
+            num_distributed_optimizer_instances=int(ddp.num_distributed_optimizer_instances or 1),
+            backend=str(cfg.dist.distributed_backend)),
+        data=DataConfig(global_batch_size=int(train.global_batch_size),
+                        micro_batch_size=int(train.micro_batch_size),
+                        seq_length=int(cfg.dataset.seq_length)),
+        trainer=TrainerConfig(max_steps=int(train.train_iters),
+                              log_interval=int(cfg.logger.log_interval or 1)),
+        checkpointless=ck.parts,
+        fault=FaultConfig(plan=plan),
+    )
+
+
+def run_bridge_under_agent(cfg: Any, run_dir: str | Path, channel: Any,
+                           forward_step: Optional[Callable[..., Any]] = None,
+                           callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """One rank started by ncl-launch: Bridge's objects and loop under the recovery loop."""
+    from ..comm.world import fake_world
+    from ..runtime import run_under_agent
+    from .driver import BridgeStepDriver
+    from .steps import RecordingForwardStep
+
+    prepare()
+    world_size = int(os.environ["WORLD_SIZE"])
+    ck = checkpointless_of(cfg)
+    if ck.parts.recovery == "none":
+        raise ConfigError(f"checkpointless={ck.tier}: under ncl-launch a Bridge recipe needs "
+                          "tier3 or tier4; launch it with torchrun for a run without recovery")
+    core = run_config(cfg, world_size)
+    root = Path(run_dir)
+
+    def train(loop: Any) -> dict[str, Any]:
+        # only now: a warm spare learns its rank when the agent assigns it
+        fake_world(loop.rank, loop.world_size)
+        driver = BridgeStepDriver(cfg, RecordingForwardStep(forward_step), loop.step_hooks,
+                                  root, callbacks=list(callbacks) or None).build()
+        return loop.run(driver)
+
+    return run_under_agent(core, root, channel, train=train)

@@ -1,0 +1,167 @@
+"""Run recipes/bridge_pretrain.py as real processes: torchrun, ncl-launch, several agents."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import pytest
+
+pytest.importorskip("megatron.bridge", reason="Megatron-Bridge is not installed here; run "
+                    "`make test-latest`, which uses .venv-latest")
+
+REPO = Path(__file__).resolve().parents[2]
+ENTRY = REPO / "recipes" / "bridge_pretrain.py"
+
+
+def free_port() -> int:
+    from nemo_checkpointless.comm.world import free_port as _free_port
+
+    return _free_port()
+
+
+def env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
+    out = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", NCL_FORCE_CPU="1",
+               HF_HUB_OFFLINE="1")
+    # Bridge's imports take tens of seconds on 2 shared cores: a silent rank is not hung
+    out.setdefault("NCL_HANG_TIMEOUT_S", "60")
+    out.update(extra or {})
+    return out
+
+
+class Run:
+    """A finished run: exit code, output, and the files rank 0 wrote."""
+
+    def __init__(self, returncode: int, output: str, run_dir: Path) -> None:
+        self.returncode, self.output, self.run_dir = returncode, output, run_dir
+
+    @property
+    def metrics(self) -> list[dict]:
+        path = self.run_dir / "metrics.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    @property
+    def summary(self) -> dict:
+        return json.loads((self.run_dir / "summary.json").read_text())
+
+    @property
+    def events(self) -> list[dict]:
+        path = self.run_dir / "events.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def check(self) -> "Run":
+        assert self.returncode == 0, self.output[-8000:]
+        return self
+
+
+def _run(cmd: list[str], run_dir: Path, timeout: float, extra_env: Optional[dict]) -> Run:
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    log = run_dir.parent / f"{run_dir.name}.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=run_dir.parent, env=env(extra_env), stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+            code = -9
+    text = log.read_text()
+    if code == -9:
+        text += f"\n[test] killed after {timeout}s"
+    return Run(code, text, run_dir)
+
+
+def torchrun(nproc: int, args: list[str], run_dir: Path, timeout: float = 900,
+             extra_env: Optional[dict] = None) -> Run:
+    """Bridge's own launch: ``torchrun recipes/bridge_pretrain.py ...``."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(ENTRY),
+           *args, f"hydra.run.dir={run_dir}"]
+    return _run(cmd, run_dir, timeout, extra_env)
+
+
+def ncl_launch(nproc: int, args: list[str], run_dir: Path, *, spares: int = 1,
+               timeout: float = 900, extra_env: Optional[dict] = None) -> Run:
+    """One ``ncl-launch`` agent (one node) running recipes/bridge_pretrain.py."""
+    cmd = [sys.executable, "-m", "nemo_checkpointless.launch.agent", "--nproc-per-node",
+           str(nproc), "--spares", str(spares), "--master-port", str(free_port()), str(ENTRY),
+           *args, f"hydra.run.dir={run_dir}"]
+    return _run(cmd, run_dir, timeout, extra_env)
+
+
+class Agents:
+    """Several ncl-launch agents on this machine, each one node of the job."""
+
+    def __init__(self, nnodes: int, nproc: int, args: list[str], run_dir: Path) -> None:
+        self.nnodes, self.nproc, self.run_dir = nnodes, nproc, run_dir
+        self.peers = ",".join(f"127.0.0.1:{free_port()}" for _ in range(nnodes))
+        self.args = [*args, f"hydra.run.dir={run_dir}"]
+        self.env = env({"NCL_JOB_ID": "bridge-" + secrets.token_hex(3),
+                        "NCL_JOB_SECRET": secrets.token_hex(16)})
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.logs: list[Path] = []
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+
+    def start(self, node: int) -> None:
+        log = self.run_dir.parent / f"agent{node}-{len(self.logs)}.log"
+        self.logs.append(log)
+        cmd = [sys.executable, "-m", "nemo_checkpointless.launch.agent", "--nnodes",
+               str(self.nnodes), "--nproc-per-node", str(self.nproc), "--node-rank", str(node),
+               "--peers", self.peers, "--spares", "0", str(ENTRY), *self.args]
+        self.procs[node] = subprocess.Popen(cmd, cwd=self.run_dir.parent, env=self.env,
+                                            stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+
+    def kill_node(self, node: int) -> None:
+        from nemo_checkpointless.launch.agent import kill_node
+
+        kill_node(self.procs[node].pid)
+        self.procs[node].wait()
+
+    def wait_for_step(self, step: int, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        path = self.run_dir / "metrics.jsonl"
+        while time.monotonic() < deadline:
+            if path.exists() and len(path.read_text().splitlines()) >= step:
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"step {step} not reached in {timeout}s")
+
+    def wait(self, timeout: float = 900) -> Run:
+        deadline = time.monotonic() + timeout
+        codes = []
+        try:
+            for proc in self.procs.values():
+                codes.append(proc.wait(timeout=max(1.0, deadline - time.monotonic())))
+        finally:
+            for proc in self.procs.values():
+                if proc.poll() is None:
+                    os.killpg(proc.pid, 9)
+        output = "\n".join(p.read_text() for p in self.logs if p.exists())
+        return Run(max(codes) if codes else 1, output, self.run_dir)
+
+
+def plan(*faults: tuple[int, int, str, str]) -> str:
+    items = ",".join(f"{{rank:{r},step:{s},phase:{p},kind:{k}}}" for r, s, p, k in faults)
+    return f"fault.plan=[{items}]"
+
+
+def assert_same_run(got: Run, want: Run, steps: Any = None) -> None:
+    """Every row's loss_hex (and batch, samples, lr) and the state hash, bit for bit."""
+    got.check()
+    rows, ref = got.metrics, want.metrics
+    if steps is not None:
+        ref = [r for r in ref if r["step"] in steps]
+    assert [r["step"] for r in rows] == [r["step"] for r in ref], "one row per committed step"
+    for key in ("loss_hex", "batch_hash", "consumed_samples", "lr", "grad_norm"):
+        assert [r[key] for r in rows] == [r[key] for r in ref], key
+    assert got.summary["state_sha256"] == want.summary["state_sha256"]
