@@ -34,6 +34,7 @@ from ..comm.init import report_store_ops
 from ..comm.rendezvous import rendezvous
 from ..comm.store import JobIdentity, connect, parse_endpoints
 from ..comm.world import backend_for
+from ..compat.megatron_versions import forget_collective_caches
 from ..config import RunConfig
 from ..megatron import groups
 from ..megatron.rebind import group_roles, rebind
@@ -283,6 +284,9 @@ class RecoveryLoop:
         t1 = time.perf_counter()
         rebind(self.driver.rebind_roots(), self.old_roles)
         self.old_roles = {}
+        # megatron-core 0.19 caches a collective's answer in the optimizer: a replacement
+        # starts without it, so every rank forgets it and asks again, together
+        forget_collective_caches(self.driver.optimizer)
         log.info("rebuild: parallel state %.3fs, rebind %.3fs", t1 - t0,
                  time.perf_counter() - t1)
 
