@@ -122,6 +122,10 @@ def _dp_cp(cfg: Any, world_size: int) -> int:
 def check_bridge_layout(cfg: Any, world_size: int) -> None:
     """The core's layout check on a Bridge config; the message names Bridge's keys."""
     m, ddp = cfg.model, cfg.ddp
+    # the embedding and the loss may count as pipeline layers; a custom layout splits alone
+    layers = None if getattr(m, "pipeline_model_parallel_layout", None) is not None else (
+        m.num_layers + int(bool(getattr(m, "account_for_embedding_in_pipeline_split", False)))
+        + int(bool(getattr(m, "account_for_loss_in_pipeline_split", False))))
     try:
         check_layout(world_size=world_size, tp=int(m.tensor_model_parallel_size),
                      pp=int(m.pipeline_model_parallel_size),
@@ -129,7 +133,7 @@ def check_bridge_layout(cfg: Any, world_size: int) -> None:
                      vp=m.virtual_pipeline_model_parallel_size,
                      instances=int(ddp.num_distributed_optimizer_instances or 1),
                      distributed_optimizer=bool(ddp.use_distributed_optimizer),
-                     num_layers=m.num_layers, heads=m.num_attention_heads,
+                     num_layers=layers, heads=m.num_attention_heads,
                      query_groups=m.num_query_groups or m.num_attention_heads)
     except ConfigError as err:
         text = str(err)

@@ -42,7 +42,7 @@ from ..steps import HookList, Phase
 from ..train.loop import PendingCommit, StepMetrics
 from .loop import BridgeLoop
 from .steps import (RecordingForwardStep, first_lr, global_batch, job_batch_hash, job_loss,
-                    lm_loss, summarize)
+                    lm_loss, logged_grad_norm, summarize)
 
 log = logging.getLogger(__name__)
 
@@ -233,12 +233,26 @@ class BridgeStepDriver:
             torch.cuda.set_device(device.current())
 
     def _run_bridge_loop(self) -> None:
+        """Bridge's ``train()``, then what Bridge's ``pretrain()`` does after it."""
+        from megatron.bridge.training.eval import evaluate_and_print_results
         from megatron.bridge.training.train import train
 
         self._enter_bridge_loop()
         train(self.forward, self.model, self.optimizer, self.scheduler, self.train_iterator,
               self.valid_iterator, self.state, self.checkpoint_manager, self.pg_collection,
               callback_manager=self.callbacks)
+        cfg, ts = self.cfg, self.state.train_state
+        for iterator, name, wanted in ((self.valid_iterator, "validation", ts.do_valid),
+                                       (self.test_iterator, "test", ts.do_test)):
+            if wanted:
+                evaluate_and_print_results(
+                    self.state, f"iteration {ts.step} on {name} set", self.forward, iterator,
+                    self.model, cfg.model, verbose=True,
+                    write_to_tensorboard=not cfg.validation.skip_train,
+                    callback_manager=self.callbacks, **({"is_test": True} if name == "test"
+                                                        else {}))
+        self.checkpoint_manager.finalize_async_saves(state=self.state, blocking=True,
+                                                     terminate=True)
 
     def _enter_bridge_loop(self) -> None:
         """Make the state Bridge's ``train()`` starts from what a fresh start gives it, at
@@ -254,7 +268,7 @@ class BridgeStepDriver:
         self._model_config.param_sync_func = self._param_sync_func
         self.forward.end()
         eval_pgs = getattr(self.state, "_eval_pgs", None)
-        self.train_iterator, self.valid_iterator, _ = setup_data_iterators(
+        self.train_iterator, self.valid_iterator, self.test_iterator = setup_data_iterators(
             cfg=self.cfg, train_state=ts, model_length=len(self.model),
             train_valid_test_datasets_provider=self.datasets.cached,
             dp_group=self.pg_collection.dp,
@@ -288,7 +302,7 @@ class BridgeStepDriver:
             loss = job_loss(lm_loss(losses, pg_collection.dp_cp))
             batch_hash = job_batch_hash(self.forward.micro_batches)
             prepared = mopt.StepResult(found_inf=not held.update,
-                                       grad_norm=float(held.grad_norm or 0.0))
+                                       grad_norm=logged_grad_norm(held.grad_norm))
             self.pending = PendingCommit(step, prepared, loss, start, batch_hash)
             self.hooks(Phase.OPTIMIZER, step)
             self.commit()

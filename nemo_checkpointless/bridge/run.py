@@ -25,16 +25,20 @@ from .apply import check_bridge_layout, checkpointless_of
 log = logging.getLogger(__name__)
 
 
-def prepare(cpu_mode: Optional[bool] = None) -> bool:
+def prepare() -> bool:
     """Process-wide start-up: megatron-core check, Bridge's wheel/CPU patches, rehearsal
-    mode without CUDA. Returns whether CPU rehearsal mode is on."""
+    mode without CUDA, Adam's state created with the optimizer (in flat buffers, as the
+    recovery core moves it; before any checkpoint load). Returns whether CPU rehearsal
+    mode is on."""
     from .. import cpu
     from ..compat import bridge as cbridge
     from ..compat.megatron_versions import check_megatron_core
+    from ..megatron.shards import make_state_contiguous
 
     check_megatron_core()
-    rehearsal = cpu.enable() if cpu_mode is None else cpu_mode and cpu.enable()
+    rehearsal = cpu.enable()
     cbridge.prepare_start_up(cpu_mode=rehearsal)
+    cbridge.after_optimizer_setup(make_state_contiguous)
     return rehearsal
 
 

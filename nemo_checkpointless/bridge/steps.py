@@ -162,6 +162,11 @@ def job_batch_hash(micro_batches: list[dict[str, torch.Tensor]]) -> str:
     return f"{int(value.item()) & (2**64 - 1):016x}"
 
 
+def logged_grad_norm(value: Optional[float]) -> float:
+    """The grad norm as Bridge's ``train_step`` reports it (reduced as float32)."""
+    return float(torch.tensor(float(value or 0.0), dtype=torch.float32))
+
+
 def first_lr(optimizer: Any) -> float:
     return float(optimizer.param_groups[0]["lr"])
 
@@ -201,7 +206,7 @@ class MetricsCallback(Callback):
             step=step, loss=loss,
             consumed_samples=state.train_state.consumed_train_samples + global_batch(state),
             step_time_s=time.perf_counter() - self._start,
-            grad_norm=float(context.grad_norm or 0.0), lr=first_lr(context.optimizer),
+            grad_norm=logged_grad_norm(context.grad_norm), lr=first_lr(context.optimizer),
             batch_hash=job_batch_hash(self.forward.micro_batches))
         assert self.writer is not None
         self.writer.write(metrics.record())

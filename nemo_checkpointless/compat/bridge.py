@@ -199,3 +199,23 @@ def reset_loop_state(state: Any) -> None:
             timer.reset()
     machine = rsm.get_rerun_state_machine()
     machine.state = rsm.RerunState.NOT_RUNNING_YET
+
+
+def after_optimizer_setup(hook: Any) -> None:
+    """Call ``hook(optimizer)`` on the optimizer Bridge's set-up builds, before it loads a
+    checkpoint. (Resuming a ``torch_dist`` checkpoint reads Adam's ``step`` from the
+    optimizer's state, which torch's Adam creates only at its first step: without Transformer
+    Engine's fused Adam, the state must exist before the load.)"""
+    if not _once("optimizer_hook"):
+        return
+    from megatron.bridge.training import setup as bridge_setup
+
+    build = bridge_setup.setup_optimizer
+
+    @functools.wraps(build)
+    def setup_optimizer(*args: Any, **kwargs: Any) -> Any:
+        optimizer, scheduler = build(*args, **kwargs)
+        hook(optimizer)
+        return optimizer, scheduler
+
+    bridge_setup.setup_optimizer = setup_optimizer
