@@ -132,20 +132,17 @@ def describe(cfg: Any) -> str:
 
 def run(args: Args, run_dir: str) -> Optional[dict[str, Any]]:
     """Train on this rank, under whichever launcher started it."""
-    from ..launch.channel import Channel
+    from ..launch.channel import ENV_FD
     from ..logs import setup_logging
-    from .run import prepare, run_bridge, run_bridge_under_agent
+    from .run import prepare
+    from .run import run as run_on_this_rank
 
     spare = os.environ.get("NCL_SPARE") == "1"
     setup_logging("spare" if spare else os.environ.get("RANK", "0"))
     prepare()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg = build_config(args, world_size=world)
-    channel = Channel.from_env()
-    if channel is not None:
-        return run_bridge_under_agent(cfg, run_dir, channel)
-    if cfg.checkpointless.tier != "off":
+    if ENV_FD not in os.environ and cfg.checkpointless.tier != "off":
         log.warning("checkpointless=%s without ncl-launch: Bridge trains alone (no in-process "
                     "recovery); launch with ncl-launch to recover", cfg.checkpointless.tier)
-    run_bridge(cfg, run_dir)
-    return None
+    return run_on_this_rank(cfg, run_dir)

@@ -116,3 +116,16 @@ def run_bridge_under_agent(cfg: Any, run_dir: str | Path, channel: Any,
         return loop.run(driver)
 
     return run_under_agent(core, root, channel, train=train)
+
+
+def run(cfg: Any, run_dir: str | Path, forward_step: Optional[Callable[..., Any]] = None,
+        callbacks: Sequence[Any] = ()) -> Optional[dict[str, Any]]:
+    """Train ``cfg`` on this rank under whichever launcher started it: under ncl-launch
+    with in-process recovery (tier 3/4), else Bridge's own ``pretrain()``."""
+    from ..launch.channel import Channel
+
+    channel = Channel.from_env()
+    if channel is not None:
+        return run_bridge_under_agent(cfg, run_dir, channel, forward_step, callbacks)
+    run_bridge(cfg, run_dir, forward_step, callbacks)
+    return None
