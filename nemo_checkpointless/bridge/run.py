@@ -32,6 +32,7 @@ def prepare() -> bool:
     mode is on."""
     from .. import cpu
     from ..compat import bridge as cbridge
+    from ..compat.megatron_step import separate_adam_steps_on_load
     from ..compat.megatron_versions import check_megatron_core
     from ..megatron.shards import make_state_contiguous
 
@@ -39,17 +40,18 @@ def prepare() -> bool:
     rehearsal = cpu.enable()
     cbridge.prepare_start_up(cpu_mode=rehearsal)
     cbridge.after_optimizer_setup(make_state_contiguous)
+    separate_adam_steps_on_load()
     return rehearsal
 
 
 def run_bridge(cfg: Any, run_dir: str | Path, forward_step: Optional[Callable[..., Any]] = None,
                callbacks: Sequence[Any] = ()) -> None:
     """Bridge's own ``pretrain()``, recording ``metrics.jsonl`` and ``summary.json``."""
+    prepare()
     from megatron.bridge.training.pretrain import pretrain
 
     from .steps import MetricsCallback, RecordingForwardStep
 
-    prepare()
     forward = RecordingForwardStep(forward_step)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     check_bridge_layout(cfg, world)

@@ -20,14 +20,19 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
-from megatron.bridge.training.callbacks import Callback, CallbackContext
-from megatron.bridge.training.state import GlobalState
 
-from ..megatron.state import job_digest
-from ..metrics.writer import JsonlWriter, write_json
-from ..steps import HookList, Phase
-from ..train.data import local_batch_digest
-from ..train.loop import StepMetrics
+from ..compat.bridge import import_bridge
+
+import_bridge()  # before any megatron.bridge module: it imports without Transformer Engine
+
+from megatron.bridge.training.callbacks import Callback, CallbackContext  # noqa: E402
+from megatron.bridge.training.state import GlobalState  # noqa: E402
+
+from ..megatron.state import job_digest  # noqa: E402
+from ..metrics.writer import JsonlWriter, write_json  # noqa: E402
+from ..steps import HookList, Phase  # noqa: E402
+from ..train.data import local_batch_digest  # noqa: E402
+from ..train.loop import StepMetrics  # noqa: E402
 
 
 class _RecordingIterator:

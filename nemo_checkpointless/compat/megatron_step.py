@@ -114,3 +114,39 @@ def ensure_forward_pre_hooks(chunks: list[torch.nn.Module]) -> None:
             continue
         if len(getattr(chunk, "remove_forward_pre_hook_handles", {})) == 0:
             chunk.enable_forward_pre_hook()
+
+
+def separate_adam_steps_on_load() -> bool:
+    """Restore Adam's ``step`` of every parameter, each its own tensor, on a checkpoint load.
+
+    Without Transformer Engine or Apex, megatron-core 0.19's ``DistributedOptimizer.
+    load_state_dict`` reads the step from the checkpoint's param groups into one tensor
+    shared by the state of every parameter (torch keeps it shared, so each optimizer step
+    would then advance it once per parameter), and the parameter-state load that follows
+    (``dp_reshardable``) writes the step of the state that was there before the load over
+    it. The first update after a resume then used a wrong bias correction. (With TE's or
+    Apex's fused Adam the step lives in the param groups and this path is not taken.)
+    Returns whether the fix applies to the installed megatron-core.
+    """
+    from megatron.core.optimizer import distrib_optimizer as dopt
+
+    if getattr(dopt, "HAVE_APEX_OR_TE", True):
+        return False
+    load = dopt.DistributedOptimizer.load_state_dict
+    if getattr(load, "_ncl_separate_steps", False):
+        return True
+
+    def load_state_dict(self: Any, state_dict: Any) -> Any:
+        groups = (state_dict.get("optimizer") or {}).get("param_groups") or []
+        saved = {g["step"] for g in groups if g.get("step") is not None}
+        result = load(self, state_dict)
+        if len(saved) == 1:
+            value = float(saved.pop())
+            for state in self.optimizer.state.values():
+                if "step" in state:
+                    state["step"] = torch.tensor(value, dtype=torch.float32)
+        return result
+
+    load_state_dict._ncl_separate_steps = True  # type: ignore[attr-defined]
+    dopt.DistributedOptimizer.load_state_dict = load_state_dict  # type: ignore[method-assign]
+    return True
