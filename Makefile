@@ -74,8 +74,7 @@ STAMP_LATEST := $(VENV_LATEST)/.installed
 LATEST_CORE_TESTS ?= \
 	"tests/e2e/test_recovery.py::test_every_phase_and_kind_recovers_exactly" \
 	"tests/e2e/test_recovery.py::test_whole_node_lost_and_replaced" \
-	"tests/e2e/test_recovery.py::test_commit_barrier_changes_nothing" \
-	tests/dist/test_rebind.py
+	"tests/e2e/test_recovery.py::test_commit_barrier_changes_nothing"
 
 .PHONY: venv-latest test-latest
 

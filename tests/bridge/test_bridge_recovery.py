@@ -44,14 +44,24 @@ def test_bridge_alone_under_torchrun_equals_the_driven_run(reference, tmp_path):
         assert "validation loss at iteration 8 on test set" in run.output
 
 
-def test_rank_killed_in_forward_optimizer_and_after_step_recovers_exactly(reference, tmp_path):
-    faults = [(1, 2, "forward", "kill"), (0, 4, "optimizer", "kill"),
-              (1, 6, "after_step", "kill")]
-    run = ncl_launch(2, [*BASE, plan(*faults)], tmp_path / "run", spares=1)
+FAULTS = [(1, 2, "forward", "kill"), (0, 3, "optimizer", "kill"), (1, 6, "after_step", "kill")]
+
+
+@pytest.fixture(scope="module")
+def recovered(tmp_path_factory):
+    """Ranks SIGKILLed in forward, optimizer and after_step of one run, while Bridge saves
+    torch_dist checkpoints every 4 iterations (both saves after a recovery)."""
+    root = tmp_path_factory.mktemp("recovered")
+    save = [f"checkpoint.save={root / 'ckpt'}", "checkpoint.save_interval=4"]
+    return ncl_launch(2, [*BASE, *save, plan(*FAULTS)], root / "run", spares=1), root / "ckpt"
+
+
+def test_rank_killed_in_forward_optimizer_and_after_step_recovers_exactly(reference, recovered):
+    run, _ = recovered
     assert_same_run(run, reference)
-    assert sorted(fault_events(run)) == sorted(faults)
+    assert sorted(fault_events(run)) == sorted(FAULTS)
     recoveries = run.summary["recoveries"]
-    assert len(recoveries) == len(faults)
+    assert len(recoveries) == len(FAULTS)
     assert all(rec["bytes_transferred"] > 0 for rec in recoveries)
 
 
@@ -68,15 +78,10 @@ def test_whole_agent_killed_and_replaced(reference, tmp_path):
     assert len(run.summary["recoveries"]) == 1
 
 
-def test_checkpoint_written_after_a_recovery_resumes_in_bridge(reference, tmp_path):
-    """Bridge saves (torch_dist) every 4 iterations in a run that recovered from a kill at
-    iteration 2; Bridge's own resume (torchrun, ``checkpoint.load``) from iteration 4 then
-    trains 5..8 exactly as the fault-free run did."""
-    ckpt = tmp_path / "ckpt"
-    save = [f"checkpoint.save={ckpt}", "checkpoint.save_interval=4"]
-    run = ncl_launch(2, [*BASE, *save, plan((1, 2, "forward", "kill"))], tmp_path / "run")
-    assert_same_run(run, reference)
-    assert fault_events(run) == [(1, 2, "forward", "kill")]
+def test_checkpoint_written_after_recoveries_resumes_in_bridge(reference, recovered, tmp_path):
+    """Bridge's own resume (torchrun, ``checkpoint.load``) from the iteration-4 checkpoint
+    the recovered run wrote trains 5..8 exactly as the fault-free run did."""
+    _, ckpt = recovered
     assert (ckpt / "iter_0000004").is_dir() and (ckpt / "iter_0000008").is_dir()
     resumed = torchrun(2, [*BASE, f"checkpoint.load={ckpt}", "checkpoint.ckpt_step=4",
                            "checkpoint.save=null"], tmp_path / "resumed").check()
