@@ -10,6 +10,7 @@
 set -u
 log=/tmp/ncl-agent.log
 child=0
+# shellcheck disable=SC2329  # forward: called from the traps below
 forward() {
     if ((child > 0)); then kill -"$1" "$child" 2>/dev/null || true; fi
 }

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -394,6 +395,14 @@ def test_pod_command_is_a_valid_agent_command_line(kind, tmp_path, monkeypatch):
     assert args.peers.count(",") == 2 and args.standby_port == 29400
     sub = "llama70b-peers" if kind == "jobset" else "llama70b-standby"
     assert args.standby_host.endswith(f".{sub}")
+
+
+def test_pod_script_passes_shellcheck():
+    script = K8S / "agent.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    assert script.read_text().startswith("# shellcheck shell=bash")
+    if shutil.which("shellcheck"):
+        subprocess.run(["shellcheck", "-s", "bash", str(script)], check=True)
 
 
 def test_pod_command_passes_usr1_to_the_agent(tmp_path):
