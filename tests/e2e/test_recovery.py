@@ -84,6 +84,10 @@ def test_rank0_killed(tmp_path, reference):
     assert_exact(result, reference("dp4"))
     assert_fired(result, faults)
     assert len(result.summary["recoveries"]) == 1
+    # the recovery's timeline is logged inline, phase by phase
+    assert re.search(r"recovered in \d+\.\d+s \(generation 1\)\n(  \w+ +\d+\.\d+ s.*\n)+",
+                     result.output), result.output[-4000:]
+    assert "  state_transfer" in result.output
     # DP only: every rank has the same model, so the warm spare built its model and DDP
     # before it was given rank 0 (zero-filled, rebound to the real groups, then filled)
     assert "model and DDP built before this rank was assigned" in result.output
@@ -254,3 +258,18 @@ def test_tiers_without_recovery_under_ncl_launch(tmp_path, reference):
     plain = torchrun(4, base, tmp_path / "torchrun").check()
     assert result.summary["state_sha256"] == plain.summary["state_sha256"]
     assert [r["loss_hex"] for r in result.metrics] == [r["loss_hex"] for r in plain.metrics]
+
+
+def test_progress_line_and_non_finite_loss_under_ncl_launch(tmp_path):
+    """The recovery loop reports progress like the plain loop, and a NaN loss stops the
+    job (exit 3, every rank's verdict) instead of training on or replacing ranks."""
+    base = ["checkpointless=tier4", "strategy.num_distributed_optimizer_instances=2"]
+    ok = ncl_launch(2, [*base, "trainer.max_steps=3"], tmp_path / "ok", spares=0).check()
+    assert re.search(r"\[rank 0\] ncl\.progress INFO: step 3/3 loss \d+\.\d{6} step "
+                     r"\d+\.\d+s \d+ tokens/s left 0:00:00", ok.output), ok.output[-3000:]
+    nan = ncl_launch(2, [*base, "trainer.max_steps=6", "optim.lr=1e30",
+                         "optim.warmup_steps=0", "optim.clip_grad=0"], tmp_path / "nan",
+                     spares=1, timeout=240)
+    assert nan.returncode == 3, nan.output[-3000:]
+    assert "cannot recover: loss is nan at step 3" in nan.output
+    assert "replacing it" not in nan.output
