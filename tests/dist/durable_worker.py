@@ -1,0 +1,72 @@
+"""Worker for test_durable_*.py (launched by torchrun): train the lean loop with durable
+checkpoints, optionally resuming from the latest verified one first.
+
+    durable_worker.py RUN_DIR CKPT_ROOT INTERVAL RESUME(auto|never) [overrides...]
+
+Rank 0 prints one ``RESULT {json}`` line: every step's loss_hex, the final state_sha256,
+what each save cost and what the resume loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+
+def main() -> None:
+    from nemo_checkpointless import cpu
+    from nemo_checkpointless.checkpoint import DurableCheckpointer, latest_verified, load
+    from nemo_checkpointless.comm.world import init_world
+    from nemo_checkpointless.config import compose
+    from nemo_checkpointless.megatron.shards import capture_rng, restore_rng
+    from nemo_checkpointless.train.entry import setup_logging
+    from nemo_checkpointless.train.loop import Trainer
+
+    run_dir, root, interval, resume = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), \
+        sys.argv[4]
+    cpu.enable()
+    init_world("gloo")
+    rank = dist.get_rank()
+    setup_logging(rank)
+    cfg = compose(sys.argv[5:])
+    trainer = Trainer(cfg, run_dir)
+    trainer.setup()
+    resumed = None
+    if resume == "auto":
+        info = latest_verified(root)
+        if info is not None:
+            restored = load(info, trainer.model, trainer.optimizer)
+            trainer.step = restored.step
+            trainer.consumed_samples = restored.consumed_samples
+            trainer.load_schedule_state(restored.extra_state["scheduler_steps"])
+            trainer.last_record = restored.extra_state["record"]
+            if restored.rank_state is not None:
+                restore_rng(restored.rank_state["rng"])
+            resumed = {"step": restored.step, "seconds": restored.seconds,
+                       "resharded": restored.resharded, "checkpoint": info.name}
+    ckpt = DurableCheckpointer(root, interval_steps=interval or None, keep=3)
+    losses, saves = {}, []
+    while trainer.step < cfg.trainer.max_steps:
+        metrics = trainer.train_step()
+        losses[metrics.step] = float(metrics.loss).hex()
+        extra = {"consumed_samples": trainer.consumed_samples,
+                 "scheduler_steps": trainer.schedule_state(), "record": trainer.last_record}
+        if ckpt.maybe_save(trainer.step, trainer.model, trainer.optimizer, extra,
+                           rank_state={"rng": capture_rng()}):
+            saves.append(dict(ckpt.last_stats))
+    final = ckpt.close()
+    if final is not None and saves:
+        saves[-1].update(final)
+    summary = trainer.finish()
+    if rank == 0:
+        print("RESULT " + json.dumps({"losses": losses, "state_sha256": summary["state_sha256"],
+                                      "saves": saves, "resumed": resumed,
+                                      "final_step": summary["final_step"]}), flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
