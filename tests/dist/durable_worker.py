@@ -10,6 +10,7 @@ what each save cost and what the resume loaded.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -57,6 +58,9 @@ def main() -> None:
         if ckpt.maybe_save(trainer.step, trainer.model, trainer.optimizer, extra,
                            rank_state={"rng": capture_rng()}):
             saves.append(dict(ckpt.last_stats))
+            if os.environ.get("DURABLE_REFERENCE"):
+                dump_reference(Path(os.environ["DURABLE_REFERENCE"]) / f"iter_{trainer.step:07d}",
+                               trainer, rank)
     final = ckpt.close()
     if final is not None and saves:
         saves[-1].update(final)
@@ -66,6 +70,20 @@ def main() -> None:
                                       "saves": saves, "resumed": resumed,
                                       "final_step": summary["final_step"]}), flush=True)
     dist.destroy_process_group()
+
+
+def dump_reference(directory: Path, trainer, rank: int) -> None:
+    """The saved tensors as megatron's own sharded state dict sees them, for the stock
+    loader to compare with."""
+    import torch
+    from durable_stock_loader import flat_tensors
+
+    from nemo_checkpointless.checkpoint import snapshot
+
+    directory.mkdir(parents=True, exist_ok=True)
+    sd = snapshot.state_dict(trainer.model, trainer.optimizer, is_loading=False,
+                             with_rank_state=False)
+    torch.save(flat_tensors(sd), directory / f"rank_{rank}.pt")
 
 
 if __name__ == "__main__":
