@@ -89,8 +89,10 @@ class DurableCheckpointer:
         if self.interval_minutes is None:
             return False
         late = self._clock() - self._last_save_clock >= 60.0 * self.interval_minutes
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return late
         flag = device.control_tensor([int(late)], torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # one rank's clock is enough
         return bool(flag.item())
 
     def maybe_save(self, step: int, model: list[torch.nn.Module], optimizer: Any,
