@@ -78,6 +78,7 @@ class DurableCheckpointer:
         self._job: Optional[SaveJob] = None
         self._thread: Optional[threading.Thread] = None
         self.last_stats: dict[str, Any] = {}
+        self.history: list[dict[str, Any]] = []  # stats of finished saves (newest 100)
 
     # ------------------------------------------------------------------ schedule
     def due(self, step: int) -> bool:
@@ -195,6 +196,7 @@ class DurableCheckpointer:
         stats = dict(job.stats, complete=job.complete,
                      error=repr(job.error) if job.error else None)
         self.last_stats = stats
+        self.history = [*self.history[-99:], stats]
         return stats
 
     def abandon(self) -> None:
