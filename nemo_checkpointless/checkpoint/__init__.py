@@ -13,7 +13,7 @@ API (every call below is collective unless said otherwise: call it on every rank
     ckpt.maybe_save(step, model_chunks, optimizer,
                     extra_state={"consumed_samples": ..., ...}, rank_state=rng)
     ckpt.wait()      # local, the save in flight is on disk (rank 0: manifest written)
-    ckpt.abandon()   # after a recovery rebuilt the groups, before the next save
+    ckpt.settle()    # after a recovery rebuilt the groups, before looking or saving
     info = latest_verified(root)           # CheckpointInfo or None, same on every rank
     restored = load(info, model_chunks, optimizer)   # in place; .extra_state, .rank_state
 

@@ -199,17 +199,38 @@ class DurableCheckpointer:
         self.history = [*self.history[-99:], stats]
         return stats
 
+    def settle(self) -> bool:
+        """After a recovery rebuilt the process groups, before anything looks for a
+        checkpoint or saves again (collective: every rank of the new world, replacements
+        too). The save in flight, if any, is completed when every rank of the old world
+        had written its files (rank 0 must be the old rank 0), else left incomplete; plan
+        caches, group handles and the schedule's memory of the last saved step are reset
+        (a rollback may reach that step again). Returns True if the save in flight was
+        completed here."""
+        job = self._job
+        self.abandon()
+        dist.barrier()  # every live rank's files of the save in flight are on disk
+        done = False
+        if job is not None and dist.get_rank() == 0:
+            try:
+                done = job.finish_now()
+            except Exception as err:  # noqa: BLE001 - leave it incomplete, say why
+                log.error("could not complete the checkpoint of step %d after the "
+                          "recovery: %r; it stays incomplete", job.step, err)
+        self._job = None
+        return done
+
     def abandon(self) -> None:
-        """After a failure, before the next save: stop waiting for other ranks' files
-        (the checkpoint in flight stays incomplete unless every rank had reported), and
-        forget plans and group handles (the next save plans again, collectively).
-        Call on every rank once the process groups are rebuilt."""
+        """Local, no communication: stop waiting for other ranks' files (the checkpoint
+        in flight stays incomplete unless every rank had reported already), wait for this
+        rank's own writes, and forget plans, group handles and the last saved step."""
         if self._job is not None:
             self._job.cancel()
         self.wait()
         self._strategy = None
         self._strategy_group = None
         self._saves_planned = 0
+        self._last_step = -1
 
     def close(self) -> Optional[dict[str, Any]]:
         """Finish the save in flight (end of job)."""

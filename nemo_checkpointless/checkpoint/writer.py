@@ -147,6 +147,17 @@ class SaveJob:
         report = {"rank": self.rank, "results": results, "files": records}
         mf.write_atomic(self.parts_dir / f"rank_{self.rank:05d}.pkl", pickle.dumps(report))
 
+    def finish_now(self) -> bool:
+        """Rank 0, after every live rank's local write has ended: complete the checkpoint
+        if every rank had reported, without waiting (see ``DurableCheckpointer.settle``)."""
+        if self.complete or self.error is not None:
+            return self.complete
+        if not all((self.parts_dir / f"rank_{r:05d}.pkl").exists()
+                   for r in range(self.world_size)):
+            return False
+        self.complete = self._finalize()
+        return self.complete
+
     def _finalize(self) -> bool:
         reports = self._gather_reports()
         if reports is None:
@@ -179,8 +190,9 @@ class SaveJob:
             if not missing:
                 break
             if self._cancel.is_set():
-                log.warning("durable checkpoint of step %d abandoned (the job is recovering); "
-                            "it stays incomplete", self.step)
+                log.warning("durable checkpoint of step %d: stopped waiting for ranks %s "
+                            "(recovery); it completes only if they had written their files",
+                            self.step, [int(p.stem.split("_")[1]) for p in missing])
                 return None
             if time.monotonic() > deadline:
                 log.error("durable checkpoint of step %d: ranks %s did not report within "

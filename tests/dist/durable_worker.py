@@ -3,6 +3,9 @@ checkpoints, optionally resuming from the latest verified one first.
 
     durable_worker.py RUN_DIR CKPT_ROOT INTERVAL RESUME(auto|never) [overrides...]
 
+``DURABLE_SETTLE=S:R``: rank R writes nothing of the save of step S (as if it had died
+before writing), and right after that save every rank settles, as after a recovery.
+
 Rank 0 prints one ``RESULT {json}`` line: every step's loss_hex, the final state_sha256,
 what each save cost and what the resume loaded.
 """
@@ -49,25 +52,37 @@ def main() -> None:
             resumed = {"step": restored.step, "seconds": restored.seconds,
                        "resharded": restored.resharded, "checkpoint": info.name}
     ckpt = DurableCheckpointer(root, interval_steps=interval or None, keep=3)
-    losses, saves = {}, []
+    from nemo_checkpointless.checkpoint.writer import SaveJob
+
+    run_save = SaveJob.run
+    losses, saves, settled = {}, [], []
+    settle_step, drop_rank = (int(x) for x in os.environ.get("DURABLE_SETTLE", "0:-1").split(":"))
     while trainer.step < cfg.trainer.max_steps:
         metrics = trainer.train_step()
         losses[metrics.step] = float(metrics.loss).hex()
         extra = {"consumed_samples": trainer.consumed_samples,
                  "scheduler_steps": trainer.schedule_state(), "record": trainer.last_record}
+        if trainer.step == settle_step and rank == drop_rank:
+            from nemo_checkpointless.checkpoint import writer
+
+            writer.SaveJob.run = lambda job: None  # this rank "dies" before writing
         if ckpt.maybe_save(trainer.step, trainer.model, trainer.optimizer, extra,
                            rank_state={"rng": capture_rng()}):
             saves.append(dict(ckpt.last_stats))
             if os.environ.get("DURABLE_REFERENCE"):
                 dump_reference(Path(os.environ["DURABLE_REFERENCE"]) / f"iter_{trainer.step:07d}",
                                trainer, rank)
+            if trainer.step == settle_step:
+                if rank == drop_rank:
+                    writer.SaveJob.run = run_save
+                settled.append(ckpt.settle())
     final = ckpt.close()
     if final is not None and saves:
         saves[-1].update(final)
     summary = trainer.finish()
     if rank == 0:
         print("RESULT " + json.dumps({"losses": losses, "state_sha256": summary["state_sha256"],
-                                      "saves": saves, "resumed": resumed,
+                                      "saves": saves, "resumed": resumed, "settled": settled,
                                       "final_step": summary["final_step"]}), flush=True)
     dist.destroy_process_group()
 

@@ -45,10 +45,12 @@ def train(run_dir: Path, root: Path, interval: int, resume: str, steps: int, lay
 
 @pytest.fixture(scope="module")
 def tp2_run(tmp_path_factory):
-    """Uninterrupted TP2 x DP2 run of 6 steps, checkpoints after steps 2, 4 and 6."""
+    """Uninterrupted TP2 x DP2 run of 8 steps, checkpoints after steps 2, 4, 6 and 8; rank
+    3 writes nothing of step 2's and every rank settles after it (as after a recovery)."""
     base = tmp_path_factory.mktemp("durable-tp2")
-    out, result = train(base / "run", base / "ckpt", 2, "never", 6, TP2,
-                        env={"DURABLE_REFERENCE": str(base / "reference")})
+    out, result = train(base / "run", base / "ckpt", 2, "never", 8, TP2,
+                        env={"DURABLE_REFERENCE": str(base / "reference"),
+                             "DURABLE_SETTLE": "2:3"})
     return base, result
 
 
@@ -65,21 +67,25 @@ def _flip_byte(path: Path, offset: int) -> None:
 
 def test_saves_are_complete_and_asynchronous(tp2_run):
     base, result = tp2_run
+    # step 2's save lacks rank 3's files: settle left it incomplete, and once step 4's
+    # completed it was removed with the debris
+    assert result["settled"] == [False]
     names = sorted(p.name for p in (base / "ckpt").iterdir())
-    assert names == ["iter_0000002", "iter_0000004", "iter_0000006",
+    assert names == ["iter_0000004", "iter_0000006", "iter_0000008",
                      "latest_checkpointed_iteration.txt"]
-    assert (base / "ckpt" / "latest_checkpointed_iteration.txt").read_text() == "6\n"
+    assert (base / "ckpt" / "latest_checkpointed_iteration.txt").read_text() == "8\n"
     saves = result["saves"]
-    assert [s["step"] for s in saves] == [2, 4, 6]
-    # megatron's planning is collective for the first two saves, cached afterwards
-    assert [s["planned_with_communication"] for s in saves] == [True, True, False]
+    assert [s["step"] for s in saves] == [2, 4, 6, 8]
+    # megatron's planning is collective for the first two saves of a strategy, cached
+    # afterwards; settling after step 2 started a new strategy on every rank
+    assert [s["planned_with_communication"] for s in saves] == [True, True, True, False]
     last = saves[-1]
     assert last["complete"] and last["error"] is None
-    print(f"\nsave of step 6: training thread blocked {last['snapshot_s'] * 1e3:.1f} ms "
+    print(f"\nsave of step 8: training thread blocked {last['snapshot_s'] * 1e3:.1f} ms "
           f"(host copy {last['copy_s'] * 1e3:.1f} ms of {last['snapshot_bytes'] / 1e6:.1f} MB); "
           f"background write {last['write_s'] * 1e3:.0f} ms, finalize "
           f"{last['finalize_s'] * 1e3:.0f} ms, checkpoint {last['checkpoint_bytes'] / 1e6:.1f} MB")
-    for d in ("iter_0000002", "iter_0000004", "iter_0000006"):
+    for d in ("iter_0000004", "iter_0000006", "iter_0000008"):
         files = {p.name for p in (base / "ckpt" / d).iterdir()}
         assert {".metadata", "metadata.json", "common.pt", "ncl_manifest.json"} <= files
         assert not any(f.startswith("ncl_parts_") for f in files), files
@@ -90,17 +96,17 @@ def test_new_job_resumes_bit_for_bit_past_a_corrupt_checkpoint(tp2_run, tmp_path
     before, and ends equal to the uninterrupted run (every loss, the state hash)."""
     base, reference = tp2_run
     root = _copy_root(base, tmp_path / "ckpt")
-    _flip_byte(root / "iter_0000006" / "__1_0.distcp", 5000)
-    out, result = train(tmp_path / "run", root, 0, "auto", 6, TP2)
-    assert "checkpoint " + str(root / "iter_0000006") + " fails verification" in out
+    _flip_byte(root / "iter_0000008" / "__1_0.distcp", 5000)
+    out, result = train(tmp_path / "run", root, 0, "auto", 8, TP2)
+    assert "checkpoint " + str(root / "iter_0000008") + " fails verification" in out
     assert "__1_0.distcp: SHA-256" in out
-    assert "skipping checkpoint " + str(root / "iter_0000006") in out
-    assert result["resumed"]["checkpoint"] == "iter_0000004"
+    assert "skipping checkpoint " + str(root / "iter_0000008") in out
+    assert result["resumed"]["checkpoint"] == "iter_0000006"
     assert not result["resumed"]["resharded"]
-    print(f"\nload of iter_0000004 into a fresh TP2 x DP2 job: "
+    print(f"\nload of iter_0000006 into a fresh TP2 x DP2 job: "
           f"{result['resumed']['seconds'] * 1e3:.0f} ms")
-    assert sorted(result["losses"], key=int) == ["5", "6"]
-    for step in ("5", "6"):
+    assert sorted(result["losses"], key=int) == ["7", "8"]
+    for step in ("7", "8"):
         assert result["losses"][step] == reference["losses"][step], step
     assert result["state_sha256"] == reference["state_sha256"]
 
@@ -111,32 +117,32 @@ def test_truncated_manifest_and_bad_file_fall_back(tp2_run, tmp_path, caplog):
 
     base, _ = tp2_run
     root = _copy_root(base, tmp_path / "ckpt")
-    manifest = root / "iter_0000006" / MANIFEST
+    manifest = root / "iter_0000008" / MANIFEST
     manifest.write_bytes(manifest.read_bytes()[:200])
     with caplog.at_level(logging.WARNING):
-        assert latest_verified(root).step == 4
+        assert latest_verified(root).step == 6
     assert f"{manifest} does not parse" in caplog.text
-    assert f"skipping checkpoint {root / 'iter_0000006'}" in caplog.text
+    assert f"skipping checkpoint {root / 'iter_0000008'}" in caplog.text
     caplog.clear()
-    _flip_byte(root / "iter_0000004" / "common.pt", 100)
+    _flip_byte(root / "iter_0000006" / "common.pt", 100)
     with caplog.at_level(logging.WARNING):
-        assert latest_verified(root).step == 2
-    assert f"{root / 'iter_0000004' / 'common.pt'}: SHA-256" in caplog.text
-    (root / "iter_0000002" / "__3_0.distcp").unlink()
+        assert latest_verified(root).step == 4
+    assert f"{root / 'iter_0000006' / 'common.pt'}: SHA-256" in caplog.text
+    (root / "iter_0000004" / "__3_0.distcp").unlink()
     assert latest_verified(root) is None
 
 
 def test_stock_megatron_core_loads_a_checkpoint(tp2_run):
-    """A process with only torch and megatron-core (plus the CPU shim) loads iter_4 with
+    """A process with only torch and megatron-core (plus the CPU shim) loads iter_6 with
     dist_checkpointing.load and gets every saved tensor back exactly."""
     base, _ = tp2_run
-    out, loads = _torchrun(4, STOCK, [str(base / "ckpt" / "iter_0000004"),
-                                      str(base / "reference" / "iter_0000004"), "2"])
+    out, loads = _torchrun(4, STOCK, [str(base / "ckpt" / "iter_0000006"),
+                                      str(base / "reference" / "iter_0000006"), "2"])
     assert sorted(r["rank"] for r in loads) == [0, 1, 2, 3], out[-4000:]
     for r in loads:
         assert r["our_modules"] == [], r
         assert r["tensors"] > 50 and r["mismatched"] == [] and r["missing"] == [], r
-        assert r["iteration"] == 4 and r["optimizer_step"] == 4.0, r
+        assert r["iteration"] == 6 and r["optimizer_step"] == 6.0, r
         assert r["sharding"] == "dp_reshardable"
 
 
