@@ -130,6 +130,7 @@ class DurableCheckpointer:
             if directory.exists():  # a re-save of this step (after a rollback): the old
                 shutil.rmtree(directory)  # files and manifest go before anyone writes
         first, token = self._agree()
+        t_agree = time.perf_counter()
         directory.mkdir(parents=True, exist_ok=True)
         layout = snap.current_layout(model)
         sd = snap.state_dict(model, optimizer, is_loading=False, rank_state=rank_state)
@@ -143,6 +144,7 @@ class DurableCheckpointer:
         nbytes = self._snapshot.take(sharded_part)
         t2 = time.perf_counter()
         planned = mc.plan(self._strategy, sharded_part, directory)
+        t_plan = time.perf_counter()
         self._saves_planned += 1
         self._job = SaveJob(
             root=self.root, step=step, directory=directory, planned=planned, rank=rank,
@@ -159,7 +161,8 @@ class DurableCheckpointer:
         self._last_save_clock = self._clock()
         t3 = time.perf_counter()
         self.last_stats = {"step": step, "snapshot_s": t3 - t0, "wait_previous_s": t_wait,
-                           "copy_s": t2 - t1, "snapshot_bytes": nbytes,
+                           "agree_s": t_agree - t0 - t_wait, "state_dict_s": t1 - t_agree,
+                           "copy_s": t2 - t1, "plan_s": t_plan - t2, "snapshot_bytes": nbytes,
                            "planned_with_communication": first or self._saves_planned <= 2}
         self._job.stats.update(self.last_stats)
 

@@ -6,14 +6,17 @@ turn it into a :class:`~.checkpointer.DurableCheckpointer` and a resume decision
 Default interval. Under ``ncl-launch`` durable checkpoints are on every
 :data:`DEFAULT_INTERVAL_STEPS` steps unless ``checkpoint.interval`` says otherwise (``0``
 turns them off); under plain ``torchrun`` they are off unless asked for. The number
-comes from what a save costs the step: the training thread blocks for the host snapshot
-(tiny_gpt on 4 gloo ranks: 10-30 ms of a ~0.3 s step, see ``docs/benchmarks.md``; on a
-GPU a device-to-pinned copy of the rank's share, ~0.3-0.5 s for a 70B rank at ~25 GB/s),
-and the background write shares the host with training. At 100 steps that blocking part
-is well under 1% of step time in both cases (0.4 s / (100 x ~5 s) = 0.1% for 70B), the
-background write of even a 70B rank's part has 100 steps to finish, and a job that dies
-entirely loses at most 100 steps. Pick ``interval_minutes`` instead (or as well) to bound
-the lost time directly.
+comes from what a save costs the step. The training thread blocks for the save
+agreement, megatron's state dicts and planning, and the host copy: tiny_gpt on 4 gloo
+ranks (20 MB per rank) measured 80-120 ms per save once megatron's plans are cached
+(0.25-0.76 s for the first two saves, which plan collectively), on 2 cores shared with a
+load average of 25-50, against a step of ~0.3 s on a quiet machine; on a GPU add a
+device-to-pinned copy of the rank's share (~0.3-0.5 s for a 70B rank at ~25 GB/s) to a
+step of ~5 s. At 100 steps the blocking part is 0.3-0.4% of the step time in the first
+case and about 0.1% in the second (the target is 2%; the bench measures the whole cost,
+background write included), the background write of a rank's part has 100 steps to
+finish before the next save waits for it, and a job that dies entirely loses at most 100
+steps. Pick ``interval_minutes`` instead (or as well) to bound the lost time directly.
 """
 
 from __future__ import annotations

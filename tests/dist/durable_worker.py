@@ -22,14 +22,14 @@ import torch.distributed as dist
 
 def main() -> None:
     from nemo_checkpointless import cpu
-    from nemo_checkpointless.checkpoint import DurableCheckpointer, latest_verified, load
+    from nemo_checkpointless.checkpoint import DurableCheckpointer, writer
+    from nemo_checkpointless.checkpoint.driver import CheckpointHook, resume
     from nemo_checkpointless.comm.world import init_world
     from nemo_checkpointless.config import compose
-    from nemo_checkpointless.megatron.shards import capture_rng, restore_rng
     from nemo_checkpointless.train.entry import setup_logging
     from nemo_checkpointless.train.loop import Trainer
 
-    run_dir, root, interval, resume = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), \
+    run_dir, root, interval, mode = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), \
         sys.argv[4]
     cpu.enable()
     init_world("gloo")
@@ -39,42 +39,28 @@ def main() -> None:
     trainer = Trainer(cfg, run_dir)
     trainer.setup()
     resumed = None
-    if resume == "auto":
-        info = latest_verified(root)
-        if info is not None:
-            restored = load(info, trainer.model, trainer.optimizer)
-            trainer.step = restored.step
-            trainer.consumed_samples = restored.consumed_samples
-            trainer.load_schedule_state(restored.extra_state["scheduler_steps"])
-            trainer.last_record = restored.extra_state["record"]
-            if restored.rank_state is not None:
-                restore_rng(restored.rank_state["rng"])
+    if mode == "auto":
+        restored = resume(trainer, root)
+        if restored is not None:
             resumed = {"step": restored.step, "seconds": restored.seconds,
-                       "resharded": restored.resharded, "checkpoint": info.name}
+                       "resharded": restored.resharded, "checkpoint": restored.info.name}
     ckpt = DurableCheckpointer(root, interval_steps=interval or None, keep=3)
-    from nemo_checkpointless.checkpoint.writer import SaveJob
-
-    run_save = SaveJob.run
+    trainer.hooks.add(CheckpointHook(ckpt, trainer))
+    run_save = writer.SaveJob.run
     losses, saves, settled = {}, [], []
     settle_step, drop_rank = (int(x) for x in os.environ.get("DURABLE_SETTLE", "0:-1").split(":"))
     while trainer.step < cfg.trainer.max_steps:
-        metrics = trainer.train_step()
-        losses[metrics.step] = float(metrics.loss).hex()
-        extra = {"consumed_samples": trainer.consumed_samples,
-                 "scheduler_steps": trainer.schedule_state(), "record": trainer.last_record}
-        if trainer.step == settle_step and rank == drop_rank:
-            from nemo_checkpointless.checkpoint import writer
-
+        if trainer.step + 1 == settle_step and rank == drop_rank:
             writer.SaveJob.run = lambda job: None  # this rank "dies" before writing
-        if ckpt.maybe_save(trainer.step, trainer.model, trainer.optimizer, extra,
-                           rank_state={"rng": capture_rng()}):
+        metrics = trainer.train_step()  # the hook saves after a due step
+        losses[metrics.step] = float(metrics.loss).hex()
+        if ckpt.last_stats.get("step") == trainer.step:
             saves.append(dict(ckpt.last_stats))
             if os.environ.get("DURABLE_REFERENCE"):
                 dump_reference(Path(os.environ["DURABLE_REFERENCE"]) / f"iter_{trainer.step:07d}",
                                trainer, rank)
             if trainer.step == settle_step:
-                if rank == drop_rank:
-                    writer.SaveJob.run = run_save
+                writer.SaveJob.run = run_save
                 settled.append(ckpt.settle())
     final = ckpt.close()
     if final is not None and saves:
