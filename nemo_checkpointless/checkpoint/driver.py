@@ -8,7 +8,10 @@ maps a :class:`~nemo_checkpointless.train.loop.StepDriver` onto that:
   schedule and last metrics record as the common extra state, and the RNG that starts the
   next step as this rank's state;
 * :func:`resume`: find the newest verified checkpoint and load it into the driver
-  (collective), restoring step, data position, schedule, last record and RNG.
+  (collective), restoring step, data position, schedule, last record and RNG, and drop
+  the rows of ``metrics.jsonl`` after the checkpoint's step (the job that wrote them died
+  before a newer checkpoint; they are written again as the steps are redone), so the
+  file keeps exactly one row per committed step across jobs.
 """
 
 from __future__ import annotations
@@ -65,6 +68,9 @@ def resume(driver: Any, root: Path | str, *, verify_data: bool = True
     driver.pending = None
     if restored.rank_state is not None:
         restore_rng(restored.rank_state["rng"])
-    log.info("resumed at step %d from %s (%.2fs%s)", restored.step, info.path,
-             restored.seconds, ", resharded" if restored.resharded else "")
+    metrics = getattr(driver, "metrics", None)
+    dropped = metrics.truncate_after(restored.step) if metrics is not None else 0
+    log.info("resumed at step %d from %s (%.2fs%s)%s", restored.step, info.path,
+             restored.seconds, ", resharded" if restored.resharded else "",
+             f"; {dropped} metrics rows of later steps will be redone" if dropped else "")
     return restored

@@ -97,6 +97,8 @@ def test_new_job_resumes_bit_for_bit_past_a_corrupt_checkpoint(tp2_run, tmp_path
     base, reference = tp2_run
     root = _copy_root(base, tmp_path / "ckpt")
     _flip_byte(root / "iter_0000008" / "__1_0.distcp", 5000)
+    (tmp_path / "run").mkdir()  # the same run directory: its metrics.jsonl goes on
+    shutil.copy(base / "run" / "metrics.jsonl", tmp_path / "run" / "metrics.jsonl")
     out, result = train(tmp_path / "run", root, 0, "auto", 8, TP2)
     assert "checkpoint " + str(root / "iter_0000008") + " fails verification" in out
     assert "__1_0.distcp: SHA-256" in out
@@ -109,6 +111,9 @@ def test_new_job_resumes_bit_for_bit_past_a_corrupt_checkpoint(tp2_run, tmp_path
     for step in ("7", "8"):
         assert result["losses"][step] == reference["losses"][step], step
     assert result["state_sha256"] == reference["state_sha256"]
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 9))  # one row per committed step
+    assert [r["loss_hex"] for r in rows] == [reference["losses"][str(s)] for s in range(1, 9)]
 
 
 def test_truncated_manifest_and_bad_file_fall_back(tp2_run, tmp_path, caplog):
