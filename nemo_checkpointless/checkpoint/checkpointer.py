@@ -10,12 +10,18 @@ committed step with the same step number. What blocks the step (measured in
   call when ``interval_minutes`` is set (all ranks must agree that the time is up);
 * megatron's sharded state dicts, and the copy of this rank's share into reused host
   buffers (device to pinned host memory on a GPU);
-* megatron's save planning: collective on the first two saves after a (re)start or
-  :meth:`abandon`, cached (no communication) from the third on.
+* megatron's save planning (which also pickles the small objects: param groups, RNG):
+  collective on the first two saves after a (re)start or :meth:`settle`, cached (no
+  communication) from the third on.
 
-Everything else (serialisation, hashing, writing, syncing, the coordinator's metadata and
-manifest, pruning) runs on a background thread, see ``writer.py``. At most one save is in
-flight: a save waits for the previous one's local writes first.
+Everything else (tensor serialisation, hashing, writing, syncing, the coordinator's
+metadata and manifest, pruning) runs on a background thread, see ``writer.py``. At most
+one save is in flight: a save first waits for the previous one (this rank's files; on
+rank 0 also the manifest). The thread is a daemon: call :meth:`close` before the process
+ends, or the save in flight is lost (it stays incomplete, never half-loaded).
+
+A final save outside the schedule (preemption, end of a time limit): :meth:`save`, then
+:meth:`wait`.
 """
 
 from __future__ import annotations

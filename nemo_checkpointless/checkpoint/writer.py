@@ -39,6 +39,14 @@ COMMON_FILE = "common.pt"
 POLL_S = 0.02
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class HashingFile:
     """A write-only file that hashes (SHA-256) and counts the bytes written to it; on
     close it is flushed, synced and dropped from the page cache."""
@@ -166,6 +174,7 @@ class SaveJob:
         records = [rec for r in reports for rec in r["files"]]
         mc.finish_metadata(self.planned, results)
         for name in (".metadata", "metadata.json"):
+            _fsync(self.directory / name)  # megatron does not sync metadata.json
             size, digest = mf.sha256_file(self.directory / name)
             records.append(mf.FileRecord(name=name, bytes=size, sha256=digest))
         self.stats["checkpoint_bytes"] = sum(r.bytes for r in records)
