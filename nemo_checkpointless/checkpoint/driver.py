@@ -1,26 +1,29 @@
-"""Durable checkpoints of a step driver (the lean loop's ``Trainer`` or NeMo's driver).
+"""Durable checkpoints of a step driver, through the state contract.
 
-The checkpointer itself takes model chunks, an optimizer and plain state; this module
-maps a :class:`~nemo_checkpointless.train.loop.StepDriver` onto that:
+The checkpointer takes model chunks, an optimizer and plain state; this module maps a
+:class:`~nemo_checkpointless.steps.StepDriver` onto that:
 
-* :class:`CheckpointHook`: a step hook that calls ``maybe_save`` at ``AFTER_STEP`` (the
-  step is committed and the parameters gathered), with the driver's data position,
-  schedule and last metrics record as the common extra state, and the RNG that starts the
-  next step as this rank's state;
-* :func:`resume`: find the newest verified checkpoint and load it into the driver
-  (collective), restoring step, data position, schedule, last record and RNG, and drop
-  the rows of ``metrics.jsonl`` after the checkpoint's step (the job that wrote them died
-  before a newer checkpoint; they are written again as the steps are redone), so the
-  file keeps exactly one row per committed step across jobs.
+* the *common* part is the driver's ``state_dict()`` (step, data position, schedule, last
+  metrics record: the same on every rank), the *per-rank* part is a
+  :class:`~nemo_checkpointless.state.Stateful` of the rank's own (the commit protocol's
+  state under recovery: the RNG that starts the next step; :class:`~..state.RngStreams`
+  otherwise);
+* :class:`CheckpointHook`: a step hook that saves at ``AFTER_STEP`` when a save is due
+  (the step is committed and the parameters gathered);
+* :func:`resume`: find the newest verified checkpoint and load it in place (collective),
+  restore both parts, and drop the rows of ``metrics.jsonl`` after the checkpoint's step
+  (the job that wrote them died before a newer checkpoint; they are written again as the
+  steps are redone), so the file keeps exactly one row per committed step across jobs.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-from ..train.hooks import Phase
+from ..state import Stateful
+from ..steps import Phase
 from . import restore
 from .checkpointer import DurableCheckpointer
 
@@ -29,45 +32,61 @@ log = logging.getLogger(__name__)
 
 def extra_state(driver: Any) -> dict[str, Any]:
     """What every rank has in common after a committed step."""
-    return {"consumed_samples": int(driver.consumed_samples),
-            "schedule": driver.schedule_state(), "record": driver.last_record}
+    return {"consumed_samples": int(driver.consumed_samples), "driver": driver.state_dict()}
 
 
 class CheckpointHook:
-    """Step hook: a durable save after every due committed step."""
+    """Step hook: a durable save after every due committed step.
 
-    def __init__(self, checkpointer: DurableCheckpointer, driver: Any) -> None:
+    ``on_save(step)``: called once a save has started (snapshot taken, the write in the
+    background): the fault injector's ``checkpoint`` phase.
+    """
+
+    def __init__(self, checkpointer: DurableCheckpointer, driver: Any, rank_part: Stateful,
+                 on_save: Callable[[int], None] = lambda step: None) -> None:
         self.checkpointer = checkpointer
         self.driver = driver
+        self.rank_part = rank_part
+        self.on_save = on_save
 
     def on_phase(self, phase: Phase, step: int) -> None:
-        if phase is not Phase.AFTER_STEP:
-            return
-        from ..megatron.shards import capture_rng
+        if phase is Phase.AFTER_STEP:
+            self.save_if_due(step)
 
+    def save_if_due(self, step: int) -> bool:
         d = self.driver
-        self.checkpointer.maybe_save(step, d.model, d.optimizer, extra_state(d),
-                                     rank_state={"rng": capture_rng()})
+        started = self.checkpointer.maybe_save(step, d.model, d.optimizer, extra_state(d),
+                                               rank_state=self.rank_part.state_dict())
+        if started:
+            self.on_save(step)
+        return started
+
+    def save_now(self) -> None:
+        """An unscheduled save of the driver's current step (preemption), waited for."""
+        d = self.driver
+        self.checkpointer.save(d.step, d.model, d.optimizer, extra_state(d),
+                               rank_state=self.rank_part.state_dict())
+        self.checkpointer.wait()
 
 
-def resume(driver: Any, root: Path | str, *, verify_data: bool = True
-           ) -> Optional[restore.Restored]:
+def load_into(info: Any, driver: Any, rank_part: Stateful) -> restore.Restored:
+    """Load checkpoint ``info`` into ``driver`` and ``rank_part`` (collective)."""
+    restored = restore.load(info, driver.model, driver.optimizer)
+    driver.load_state_dict(restored.extra_state["driver"])
+    driver.pending = None
+    if restored.rank_state is not None:
+        rank_part.load_state_dict(restored.rank_state)
+    return restored
+
+
+def resume(driver: Any, root: Path | str, rank_part: Stateful, *,
+           verify_data: bool = True) -> Optional[restore.Restored]:
     """Load the newest verified checkpoint under ``root`` into ``driver`` (collective);
     None (and nothing changed) when there is none."""
-    from ..megatron.shards import restore_rng
-
     info = restore.latest_verified(root, verify_data=verify_data)
     if info is None:
         return None
-    restored = restore.load(info, driver.model, driver.optimizer)
-    extra = restored.extra_state
-    driver.step = restored.step
-    driver.consumed_samples = restored.consumed_samples
-    driver.load_schedule_state(extra["schedule"])
-    driver.last_record = extra["record"]
-    driver.pending = None
-    if restored.rank_state is not None:
-        restore_rng(restored.rank_state["rng"])
+    restored = load_into(info, driver, rank_part)
     metrics = getattr(driver, "metrics", None)
     dropped = metrics.truncate_after(restored.step) if metrics is not None else 0
     log.info("resumed at step %d from %s (%.2fs%s)%s", restored.step, info.path,

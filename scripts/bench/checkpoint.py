@@ -62,8 +62,9 @@ def worker(variant: str, workdir: Path, interval: int, warmup: int, overrides: l
     from nemo_checkpointless.checkpoint import snapshot
     from nemo_checkpointless.comm.world import init_world
     from nemo_checkpointless.config import compose
-    from nemo_checkpointless.megatron.shards import capture_rng
-    from nemo_checkpointless.train.entry import setup_logging
+    from nemo_checkpointless.checkpoint.driver import extra_state
+    from nemo_checkpointless.state import RngStreams
+    from nemo_checkpointless.logs import setup_logging
     from nemo_checkpointless.train.loop import Trainer
 
     cpu.enable()
@@ -83,10 +84,8 @@ def worker(variant: str, workdir: Path, interval: int, warmup: int, overrides: l
         trainer.train_step()
         step = trainer.step
         if ours is not None:
-            extra = {"consumed_samples": trainer.consumed_samples,
-                     "scheduler_steps": trainer.schedule_state(), "record": trainer.last_record}
-            if ours.maybe_save(step, trainer.model, trainer.optimizer, extra,
-                               rank_state={"rng": capture_rng()}):
+            if ours.maybe_save(step, trainer.model, trainer.optimizer, extra_state(trainer),
+                               rank_state=RngStreams().state_dict()):
                 blocks.append(ours.last_stats["snapshot_s"])
         elif theirs is not None:
             if step % interval == 0:

@@ -26,7 +26,8 @@ def main() -> None:
     from nemo_checkpointless.checkpoint.driver import CheckpointHook, resume
     from nemo_checkpointless.comm.world import init_world
     from nemo_checkpointless.config import compose
-    from nemo_checkpointless.train.entry import setup_logging
+    from nemo_checkpointless.logs import setup_logging
+    from nemo_checkpointless.state import RngStreams
     from nemo_checkpointless.train.loop import Trainer
 
     run_dir, root, interval, mode = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), \
@@ -40,12 +41,12 @@ def main() -> None:
     trainer.setup()
     resumed = None
     if mode == "auto":
-        restored = resume(trainer, root)
+        restored = resume(trainer, root, RngStreams())
         if restored is not None:
             resumed = {"step": restored.step, "seconds": restored.seconds,
                        "resharded": restored.resharded, "checkpoint": restored.info.name}
     ckpt = DurableCheckpointer(root, interval_steps=interval or None, keep=3)
-    trainer.hooks.add(CheckpointHook(ckpt, trainer))
+    trainer.hooks.add(CheckpointHook(ckpt, trainer, RngStreams()))
     run_save = writer.SaveJob.run
     losses, saves, settled = {}, [], []
     settle_step, drop_rank = (int(x) for x in os.environ.get("DURABLE_SETTLE", "0:-1").split(":"))

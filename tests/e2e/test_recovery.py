@@ -198,7 +198,7 @@ def test_every_replica_lost_fails_clearly_and_corrupts_nothing(tmp_path, referen
 def test_every_replica_lost_with_disk_fallback_is_exact(tmp_path, reference):
     faults = [(0, 7, "forward", "kill"), (2, 7, "forward", "kill")]
     result = ncl_launch(4, [*BASE, *LAYOUTS["dp4"], "checkpointless.fallback=disk",
-                            "checkpointless.checkpoint_interval=3", plan(*faults)],
+                            "checkpoint.interval=3", plan(*faults)],
                         tmp_path / "run", spares=2)
     assert_exact(result, reference("dp4"))
     assert_fired(result, faults)
@@ -209,7 +209,7 @@ def test_every_replica_lost_with_disk_fallback_is_exact(tmp_path, reference):
 
 def test_tier3_rolls_every_rank_back_to_the_disk_checkpoint(tmp_path, reference):
     result = ncl_launch(4, ["checkpointless=tier3", f"trainer.max_steps={STEPS}",
-                            *LAYOUTS["dp4"], "checkpointless.checkpoint_interval=3",
+                            *LAYOUTS["dp4"], "checkpoint.interval=3",
                             plan((1, 5, "backward", "kill"))], tmp_path / "run")
     assert_exact(result, reference("dp4"))
     assert_fired(result, [(1, 5, "backward", "kill")])
