@@ -197,6 +197,8 @@ class RecoveryLoop:
         step, and the end is redone."""
         driver = self.driver
         assert driver is not None
+        if self.timeline is not None:  # a failure in the last step: its recovery ends here
+            self._first_step_done()
         self.injector.fire("finish", driver.step)
         if self.durable is not None:
             self.durable.wait()
@@ -269,9 +271,11 @@ class RecoveryLoop:
         built = self.driver is None or self._prebuilt
         if self.driver is None:
             assert self.front_end is not None
-            self.driver = self.front_end.build(
-                self.step_hooks, collective=fresh,
-                prebuilt=self.spare.take_model if self.spare is not None else None)
+            # a warm spare's prebuilt model has zero-filled weights for peers to fill: in
+            # a fresh start there are no peers with state, so everyone draws them
+            prebuilt = self.spare.take_model if self.spare is not None and not fresh else None
+            self.driver = self.front_end.build(self.step_hooks, collective=fresh,
+                                               prebuilt=prebuilt)
             self._attach()
         elif self._prebuilt:
             self._prebuilt = False

@@ -14,6 +14,7 @@ import torch
 from nemo_checkpointless.checkpoint import CheckpointConfig, DurableCheckpointer, latest_verified
 from nemo_checkpointless.checkpoint import config as ckcfg
 from nemo_checkpointless.checkpoint import manifest as mf
+from nemo_checkpointless.config import validate_checkpoint
 from nemo_checkpointless.checkpoint.snapshot import check_plain, layout_difference
 from nemo_checkpointless.checkpoint.writer import HashingFile
 
@@ -157,7 +158,7 @@ def test_config_defaults_and_errors(tmp_path):
                        (dict(keep=0), "checkpoint.keep=0"),
                        (dict(interval_minutes=0), "checkpoint.interval_minutes=0")):
         with pytest.raises(ValueError, match=match):
-            ckcfg.validate(CheckpointConfig(**bad))
+            validate_checkpoint(CheckpointConfig(**bad))
 
 
 def test_common_state_must_load_with_weights_only():
