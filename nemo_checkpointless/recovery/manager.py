@@ -254,6 +254,7 @@ class RecoveryManager:
                 if self.recovering is None:
                     self.recovering = {"detected": time.time(), "from_gen": self.joined_gen}
         assert self.trainer is not None
+        self.link.pause("finish")  # no more steps: the initial timeout covers the teardown
         summary = self.trainer.finish()
         if self.rank == 0:
             summary["recoveries"] = summarize_recoveries(read_events(self.run_dir /
@@ -267,6 +268,7 @@ class RecoveryManager:
         assert trainer is not None
         while trainer.step < self.cfg.trainer.max_steps:
             trainer.train_step()
+            self.link.progress(trainer.step)  # the agent judges hangs by these
             if self.recovering is not None:
                 self._first_step_done()
 
