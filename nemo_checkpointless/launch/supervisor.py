@@ -219,6 +219,12 @@ class NodeAgent:
             child.hung_up = True
             return
         now = time.monotonic()
+        last = child.watch.last_heartbeat
+        if child.rank is not None and last is not None and now - last > child.watch.minimum:
+            # parsed by tests/e2e/test_hangs.py
+            log.info("rank %d: heartbeat back after %.1fs of silence (a C call held the GIL, "
+                     "or the process was stopped); hangs are judged by progress", child.rank,
+                     now - last)
         child.watch.heartbeat(now)  # any message shows the process alive
         for msg in messages:
             if isinstance(msg, protocol.Hello):

@@ -99,3 +99,52 @@ def test_link_sends_progress_pause_unwound_and_reads_notices():
     while not link.closed and time.monotonic() < deadline:
         time.sleep(0.02)
     assert link.closed
+
+
+RANK_HOLDING_THE_GIL = """
+import ctypes, time
+from nemo_checkpointless.launch.channel import Channel
+from nemo_checkpointless.recovery.link import AgentLink
+
+link = AgentLink(Channel.from_env(), on_new_generation=lambda gen: None, interval=0.05).start()
+time.sleep(0.5)
+link.progress(1)
+ctypes.PyDLL(None).usleep(2_500_000)  # a C call that keeps the GIL
+link.progress(2)
+time.sleep(2.5)  # releases the GIL
+link.progress(3)
+"""
+
+
+def test_a_c_call_holding_the_gil_silences_the_heartbeat(tmp_path):
+    """Why heartbeats cannot judge hangs: the thread that sends them stops while a C call
+    holds the GIL (and goes on through a wait that releases it)."""
+    import os
+    import subprocess
+    import sys
+
+    agent, theirs = Channel.pair()
+    env = dict(os.environ, NCL_AGENT_FD=str(theirs.fileno()))
+    proc = subprocess.Popen([sys.executable, "-c", RANK_HOLDING_THE_GIL], env=env,
+                            pass_fds=(theirs.fileno(),))
+    theirs.close()
+    arrivals: list[tuple[float, object]] = []
+    try:
+        while True:
+            msgs = agent.receive(timeout=20)
+            if msgs is None:
+                break
+            now = time.monotonic()
+            arrivals += [(now, m) for m in msgs]
+    finally:
+        proc.wait(timeout=30)
+        agent.close()
+    marks = {m.step: t for t, m in arrivals if isinstance(m, p.Step)}
+    beats = [t for t, m in arrivals if isinstance(m, p.Heartbeat)]
+
+    def longest_gap(start: float, end: float) -> float:
+        inside = [start, *[t for t in beats if start < t < end], end]
+        return max(b - a for a, b in zip(inside, inside[1:]))
+
+    assert longest_gap(marks[1], marks[2]) >= 2.0  # held: no heartbeat
+    assert longest_gap(marks[2], marks[3]) < 1.0  # released: heartbeats every 0.05 s
