@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import faulthandler
 import logging
+import os
 import queue
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 from ..launch import protocol
 from ..launch.channel import Channel
@@ -178,6 +179,15 @@ class AgentLink:
                     return None
                 self._cond.wait(left)
             return self.latest_gen if self.latest_gen > than else None
+
+    def exit_device_error(self, reason: str) -> "NoReturn":
+        """This rank's CUDA context is poisoned (an illegal address, an Xid-class fault):
+        tell the agent, which probes the GPU before it hands the rank on, and exit with
+        ``EXIT_DEVICE_ERROR`` (nothing more can run on this device in this process)."""
+        log.error("device error, leaving the GPU to the agent's health probe: %s", reason)
+        logging.shutdown()
+        self.channel.send(protocol.DeviceError(reason=reason))
+        os._exit(protocol.EXIT_DEVICE_ERROR)
 
     def wait_assign(self, timeout: Optional[float] = None) -> protocol.Assign:
         """A warm spare: block until the agent hands it a rank."""

@@ -41,9 +41,10 @@ FAKE_RANK = textwrap.dedent("""
     else:
         rank = int(os.environ["RANK"])
         if rank == 1 and mode == "device":
-            ch.send(p.DeviceError(reason="CUDA error: an illegal memory access"))
-            time.sleep(0.2)
-            os._exit(p.EXIT_DEVICE_ERROR)
+            from nemo_checkpointless.recovery.link import AgentLink
+
+            link = AgentLink(ch, on_new_generation=lambda gen: None).start()
+            link.exit_device_error("CUDA error: an illegal memory access")
         if rank == 1 and mode == "fatal":
             ch.send(p.Fatal(reason="rank 1 lost optimizer shard and no healthy rank holds it"))
             time.sleep(0.2)
