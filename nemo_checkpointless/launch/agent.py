@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import faulthandler
 import logging
 import os
 import signal
@@ -131,6 +132,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     from .supervisor import NodeAgent
 
     agent = NodeAgent(args)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: the stacks
     signal.signal(signal.SIGTERM, agent.shutdown)
     signal.signal(signal.SIGINT, agent.shutdown)
     sys.exit(agent.run())

@@ -20,7 +20,9 @@ When the timeout passes, the heartbeat tells a stopped process from a waiting on
   or for a peer that is stuck): after another half timeout (so a culprit on another node
   is found first) ``STALL`` - the agent aborts every rank's communicators by moving the
   job to a new generation. Waiting ranks unwind to recovery (``Unwound``) and carry on;
-  a rank that has not unwound ``unwind`` seconds later is killed (``KILL``).
+  a rank that has not unwound ``unwind`` seconds later is killed (``KILL``). A rank that
+  reaches recovery by itself (a collective failed) says ``Unwound`` too: from then on it
+  waits under the initial timeout, since the wait for a replacement node can be long.
 
 A rank that does not report steps (``Hello(progress=False)``: no in-process recovery, or
 a script of its own) keeps the heartbeat rule: killed after ``hang_min`` seconds without
@@ -104,10 +106,10 @@ class ProgressWatch:
         self._arm(now, self.unwind)
 
     def unwound(self, now: float) -> None:
-        if self.mode is Mode.UNWINDING:
-            self.mode = Mode.INITIAL
-            self.last_step_at = None
-            self._arm(now, self.initial)
+        """The rank reached recovery (or joined a generation): it is not stuck; its next
+        step may take the initial timeout (a wait for a replacement node included)."""
+        if self.mode in (Mode.INITIAL, Mode.STEADY, Mode.UNWINDING):
+            self.expect_first(now)
 
     def new_generation(self, now: float) -> None:
         """A recovery: the first step after it gets the initial timeout (a rank still

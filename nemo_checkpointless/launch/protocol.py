@@ -13,7 +13,8 @@ rank -> agent
   ``Pause(reason)``  the rank leaves the step loop for work of unknown length (validation,
       a synchronous checkpoint, the end of training): the initial timeout applies until its
       next step.
-  ``Unwound(gen)``  the main thread reached recovery after an abort.
+  ``Unwound(gen)``  the main thread reached recovery, or joined generation ``gen``: it
+      is not stuck (its next step gets the initial timeout).
   ``Done()``  training finished; teardown may block.
   ``Fatal(reason)``  the job cannot recover (every rank reaches the same verdict): the agent
       stops the job and logs the reason.

@@ -2,7 +2,8 @@
 
 :class:`Spawner` owns the zygote (``zygote.py``) and builds each child's environment
 (``environment.py`` plus the per-child settings: rank, generation, store endpoints, the
-channel's fd). A :class:`Child` is what the supervisor knows of one process.
+channel's fd). A :class:`Child` is what the supervisor knows of one process; it takes in
+the process's messages (:meth:`Child.take`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, Callable, Optional
 
 from ..comm.store import format_endpoints
 from ..timeouts import Timeouts
+from . import protocol
 from .channel import ENV_FD, Channel
 from .progress import ProgressWatch
 from .zygote import Zygote, ZygoteError
@@ -41,6 +43,36 @@ class Child:
     fatal_at: float = 0.0
     device_error: Optional[str] = None  # the reason a rank gave for leaving its GPU
     started: float = field(default_factory=time.monotonic)
+
+    def take(self, messages: list[protocol.Message], now: float) -> None:
+        """What the rank said: its state and its progress watch follow."""
+        last = self.watch.last_heartbeat
+        if self.rank is not None and last is not None and now - last > self.watch.minimum:
+            # parsed by tests/e2e/test_hangs.py
+            log.info("rank %d: heartbeat back after %.1fs of silence (a C call held the GIL, "
+                     "or the process was stopped); hangs are judged by progress", self.rank,
+                     now - last)
+        self.watch.heartbeat(now)  # any message shows the process alive
+        for msg in messages:
+            if isinstance(msg, protocol.Hello):
+                self.hello, self.recovery = True, msg.recovery
+                self.watch.hello(msg.reports_progress, now)
+            elif isinstance(msg, protocol.Step):
+                self.watch.step(msg.step, now)
+            elif isinstance(msg, protocol.Pause):
+                self.watch.expect_first(now)
+            elif isinstance(msg, protocol.Unwound):
+                self.watch.unwound(now)
+            elif isinstance(msg, protocol.Done):
+                self.done = True
+                self.watch.stop()
+            elif isinstance(msg, protocol.Fatal):
+                self.fatal, self.fatal_at = msg.reason, now
+                log.error("rank %s reports that the job cannot recover: %s", self.rank,
+                          msg.reason)
+            elif isinstance(msg, protocol.DeviceError):
+                self.device_error = msg.reason
+                log.error("rank %s reports a device error: %s", self.rank, msg.reason)
 
 
 @dataclass

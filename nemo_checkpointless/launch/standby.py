@@ -69,8 +69,8 @@ def take_over(agent: "NodeAgent", node: int) -> None:
     ranks = agent.local_rank_ids()
     agent.gen = bump_generation(agent.store, {
         "reason": f"node {node} lost: standby took it over", "node": node,
-        "ranks": ranks, "detected_at": detected, "fault_at": fault_time(agent.store, ranks),
-        "taken_over_by": agent.owner_id})
+        "ranks": ranks, "detected_at": detected,
+        "fault_at": fault_time(agent.quick_store, ranks), "taken_over_by": agent.owner_id})
     log.warning("node %d lost: this standby takes it over (store shard at %s:%d, ranks "
                 "%s) at generation %d", node, host, port, ranks, agent.gen)
     with agent.lock:

@@ -62,6 +62,7 @@ class NodeAgent:
         self.identity = JobIdentity(args.job_id, args.job_secret)
         self.server: Optional[StoreServer] = None
         self.store: Any = None
+        self.quick_store: Any = None
         self.gen = 0
         self.ranks: dict[int, Child] = {}
         self.spares: list[Child] = []
@@ -80,6 +81,10 @@ class NodeAgent:
         log.info("workers' host allocator: %s", preloaded[0] if preloaded else "glibc malloc")
         self.base_env = child_base_env(os.environ, self.identity.env(), self.identity.job_id,
                                        self.timeouts, self.gpu, allocator_env)
+        if self.timeouts.hang_initial(self.gpu) < self.timeouts.recovery_s:
+            log.warning("--hang-initial-timeout (%gs) is shorter than --recovery-timeout (%gs): "
+                        "ranks waiting for a replacement node may be taken for hung",
+                        self.timeouts.hang_initial(self.gpu), self.timeouts.recovery_s)
         self.spawner = Spawner(args.script, args.script_args, self.base_env,
                                fork=args.spawn == "fork", timeouts=self.timeouts,
                                gpu=self.gpu, on_spawn=self._register)
@@ -92,6 +97,9 @@ class NodeAgent:
     # ------------------------------------------------------------------ start
     def connect_store(self) -> None:
         self.store = connect(self.peers, self.identity, self.timeouts.delta("store_s"))
+        # best-effort reads on the recovery path (fault times): never the full store timeout
+        self.quick_store = self.store.clone()
+        self.quick_store.set_timeout(datetime.timedelta(seconds=0.5))
 
     def start(self) -> None:
         if self.node_rank < len(self.peers):
@@ -121,7 +129,7 @@ class NodeAgent:
             self.gen = bump_generation(self.store, {
                 "reason": f"node {self.node_rank} replaced", "node": self.node_rank,
                 "ranks": ranks, "detected_at": time.time(),
-                "fault_at": fault_time(self.store, ranks)})
+                "fault_at": fault_time(self.quick_store, ranks)})
             log.warning("node %d rejoins the job as a replacement at generation %d",
                         self.node_rank, self.gen)
         for local_rank, rank in enumerate(self.local_rank_ids()):
@@ -188,7 +196,8 @@ class NodeAgent:
             from .standby import wait_for_lost_node
 
             if not wait_for_lost_node(self):
-                return self._finish_standby()
+                self.stop_spares()  # the job finished without needing this standby
+                return 0
         else:
             self.start()
         while True:
@@ -218,35 +227,7 @@ class NodeAgent:
             self.selector.unregister(key.fileobj)
             child.hung_up = True
             return
-        now = time.monotonic()
-        last = child.watch.last_heartbeat
-        if child.rank is not None and last is not None and now - last > child.watch.minimum:
-            # parsed by tests/e2e/test_hangs.py
-            log.info("rank %d: heartbeat back after %.1fs of silence (a C call held the GIL, "
-                     "or the process was stopped); hangs are judged by progress", child.rank,
-                     now - last)
-        child.watch.heartbeat(now)  # any message shows the process alive
-        for msg in messages:
-            if isinstance(msg, protocol.Hello):
-                child.hello, child.recovery = True, msg.recovery
-                child.watch.hello(msg.reports_progress, now)
-            elif isinstance(msg, protocol.Step):
-                child.watch.step(msg.step, now)
-            elif isinstance(msg, protocol.Pause):
-                child.watch.expect_first(now)
-            elif isinstance(msg, protocol.Unwound):
-                child.watch.unwound(now)
-            elif isinstance(msg, protocol.Done):
-                child.done = True
-                child.watch.stop()
-            elif isinstance(msg, protocol.Fatal):
-                child.fatal = msg.reason
-                child.fatal_at = now
-                log.error("rank %s reports that the job cannot recover: %s", child.rank,
-                          msg.reason)
-            elif isinstance(msg, protocol.DeviceError):
-                child.device_error = msg.reason
-                log.error("rank %s reports a device error: %s", child.rank, msg.reason)
+        child.take(messages, time.monotonic())
 
     def _check_ranks(self) -> Optional[int]:
         """Act on exits and hangs of the node's ranks (lock held); an exit code ends the
@@ -308,7 +289,7 @@ class NodeAgent:
         self.gen = bump_generation(self.store, {
             "reason": f"ranks {ranks} made no progress: aborting every rank's communicators",
             "node": self.node_rank, "ranks": [], "stalled": ranks,
-            "detected_at": time.time(), "fault_at": fault_time(self.store, ranks)})
+            "detected_at": time.time(), "fault_at": fault_time(self.quick_store, ranks)})
         log.warning("ranks %s stalled: moved the job to generation %d (every rank aborts its "
                     "communicators; a rank that has not unwound within %gs is killed)",
                     ranks, self.gen, self.timeouts.unwind_s)
@@ -374,7 +355,7 @@ class NodeAgent:
         dead.channel.close()
         self.gen = bump_generation(self.store, {
             "reason": reason, "node": self.node_rank, "ranks": [rank],
-            "detected_at": detected, "fault_at": fault_time(self.store, [rank])})
+            "detected_at": detected, "fault_at": fault_time(self.quick_store, [rank])})
         local_rank = dead.local_rank
         now = time.monotonic()
         if self.spares:
@@ -401,13 +382,16 @@ class NodeAgent:
                  self.gen)
 
     # ------------------------------------------------------------------ finish
-    def _finish(self) -> int:
+    def stop_spares(self) -> None:
         self.stopping = True
         for spare in self.spares:
             spare.proc.kill()
         for spare in self.spares:
             spare.proc.wait()
         self.spawner.stop_zygote()
+
+    def _finish(self) -> int:
+        self.stop_spares()
         try:
             self.store.add("job/nodes_done", 1)
             deadline = time.monotonic() + self.timeouts.store_s
@@ -421,15 +405,6 @@ class NodeAgent:
         if self.server is not None:
             self.server.stop()
         log.info("node %d: all ranks finished", self.node_rank)
-        return 0
-
-    def _finish_standby(self) -> int:
-        self.stopping = True
-        for spare in self.spares:
-            spare.proc.kill()
-        for spare in self.spares:
-            spare.proc.wait()
-        self.spawner.stop_zygote()
         return 0
 
     def _remove_data_cache(self) -> None:

@@ -129,13 +129,14 @@ class AgentLink:
         self.on_new_generation(gen)
 
     def activate(self, gen: int) -> None:
-        """This rank now works in generation ``gen``."""
+        """This rank now works in generation ``gen`` (the agent learns it is not stuck)."""
         with self._cond:
             self.active_gen = gen
             self.latest_gen = max(self.latest_gen, gen)
             self._aborted_at = None
             self._abort_due = None
             self._reaborted = False
+        self.channel.send(protocol.Unwound(gen=gen))
 
     def unwound(self) -> None:
         """The main thread reached recovery: no abort is due, the watchdog stands down, and

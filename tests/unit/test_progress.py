@@ -83,6 +83,18 @@ def test_unwinding_then_a_recovery_restarts_from_the_initial_timeout():
     assert list(w.intervals) == [1.0]
 
 
+def test_a_rank_that_reached_recovery_by_itself_waits_under_the_initial_timeout():
+    """A collective failed (a peer died): the rank unwinds and waits, maybe for a
+    replacement node; that wait is not a stall."""
+    w = watch()
+    w.step(1, 10.0)
+    w.step(2, 11.0)
+    beat(w, 11.0, 40.0)
+    w.unwound(12.0)
+    assert w.mode is Mode.INITIAL
+    assert w.verdict(40.0)[0] is Verdict.OK  # 29 s without a step, steady limit 5 s
+
+
 def test_recovery_and_pause_reset_to_the_initial_timeout():
     w = watch()
     w.step(1, 10.0)

@@ -91,7 +91,8 @@ def test_link_sends_progress_pause_unwound_and_reads_notices():
         while p.Unwound(gen=1) not in got and time.monotonic() < deadline:
             got += agent.receive(timeout=0.5) or []
         kinds = [m for m in got if not isinstance(m, p.Heartbeat)]
-        assert kinds == [p.Step(step=1), p.Pause(reason="finish"), p.Unwound(gen=1)]
+        assert kinds == [p.Unwound(gen=0),  # activate: joined generation 0
+                         p.Step(step=1), p.Pause(reason="finish"), p.Unwound(gen=1)]
         assert any(isinstance(m, p.Heartbeat) for m in got)
     finally:
         agent.close()
