@@ -117,7 +117,7 @@ class PeerWatch:
                 log.info("node %d unreachable for %.1fs: already declared lost", node, down)
                 continue
             self.declarations.append((node, gen))
-            # parsed by tests/e2e/test_peer_watch.py
+            # parsed by tests/e2e/test_recovery.py
             log.warning("node %d lost: its store server unreachable for %.1fs; declared by "
                         "the peer watch of %s at generation %d (ranks %s wait for its "
                         "replacement)", node, down, self.owner_id, gen, ranks)
