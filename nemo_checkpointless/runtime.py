@@ -6,14 +6,13 @@ in-process recovery and its source) and the resolved timeouts, and wires a front
 step driver to the recovery core. Front-ends call :func:`run_lean` (the lean loop) or
 :func:`run_under_agent` (NeMo 2, Megatron-Bridge).
 
-Exit codes: 0 done; 2 bad configuration; 3 (:data:`EXIT_UNRECOVERABLE`) a verdict every
-rank reaches alike (no replica of a lost shard, a non-finite loss): the agent stops the
-job instead of replacing the rank.
+Exit codes: 0 done; 2 bad configuration; 3 (``launch.protocol.EXIT_UNRECOVERABLE``) a
+verdict every rank reaches alike (no replica of a lost shard, a non-finite loss): the agent
+stops the job instead of replacing the rank.
 """
 
 from __future__ import annotations
 
-import datetime
 import logging
 import os
 import sys
@@ -25,9 +24,6 @@ from .config import ConfigError, RunConfig, to_run_config, validate
 from .logs import setup_logging
 
 log = logging.getLogger(__name__)
-
-EXIT_UNRECOVERABLE = 3
-
 
 def load_and_validate(node: Any, world_size: int) -> RunConfig:
     """Typed, validated config; exits with status 2 and the fix on a bad config."""
@@ -78,16 +74,17 @@ def _train_without_recovery_under_agent(cfg: RunConfig, run_dir: Path,
                                         channel: Any) -> dict[str, Any]:
     """Started by ncl-launch without in-process recovery: train like stock training (a
     failed rank stops the job), with the world formed from the agents' store."""
+    from .launch import protocol
     from .recovery.link import AgentLink
 
-    channel.send({"t": "hello", "recovery": False})
+    channel.send(protocol.Hello(recovery=False))
     link = AgentLink(channel, on_new_generation=lambda gen: None).start()  # heartbeats
     if os.environ.get("NCL_SPARE") == "1":
         while not link.closed:  # nobody will hand a rank to a spare: wait to be stopped
             time.sleep(1.0)
         return {}
     summary = run_plain(cfg, run_dir, rootless=True, under_agent=True)
-    channel.send({"t": "done"})
+    channel.send(protocol.Done())
     return summary
 
 
@@ -139,23 +136,6 @@ def run_plain(cfg: RunConfig, run_dir: Path, rootless: bool,
     return summary
 
 
-def recovery_timeouts(backend: str) -> Any:
-    """The timeouts of the recovery path, resolved once (environment over default)."""
-    from .comm.world import default_timeout
-    from .recovery.generation import RecoveryTimeouts
-
-    def seconds(name: str, default: float) -> float:
-        return float(os.environ.get(name, default))
-
-    return RecoveryTimeouts(
-        store=datetime.timedelta(seconds=seconds("NCL_STORE_TIMEOUT_S", 60)),
-        recovery=datetime.timedelta(seconds=seconds("NCL_RECOVERY_TIMEOUT_S", 300)),
-        collective=default_timeout(backend),
-        # gloo: 1 s (see recovery/link.py); NCCL's abort wakes every operation at once
-        abort_grace=seconds("NCL_ABORT_GRACE_S", 1.0 if backend == "gloo" else 0.0),
-        failure_confirm=seconds("NCL_FAILURE_CONFIRM_S", 30.0))
-
-
 def run_under_agent(cfg: RunConfig, run_dir: Path, channel: Any, front_end: Any = None,
                     train: Optional[Callable[[Any], dict[str, Any]]] = None) -> dict[str, Any]:
     """One rank started by ncl-launch, recovered in process (the public entry of every
@@ -168,23 +148,25 @@ def run_under_agent(cfg: RunConfig, run_dir: Path, channel: Any, front_end: Any 
     from . import device
     from .comm import destroy_world
     from .comm.world import backend_for
+    from .launch import protocol
     from .metrics.progress import NonFiniteLoss
     from .recovery.failures import Fatal
     from .recovery.generation import RecoveryLoop
     from .replication.replica_map import UnrecoverableError
+    from .timeouts import Timeouts
     from .train.loop import make_progress
 
     if cfg.checkpointless.recovery == "none":  # the lean loop never gets here so
-        channel.send({"t": "hello", "recovery": False})
+        channel.send(protocol.Hello(recovery=False))
         raise NotImplementedError(
             f"checkpointless={cfg.checkpointless.tier}: a driven job (NeMo recipe) under "
             "ncl-launch needs tier3 or tier4; launch it with torchrun for a run without "
             "recovery")
-    channel.send({"t": "hello", "recovery": True})
+    channel.send(protocol.Hello(recovery=True))
     backend = backend_for(cfg.strategy.backend)
     try:
         # (a warm spare waits inside the constructor until it is assigned a rank)
-        loop = RecoveryLoop(cfg, run_dir, channel, front_end, recovery_timeouts(backend),
+        loop = RecoveryLoop(cfg, run_dir, channel, front_end, Timeouts.from_env(),
                             interrupt=_interrupt_default(backend),
                             progress=lambda lead: make_progress(cfg, lead))
         device.select(backend)
@@ -194,14 +176,14 @@ def run_under_agent(cfg: RunConfig, run_dir: Path, channel: Any, front_end: Any 
             loop.after_transfer = raw_send(
                 loop.rank, lambda: loop.reconciler.shard.nbytes())  # type: ignore[union-attr]
         summary = loop.run() if train is None else train(loop)
-        channel.send({"t": "done"})
+        channel.send(protocol.Done())
         loop.injector.fire("shutdown", int(summary["final_step"]))
     except (UnrecoverableError, NonFiniteLoss, Fatal) as err:
         # every rank reaches the same verdict from the same gathered facts: stop the job
         log.error("cannot recover: %s", err)
         print(f"error: cannot recover: {err}", file=sys.stderr, flush=True)
-        channel.send({"t": "fatal", "reason": str(err)})
-        os._exit(EXIT_UNRECOVERABLE)
+        channel.send(protocol.Fatal(reason=str(err)))
+        os._exit(protocol.EXIT_UNRECOVERABLE)
     finally:
         try:
             destroy_world()

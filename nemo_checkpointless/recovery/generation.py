@@ -19,12 +19,10 @@ built by a :class:`~nemo_checkpointless.steps.FrontEnd` (or handed over already 
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -49,7 +47,8 @@ from ..metrics.progress import Progress
 from ..metrics.timeline import RecoveryTimeline
 from ..replication.replica_map import UnrecoverableError
 from ..state import RankState, RngStreams
-from ..steps import FrontEnd, HookList, StepDriver
+from ..steps import FrontEnd, HookList, Phase, StepDriver
+from ..timeouts import Timeouts
 from .commit import CommitProtocol
 from .failures import Verdict, classify
 from .faults import FaultInjector, parse_plan
@@ -61,15 +60,15 @@ from .spares import WarmSpare
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class RecoveryTimeouts:
-    """How long a rank waits, at each point of a recovery."""
+class _ReportProgress:
+    """Step hook: tell the agent each completed step (it judges hangs by progress)."""
 
-    store: datetime.timedelta  # every job-store operation
-    recovery: datetime.timedelta  # for a new generation, and for every rank to join it
-    collective: datetime.timedelta  # every collective
-    abort_grace: float  # seconds between a generation notice and the abort of collectives
-    failure_confirm: float  # seconds to wait for the job to confirm an unexplained error
+    def __init__(self, link: AgentLink) -> None:
+        self.link = link
+
+    def on_phase(self, phase: Phase, step: int) -> None:
+        if phase is Phase.AFTER_STEP:
+            self.link.progress(step)
 
 
 class RecoveryLoop:
@@ -81,7 +80,7 @@ class RecoveryLoop:
     """
 
     def __init__(self, cfg: RunConfig, run_dir: Path, channel: Any,
-                 front_end: Optional[FrontEnd], timeouts: RecoveryTimeouts, *,
+                 front_end: Optional[FrontEnd], timeouts: Timeouts, *,
                  interrupt: bool, progress: Callable[[bool], Progress],
                  after_transfer: Optional[Callable[..., Optional[float]]] = None) -> None:
         from ..logs import setup_logging
@@ -93,10 +92,10 @@ class RecoveryLoop:
         self.after_transfer = after_transfer
         self.world_size = int(os.environ["WORLD_SIZE"])
         self.store = connect(parse_endpoints(os.environ["NCL_STORE_ENDPOINTS"]),
-                             JobIdentity.from_env(), timeouts.store)
+                             JobIdentity.from_env(), timeouts.delta("store_s"))
         self.backend = backend_for(cfg.strategy.backend)
         self.link = AgentLink(channel, on_new_generation=self._abort_from_link,
-                              abort_grace=timeouts.abort_grace).start()
+                              abort_grace=timeouts.abort_grace(self.backend)).start()
         self.interrupt = ComputeInterrupt(self.link.interrupt_pending) if interrupt else None
         self.replacement = os.environ.get("NCL_REPLACEMENT", "0") == "1"
         self.gen = int(os.environ.get("NCL_GENERATION", "0"))
@@ -117,7 +116,7 @@ class RecoveryLoop:
         self.injector = FaultInjector(self.faults, self.rank, claim=self._claim_fault,
                                       on_fire=self._fault_fired)
         self.events = EventLog(self.run_dir / "events.jsonl", self.rank)
-        self.step_hooks = HookList([self.commit, self.injector])
+        self.step_hooks = HookList([self.commit, self.injector, _ReportProgress(self.link)])
         self.driver: Optional[StepDriver] = None
         self.reconciler: Optional[Reconciler] = None
         self._prebuilt = False
@@ -155,7 +154,7 @@ class RecoveryLoop:
         return classify(err, superseded=self.link.superseded,
                         confirmed_within=lambda s: self.link.wait_newer(self.joined_gen, s)
                         is not None,
-                        confirm_timeout=self.timeouts.failure_confirm)
+                        confirm_timeout=self.timeouts.failure_confirm_s)
 
     # ------------------------------------------------------------------ main loop
     def run(self, driver: Optional[StepDriver] = None) -> dict[str, Any]:
@@ -199,6 +198,7 @@ class RecoveryLoop:
         assert driver is not None
         if self.timeline is not None:  # a failure in the last step: its recovery ends here
             self._first_step_done()
+        self.link.pause("finish")  # no more steps: the initial timeout covers the end
         self.injector.fire("finish", driver.step)
         if self.durable is not None:
             self.durable.wait()
@@ -241,7 +241,7 @@ class RecoveryLoop:
         forget_all_groups()
         timeline.mark("abort", time.perf_counter() - t0)
         t1 = time.perf_counter()
-        wait = self.timeouts.recovery.total_seconds()
+        wait = self.timeouts.recovery_s
         target = self.link.wait_newer(self.joined_gen, wait)
         if target is None:
             raise UnrecoverableError(
@@ -256,7 +256,7 @@ class RecoveryLoop:
         self.joined_gen = gen
         t0 = time.perf_counter()
         rendezvous(self.store, gen, self.rank, self.world_size, self.backend,
-                   self.timeouts.recovery, self.timeouts.collective,
+                   self.timeouts.delta("recovery_s"), self.timeouts.pg(self.backend),
                    cancelled=self.link.superseded)
         t1 = time.perf_counter()
         self._tidy_store(gen)

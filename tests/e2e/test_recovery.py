@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -133,16 +134,41 @@ def test_second_failure_during_recovery(tmp_path, reference):
     assert len(result.summary["recoveries"]) == 1  # the second failure is inside the first
 
 
+DECLARED = re.compile(r"\[agent 0\] WARNING: node 1 lost: its store server unreachable for "
+                      r"([\d.]+)s; declared by the peer watch of agent:\S+ at generation (\d+)")
+
+
+def wait_for_log(agents: Agents, pattern: re.Pattern, timeout: float = 60) -> re.Match:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for log in agents.logs:
+            found = pattern.search(log.read_text()) if log.exists() else None
+            if found:
+                return found
+        time.sleep(0.1)
+    raise TimeoutError(f"{pattern.pattern!r} not in the agents' logs")
+
+
 def test_whole_node_lost_and_replaced(tmp_path, reference):
+    """Node 1 dies whole. Agent 0's peer watch finds its store server gone and declares
+    node 1's ranks lost (launch/peers.py) before anything replaces the node; only then
+    does the scheduler's stand-in start the replacement agent."""
     agents = Agents(2, 2, [*BASE, *LAYOUTS["dp4"]], tmp_path / "run")
     agents.start(0)
     agents.start(1)
     agents.wait_for_step(3)
+    killed_at = time.monotonic()
     agents.kill_node(1)          # agent 1 and its ranks 2, 3: gone
-    agents.start(1)              # the scheduler's replacement node
+    declared = wait_for_log(agents, DECLARED)
+    assert 1.0 <= float(declared.group(1)) < 5.0  # --lost-after 1 s, probed 5x a second
+    assert time.monotonic() - killed_at < 20.0
+    agents.start(1)              # the scheduler's replacement node, only now
     result = agents.wait(timeout=400)
     assert_exact(result, reference("dp4"))
-    assert "rejoins the job as a replacement" in result.output
+    gen = int(declared.group(2))
+    assert re.search(rf"node 1 rejoins the job as a replacement at generation {gen + 1}\b",
+                     result.output), result.output[-4000:]
+    assert len(DECLARED.findall(result.output)) == 1  # one declaration for this loss
     assert len(result.summary["recoveries"]) == 1
 
 
