@@ -83,17 +83,26 @@ def _train_without_recovery_under_agent(cfg: RunConfig, run_dir: Path,
         while not link.closed:  # nobody will hand a rank to a spare: wait to be stopped
             time.sleep(1.0)
         return {}
-    summary = run_plain(cfg, run_dir, rootless=True, under_agent=True)
+    from .steps import Stopped
+
+    try:
+        summary = run_plain(cfg, run_dir, rootless=True, under_agent=True,
+                            stop_requested=lambda: link.stop_requested)
+    except Stopped as stop:  # asked to stop, checkpointed: the agent exits 143 too
+        channel.send(protocol.Stopped(step=stop.step))
+        os._exit(protocol.EXIT_STOPPED)
     channel.send(protocol.Done())
     return summary
 
 
-def run_plain(cfg: RunConfig, run_dir: Path, rootless: bool,
-              under_agent: bool = False) -> dict[str, Any]:
+def run_plain(cfg: RunConfig, run_dir: Path, rootless: bool, under_agent: bool = False,
+              stop_requested: Optional[Callable[[], bool]] = None) -> dict[str, Any]:
     """Train without in-process recovery. ``rootless``: form the world from the rootless
     store (tier 1 and up, or any tier under ncl-launch, whose agents serve the store).
     Durable checkpoints as ``checkpoint.*`` says (on by default under ncl-launch), and a
-    new job resumes from the newest verified one (``checkpoint.resume=auto``)."""
+    new job resumes from the newest verified one (``checkpoint.resume=auto``).
+    ``stop_requested()``: the agent asked the job to stop (checkpoint, then raise
+    ``steps.Stopped`` on every rank)."""
     from . import device
     from .checkpoint.config import directory, make_checkpointer
     from .checkpoint.driver import CheckpointHook, resume
@@ -120,8 +129,14 @@ def run_plain(cfg: RunConfig, run_dir: Path, rootless: bool,
             resume(trainer, directory(cfg.checkpoint, run_dir), RngStreams(),
                    verify_data=cfg.checkpoint.verify)
         durable = make_checkpointer(cfg.checkpoint, run_dir, under_agent=under_agent)
-        if durable is not None:
-            trainer.hooks.add(CheckpointHook(durable, trainer, RngStreams()))
+        saver = CheckpointHook(durable, trainer, RngStreams()) if durable else None
+        if saver is not None:
+            trainer.hooks.add(saver)
+        if stop_requested is not None:
+            from .train.stop import StopOnRequest
+
+            trainer.hooks.add(StopOnRequest(stop_requested,
+                                            saver.save_now if saver is not None else None))
         summary = trainer.run()
         if durable is not None:
             durable.close()
@@ -151,6 +166,7 @@ def run_under_agent(cfg: RunConfig, run_dir: Path, channel: Any, front_end: Any 
     from .launch import protocol
     from .metrics.progress import NonFiniteLoss
     from .recovery.failures import Fatal
+    from .steps import Stopped
     from .recovery.generation import RecoveryLoop
     from .replication.replica_map import UnrecoverableError
     from .timeouts import Timeouts
@@ -178,6 +194,9 @@ def run_under_agent(cfg: RunConfig, run_dir: Path, channel: Any, front_end: Any 
         summary = loop.run() if train is None else train(loop)
         channel.send(protocol.Done())
         loop.injector.fire("shutdown", int(summary["final_step"]))
+    except Stopped as stop:  # asked to stop, checkpointed: the agent exits 143 too
+        channel.send(protocol.Stopped(step=stop.step))
+        os._exit(protocol.EXIT_STOPPED)
     except (UnrecoverableError, NonFiniteLoss, Fatal) as err:
         # every rank reaches the same verdict from the same gathered facts: stop the job
         log.error("cannot recover: %s", err)

@@ -87,6 +87,11 @@ class DurableCheckpointer:
         self.history: list[dict[str, Any]] = []  # stats of finished saves (newest 100)
 
     # ------------------------------------------------------------------ schedule
+    @property
+    def last_saved_step(self) -> int:
+        """The step of the newest save this process started (-1: none since a settle)."""
+        return self._last_step
+
     def due(self, step: int) -> bool:
         """Whether ``step`` is a save step (the same answer on every rank)."""
         if step <= self._last_step:

@@ -62,10 +62,12 @@ class CheckpointHook:
         return started
 
     def save_now(self) -> None:
-        """An unscheduled save of the driver's current step (preemption), waited for."""
+        """A save of the driver's current step outside the schedule (the start of a job,
+        a stop), waited for; nothing new when that step's save already started."""
         d = self.driver
-        self.checkpointer.save(d.step, d.model, d.optimizer, extra_state(d),
-                               rank_state=self.rank_part.state_dict())
+        if self.checkpointer.last_saved_step != d.step:
+            self.checkpointer.save(d.step, d.model, d.optimizer, extra_state(d),
+                                   rank_state=self.rank_part.state_dict())
         self.checkpointer.wait()
 
 

@@ -132,8 +132,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     from .supervisor import NodeAgent
 
     agent = NodeAgent(args)
-    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: the stacks
-    signal.signal(signal.SIGTERM, agent.shutdown)
+    faulthandler.register(signal.SIGUSR2, all_threads=True)  # `kill -USR2`: the stacks
+    # a scheduler's stop (SIGTERM) or a time limit's warning (SIGUSR1): checkpoint, exit 143
+    signal.signal(signal.SIGTERM, agent.request_stop)
+    signal.signal(signal.SIGUSR1, agent.request_stop)
     signal.signal(signal.SIGINT, agent.shutdown)
     sys.exit(agent.run())
 

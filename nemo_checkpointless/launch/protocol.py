@@ -20,11 +20,16 @@ rank -> agent
       stops the job and logs the reason.
   ``DeviceError(reason)``  the rank's CUDA context is poisoned; it exits with
       ``EXIT_DEVICE_ERROR``. The agent probes the GPU before it hands the rank on.
+  ``Stopped(step)``  the rank stopped after step ``step`` because the job was asked to
+      (every rank agreed on that step and a durable checkpoint of it is written); it exits
+      with ``EXIT_STOPPED``.
 
 agent -> rank
   ``Gen(gen)``  the job moved to generation ``gen`` (abort, re-form).
   ``Assign(rank, local_rank, gen, node_rank)``  a warm spare takes rank ``rank``
       (``node_rank``: set when a standby node's process takes a lost node's rank).
+  ``Stop(reason)``  the job is asked to stop (a scheduler's SIGTERM, a time limit's
+      SIGUSR1): finish the step every rank agrees on, checkpoint it, exit ``EXIT_STOPPED``.
 """
 
 from __future__ import annotations
@@ -38,6 +43,9 @@ EXIT_UNRECOVERABLE = 3  # the job cannot recover: stop it (runtime.py)
 EXIT_DEVICE_ERROR = 4  # this rank's CUDA context is poisoned: probe the GPU, then replace
 # exit code of the agent itself when its node must be replaced (a GPU failed its probe)
 EXIT_NODE_UNHEALTHY = 5
+# a rank (and then its agent) that stopped because the job was asked to, after a final
+# checkpoint: 128 + SIGTERM, which schedulers treat as a retryable stop, not a failure
+EXIT_STOPPED = 143
 
 
 class ProtocolError(ValueError):
@@ -96,6 +104,18 @@ class DeviceError:
 
 
 @dataclass(frozen=True)
+class Stopped:
+    KIND: ClassVar[str] = "stopped"
+    step: int
+
+
+@dataclass(frozen=True)
+class Stop:
+    KIND: ClassVar[str] = "stop"
+    reason: str = ""
+
+
+@dataclass(frozen=True)
 class Gen:
     KIND: ClassVar[str] = "gen"
     gen: int
@@ -110,9 +130,11 @@ class Assign:
     node_rank: Optional[int] = None
 
 
-Message = Union[Hello, Heartbeat, Step, Pause, Unwound, Done, Fatal, DeviceError, Gen, Assign]
+Message = Union[Hello, Heartbeat, Step, Pause, Unwound, Done, Fatal, DeviceError, Stopped,
+                Gen, Assign, Stop]
 KINDS: dict[str, type] = {cls.KIND: cls for cls in (Hello, Heartbeat, Step, Pause, Unwound,
-                                                   Done, Fatal, DeviceError, Gen, Assign)}
+                                                   Done, Fatal, DeviceError, Stopped, Gen,
+                                                   Assign, Stop)}
 _TYPES = {"bool": bool, "int": int, "str": str, "Optional[int]": int, "Optional[bool]": bool}  # annotations are strings
 
 

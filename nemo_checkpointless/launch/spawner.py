@@ -42,6 +42,7 @@ class Child:
     fatal: Optional[str] = None  # the reason a rank gave for stopping the job
     fatal_at: float = 0.0
     device_error: Optional[str] = None  # the reason a rank gave for leaving its GPU
+    stopped: bool = False  # it stopped, checkpointed, because the job was asked to
     started: float = field(default_factory=time.monotonic)
 
     def take(self, messages: list[protocol.Message], now: float) -> None:
@@ -70,6 +71,10 @@ class Child:
                 self.fatal, self.fatal_at = msg.reason, now
                 log.error("rank %s reports that the job cannot recover: %s", self.rank,
                           msg.reason)
+            elif isinstance(msg, protocol.Stopped):
+                self.stopped = True
+                self.watch.stop()
+                log.info("rank %s stopped after step %d as asked", self.rank, msg.step)
             elif isinstance(msg, protocol.DeviceError):
                 self.device_error = msg.reason
                 log.error("rank %s reports a device error: %s", self.rank, msg.reason)

@@ -27,6 +27,7 @@ import datetime
 import logging
 import os
 import selectors
+import signal
 import socket
 import sys
 import threading
@@ -69,6 +70,9 @@ class NodeAgent:
         self.selector = selectors.DefaultSelector()
         self.lock = threading.Lock()
         self.stopping = False
+        self.stop_signal: Optional[str] = None  # set by the signal handler
+        self.stop_requested = False  # SIGTERM/SIGUSR1 passed on: stop after a checkpoint
+        self.stopped = False  # a rank stopped so (exit code 143): so does this agent
         self.replacement = False
         self.refill_at: Optional[float] = None
         self.peer_watch: Optional[PeerWatch] = None
@@ -209,6 +213,7 @@ class NodeAgent:
             for key, _ in self.selector.select(timeout=poll):
                 self._read(key)
             with self.lock:
+                self._ask_ranks_to_stop()
                 code = self._check_ranks()
                 if code is not None:
                     return code
@@ -218,7 +223,8 @@ class NodeAgent:
                     while len(self.spares) < self.args.spares:
                         self.spares.append(self.spawn(None, None, replacement=True))
             if all(c.finished for c in self.ranks.values()):
-                return self._finish()
+                code = self._finish()
+                return protocol.EXIT_STOPPED if self.stopped and code == 0 else code
 
     def _read(self, key: selectors.SelectorKey) -> None:
         child: Child = key.data
@@ -240,6 +246,11 @@ class NodeAgent:
             if code == 0:
                 child.finished = True
                 child.watch.stop()
+            elif code is not None and (child.stopped or code == protocol.EXIT_STOPPED):
+                # the job was asked to stop (here or on another node) and checkpointed
+                child.finished = True
+                child.watch.stop()
+                self.stopped = True
             elif code is not None and (child.done or self._job_finished()):
                 # every rank was past the job's last collective: its result stands
                 log.warning("rank %d exited with code %d after the job finished: not "
@@ -378,6 +389,8 @@ class NodeAgent:
             self.refill_at = now + self.timeouts.spare_refill_delay_s
         else:
             self.ranks[rank] = self.spawn(rank, local_rank, replacement=True)
+            if self.stop_requested:
+                self.ranks[rank].channel.send(protocol.Stop(reason="the job is stopping"))
         for child in self.ranks.values():
             if child.rank != rank:
                 child.watch.new_generation(now)
@@ -390,6 +403,8 @@ class NodeAgent:
         spare.watch.expect_first(now)
         spare.channel.send(protocol.Assign(rank=rank, local_rank=local_rank or 0,
                                            gen=self.gen, node_rank=node_rank))
+        if self.stop_requested:
+            spare.channel.send(protocol.Stop(reason="the job is stopping"))
         self.ranks[rank] = spare
         log.info("warm spare pid %d takes rank %d at generation %d", spare.proc.pid, rank,
                  self.gen)
@@ -426,6 +441,28 @@ class NodeAgent:
 
         root = os.environ.get("NCL_DATA_CACHE_PATH", "/dev/shm")
         remove_job_cache(root, self.identity.job_id)
+
+    def request_stop(self, signum: int, *_: Any) -> None:
+        """Signal handler for SIGTERM or SIGUSR1 (a scheduler's stop, a time limit): the job
+        finishes the step every rank agrees on, writes a durable checkpoint of it and
+        stops; this agent then exits ``EXIT_STOPPED`` (143). Asking again changes nothing.
+        The handler only records the request; the supervision loop acts on it."""
+        if self.stop_signal is None:
+            self.stop_signal = signal.Signals(signum).name
+        if self.args.standby and self.node_rank is None:  # no node of its own: nothing to save
+            log.warning("%s: this standby holds no node; exiting", self.stop_signal)
+            kill_all(self.spares)
+            os._exit(protocol.EXIT_STOPPED)
+
+    def _ask_ranks_to_stop(self) -> None:
+        """Tell every rank of this node, once, that the job is asked to stop (lock held)."""
+        if self.stop_requested or self.stop_signal is None:
+            return
+        self.stop_requested = True
+        log.warning("%s: asking this node's ranks to stop after the next step every rank "
+                    "agrees on, with a checkpoint", self.stop_signal)
+        for child in self.ranks.values():
+            child.channel.send(protocol.Stop(reason=self.stop_signal))
 
     def shutdown(self, *_: Any) -> None:
         self.stopping = True

@@ -47,7 +47,7 @@ from ..metrics.progress import Progress
 from ..metrics.timeline import RecoveryTimeline
 from ..replication.replica_map import UnrecoverableError
 from ..state import RankState, RngStreams
-from ..steps import FrontEnd, HookList, Phase, StepDriver
+from ..steps import FrontEnd, HookList, Phase, StepDriver, Stopped
 from ..timeouts import Timeouts
 from .commit import CommitProtocol
 from .failures import Verdict, classify
@@ -112,7 +112,7 @@ class RecoveryLoop:
         self.rank = int(os.environ["RANK"])
         self.progress = progress(self.rank == 0)
         self.faults = parse_plan(cfg.fault.plan, self.world_size, cfg.trainer.max_steps)
-        self.commit = CommitProtocol()
+        self.commit = CommitProtocol(stop_requested=lambda: self.link.stop_requested)
         self.injector = FaultInjector(self.faults, self.rank, claim=self._claim_fault,
                                       on_fire=self._fault_fired)
         self.events = EventLog(self.run_dir / "events.jsonl", self.rank)
@@ -224,6 +224,25 @@ class RecoveryLoop:
             if self.timeline is not None:
                 self._first_step_done()
             self.progress.on_step(metrics)
+            if self.commit.stop_after is not None and driver.step >= self.commit.stop_after:
+                self._stop()
+
+    def _stop(self) -> None:
+        """Every rank agreed (at the commit barrier) to stop after this step: write a
+        durable checkpoint of it and leave (a new job resumes from it)."""
+        driver = self.driver
+        assert driver is not None
+        self.link.pause("stop")
+        if self.durable is not None:
+            CheckpointHook(self.durable, driver, RngStreams()).save_now()
+        else:
+            log.warning("stopping after step %d without a checkpoint (checkpoint.interval=0):"
+                        " a new job starts from its last one", driver.step)
+        dist.barrier()  # every rank's files and rank 0's manifest are written
+        if self.rank == 0:
+            log.warning("stopped after step %d as asked; a new job with the same run "
+                        "directory resumes from its checkpoint", driver.step)
+        raise Stopped(driver.step)
 
     # ------------------------------------------------------------------ recovery
     def _recover(self) -> None:
@@ -263,6 +282,7 @@ class RecoveryLoop:
         # a fresh start: no rank of this world holds training state yet (the job's first
         # generation, or a failure hit every rank before any finished its set-up)
         fresh = not self._anyone_has_state()
+        self.commit.stop_after = None  # re-agreed at the next barrier (the request stays)
         if fresh and self.driver is not None and not self._prebuilt:
             self.driver = None  # half-built by a failed start: build again, with the rest
             self.reconciler = None

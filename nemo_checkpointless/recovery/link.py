@@ -43,6 +43,7 @@ class AgentLink:
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="ncl-agent-link", daemon=True)
         self.closed = False
+        self.stop_requested = False  # the agent sent Stop (read by the commit barrier)
         # watchdog: a main thread that has not begun recovering this long after an abort is
         # aborted again, and its stacks are logged once more later (a gloo wait that the
         # shut-down sockets did not wake ends at the collective timeout, NCL_PG_TIMEOUT_S)
@@ -102,6 +103,11 @@ class AgentLink:
             self._note_generation(msg.gen)
         elif isinstance(msg, protocol.Gen):
             self._note_generation(msg.gen)
+        elif isinstance(msg, protocol.Stop):
+            if not self.stop_requested:
+                log.warning("the agent asks the job to stop (%s): checkpointing at the next "
+                            "step every rank agrees on", msg.reason or "no reason given")
+            self.stop_requested = True
 
     def _note_generation(self, gen: int) -> None:
         with self._cond:

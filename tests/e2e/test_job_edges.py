@@ -136,3 +136,27 @@ def test_a_corrupt_newest_checkpoint_is_skipped_on_resume(tmp_path, reference):
     assert_exact(result, reference("dp4"))
     assert f"iter_{STEPS:07d} fails verification" in result.output
     assert f"resumed at step {STEPS - 2}" in result.output
+
+
+@pytest.mark.parametrize("tier,sig", [("tier4", signal.SIGTERM), ("off", signal.SIGUSR1)])
+def test_a_stop_signal_checkpoints_and_the_next_job_continues(tier, sig, tmp_path, reference):
+    """SIGTERM (Kubernetes, scancel) or SIGUSR1 (a Slurm time limit) to the agent: every
+    rank finishes the step they agree on, a durable checkpoint of it is written, and the
+    agent exits 143; the same command then continues from there, exactly."""
+    run_dir = tmp_path / "run"
+    overrides = [f"checkpointless={tier}", f"trainer.max_steps={STEPS}", *DP4]
+    first = Agents(1, 4, overrides, run_dir)
+    proc = first.start(0)
+    first.wait_for_step(3, timeout=300)
+    proc.send_signal(sig)
+    stopped = first.wait(timeout=300)
+    assert stopped.returncode == 143, stopped.output[-4000:]
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    assert 3 <= last < STEPS
+    assert (run_dir / "checkpoints" / f"iter_{last:07d}" / "ncl_manifest.json").exists()
+    assert f"stopped after step {last} as asked" in stopped.output
+    second = Agents(1, 4, overrides, run_dir)
+    second.start(0)
+    result = second.wait(timeout=400)
+    assert_exact(result, reference("dp4"))
+    assert f"resumed at step {last}" in result.output
