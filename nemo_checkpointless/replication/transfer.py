@@ -228,6 +228,13 @@ def exchange(plan: dict[int, list[int]], rank: int,
     """
     stats = TransferStats()
     start = time.perf_counter()
+    groups, host_groups = split_by_device(groups)
+    if host_groups:  # tiny (torch Adam's host-side steps): they ride in the blob
+        inner_blob = blob
+
+        def blob() -> Any:
+            return {"blob": inner_blob(), "host_groups": host_groups}
+
     layout = ByteLayout([t for g in groups for t in g])
     cuts = group_cuts(groups)
     if batched is None:
@@ -236,8 +243,33 @@ def exchange(plan: dict[int, list[int]], rank: int,
         received = _exchange_batched(plan, rank, layout, cuts, blob, group, stats)
     else:
         received = _exchange_tagged(plan, rank, layout, cuts, blob, group, stats)
+    if host_groups and received is not None:
+        for mine, theirs in zip(host_groups, received["host_groups"], strict=True):
+            for t, value in zip(mine, theirs, strict=True):
+                t.copy_(value)
+        received = received["blob"]
     stats.seconds = time.perf_counter() - start
     return received, stats
+
+
+def split_by_device(groups: Sequence[Sequence[torch.Tensor]]
+                    ) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
+    """(groups on the shard's device, groups on the host), the shard's device being the
+    first tensor's. All on one device (CPU rehearsal, a GPU shard with TE's optimizer):
+    every group is in the first list, unchanged."""
+    first = next((t.device for g in groups for t in g), None)
+    on_device: list[list[torch.Tensor]] = []
+    on_host: list[list[torch.Tensor]] = []
+    for g in groups:
+        devices = {t.device for t in g}
+        if not devices or devices == {first}:
+            on_device.append(list(g))
+        elif devices == {torch.device("cpu")}:
+            on_host.append(list(g))
+        else:
+            raise ValueError(f"a state group spans {sorted(map(str, devices))}: each group "
+                             "lives on the rank's device or, whole, on the host")
+    return on_device, on_host
 
 
 def _piece(layout: ByteLayout, a: int, b: int) -> torch.Tensor:
