@@ -93,7 +93,7 @@ def main(argv: list[str]) -> int:
     channel = Channel.from_env()
     if channel is not None:  # started by ncl-launch: the recovery manager drives the steps
         from nemo_checkpointless.nemo.driver import run_recipe_under_agent
-        from nemo_checkpointless.train.entry import setup_logging
+        from nemo_checkpointless.logs import setup_logging
 
         setup_logging("spare" if os.environ.get("NCL_SPARE") == "1"
                       else os.environ.get("RANK", "0"))

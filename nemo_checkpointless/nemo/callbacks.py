@@ -2,7 +2,7 @@
 
 :class:`CheckpointlessCallback` is a Lightning callback and, since NeMo's strategy adds
 every trainer callback to ``MegatronParallel.callbacks``, also a Megatron-step callback.
-It calls the strategy's :class:`~nemo_checkpointless.train.hooks.HookList` at the phases
+It calls the strategy's :class:`~nemo_checkpointless.steps.HookList` at the phases
 Lightning and NeMo expose (``data`` at batch start, ``forward`` at the first micro-batch,
 ``after_step`` at batch end; ``grad_sync``, ``optimizer`` and ``param_sync`` come from the
 optimizer, see ``nemo/optim.py``) and writes one ``metrics.jsonl`` row per committed step
@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from ..metrics.writer import JsonlWriter
 from ..train.data import local_batch_digest
-from ..train.hooks import Phase
+from ..steps import Phase
 
 
 class CheckpointlessCallback(pl.Callback):

@@ -45,7 +45,7 @@ from ..megatron.shards import make_state_contiguous
 from ..megatron.state import job_digest
 from ..metrics.writer import JsonlWriter, write_json
 from ..train.data import local_batch_digest
-from ..train.hooks import HookList, Phase
+from ..steps import HookList, Phase
 from ..train.loop import PendingCommit, StepMetrics, finish_step
 
 log = logging.getLogger(__name__)
@@ -124,15 +124,23 @@ class NemoStepDriver:
         modules = [m for chunk in self.model for m in chunk.modules()]
         return [*modules, self.optimizer]
 
-    def schedule_state(self) -> Any:
-        return {"scheduler": self.scheduler.state_dict() if self.scheduler else None,
-                "lr": [g["lr"] for g in self.optimizer.param_groups]}
+    def state_dict(self) -> dict[str, Any]:
+        """Counters, data position, schedule and last record (not the optimizer shard)."""
+        return {"step": self.step, "data": {"consumed_samples": self.consumed_samples},
+                "schedule": {"scheduler": self.scheduler.state_dict() if self.scheduler
+                             else None,
+                             "lr": [g["lr"] for g in self.optimizer.param_groups]},
+                "record": self.last_record}
 
-    def load_schedule_state(self, state: Any) -> None:
-        if self.scheduler is not None and state["scheduler"] is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        for group, lr in zip(self.optimizer.param_groups, state["lr"]):
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.consumed_samples = int(state["data"]["consumed_samples"])
+        schedule = state["schedule"]
+        if self.scheduler is not None and schedule["scheduler"] is not None:
+            self.scheduler.load_state_dict(schedule["scheduler"])
+        for group, lr in zip(self.optimizer.param_groups, schedule["lr"]):
             group["lr"] = lr
+        self.last_record = state["record"]
 
     def reset_step_marks(self) -> None:
         self._forward_step = 0
@@ -264,7 +272,7 @@ def run_config(recipe: Any, tier: str, fallback: str, fault_plan: list) -> RunCo
         trainer=TrainerConfig(max_steps=recipe.trainer.max_steps,
                               devices=recipe.trainer.devices,
                               num_nodes=recipe.trainer.num_nodes),
-        checkpointless=CheckpointlessConfig(tier=tier, fallback=fallback),
+        checkpointless=CheckpointlessConfig.preset(tier, fallback=fallback),
         fault=FaultConfig(plan=list(fault_plan)),
     )
 
@@ -273,7 +281,7 @@ def run_recipe_under_agent(recipe: Any, run_dir: str | None, channel: Any) -> di
     """Run a checkpointless NeMo recipe on a rank started by ``ncl-launch``."""
     import fiddle as fdl
 
-    from ..train.entry import _run_under_agent
+    from ..runtime import run_under_agent
 
     strategy_node = recipe.trainer.strategy
     cfg = run_config(recipe, strategy_node.tier, getattr(strategy_node, "fallback", "none"),
@@ -300,7 +308,7 @@ def run_recipe_under_agent(recipe: Any, run_dir: str | None, channel: Any) -> di
         fn()
         return summary
 
-    return _run_under_agent(cfg, root, channel, train=train)
+    return run_under_agent(cfg, root, channel, train=train)
 
 
 def _no_log(*args: Any, **kwargs: Any) -> None:

@@ -6,7 +6,7 @@ DDP config, checkpoint options, ``num_distributed_optimizer_instances``, ...). A
 * ``tier`` / ``fallback``: the core's ``checkpointless`` settings (``config.py``);
 * ``fault_plan``: the core's fault plan (``recovery/faults.py``), injected at the step
   phases on the ranks it names;
-* a :class:`~nemo_checkpointless.train.hooks.HookList` (``self.hooks``) holding the
+* a :class:`~nemo_checkpointless.steps.HookList` (``self.hooks``) holding the
   core's :class:`~nemo_checkpointless.recovery.commit.CommitProtocol` (commit barrier before
   the optimizer update, RNG snapshot at each step start) for tiers 3 and 4, and the fault
   injector. The optimizer (``nemo/optim.py``) and the callback (``nemo/callbacks.py``) call
@@ -27,7 +27,7 @@ from .. import cpu
 from ..config import FALLBACKS, TIERS, ConfigError
 from ..recovery.commit import CommitProtocol
 from ..recovery.faults import FaultInjector, parse_plan
-from ..train.hooks import HookList
+from ..steps import HookList
 from .optim import CheckpointlessOptimizerModule
 
 log = logging.getLogger(__name__)

@@ -49,7 +49,7 @@ import torch.distributed.checkpoint as dcp
 
 from ..megatron.shards import from_bytes, to_bytes
 from ..replication.transfer import nbytes
-from ..train.hooks import Phase
+from ..steps import Phase
 
 log = logging.getLogger(__name__)
 

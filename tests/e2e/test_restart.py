@@ -71,7 +71,7 @@ def test_restart_requires_checkpointless_off(run_dir):
 
 
 def test_fault_marker_fires_once_across_processes(tmp_path):
-    from nemo_checkpointless.train.restart import MarkerClaim, process_start_time
+    from nemo_checkpointless.lab.restart import MarkerClaim, process_start_time
 
     assert MarkerClaim(tmp_path)(0) is True
     assert MarkerClaim(tmp_path)(0) is False  # a restarted process sees the marker

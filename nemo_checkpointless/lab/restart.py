@@ -4,7 +4,8 @@ This is how a job survives a failure today: ``torchrun --max-restarts N`` restar
 process when one dies; each new process builds everything again, loads the latest
 complete checkpoint, rebuilds its data loader by reading and discarding the batches the
 checkpoint had consumed, and replays the steps since the checkpoint. Selected with
-``checkpointless=off restart.enabled=true`` (``RestartConfig``).
+``checkpointless=off restart.enabled=true`` (``RestartConfig``). It lives in the lab
+(``nemo_checkpointless/lab/``), apart from the product's runtime path.
 
 * Checkpoints: every ``restart.checkpoint_interval`` steps each rank writes its part with
   ``torch.distributed.checkpoint`` in the background (``recovery/checkpoint.py``: fp32
@@ -31,6 +32,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..config import RunConfig
+from ..megatron.shards import capture_rng, restore_rng
+from ..state import OptimizerShard, RankState
+from ..steps import Phase
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +91,16 @@ class MarkerClaim:
             return False
 
 
+class RngStreams:
+    """Every random stream, as saved at a checkpoint (it starts the next step)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": capture_rng()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        restore_rng(state["rng"])
+
+
 class StepEvents:
     """Step hook: an event per completed step (rank 0), with the wall time it ended."""
 
@@ -95,8 +109,6 @@ class StepEvents:
         self.enabled = enabled
 
     def on_phase(self, phase: Any, step: int) -> None:
-        from .hooks import Phase
-
         if self.enabled and phase is Phase.AFTER_STEP:
             self.events.write("step", step=step)
 
@@ -139,11 +151,10 @@ def run_with_restart(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     import torch.distributed as dist
 
     from ..comm import destroy_world
-    from ..megatron.shards import capture_rng, optimizer_state_tensors
     from ..recovery.checkpoint import AsyncCheckpointer
     from ..recovery.faults import FaultInjector, parse_plan
-    from .hooks import HookList
-    from .loop import Trainer
+    from ..steps import HookList
+    from ..train.loop import Trainer
 
     if lead:
         events.write("imports_done")
@@ -163,15 +174,13 @@ def run_with_restart(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
             events.write("model_built")
         r = cfg.restart
         root = Path(r.checkpoint_dir or run_dir / "restart_checkpoints")
+        state = RankState({"driver": trainer, "rng": RngStreams()})
         checkpointer = AsyncCheckpointer(
             root, rank, world_size, r.checkpoint_interval,
-            tensors=lambda: optimizer_state_tensors(trainer.optimizer),
-            blob=lambda step: {"step": trainer.step,
-                               "consumed_samples": trainer.consumed_samples,
-                               "scheduler_steps": trainer.scheduler.num_steps,
-                               "rng": capture_rng(), "record": trainer.last_record},
+            tensors=lambda: OptimizerShard(trainer.optimizer).tensors(),
+            blob=lambda step: state.state_dict(),
             keep=r.checkpoint_keep, fmt="dcp")  # what jobs do today
-        resumed = resume(trainer, root if r.resume == "auto" else None, world_size,
+        resumed = resume(trainer, state, root if r.resume == "auto" else None, world_size,
                          events if lead else None)
         trainer.hooks.add(checkpointer)
         trainer.hooks.add(StepEvents(events, lead))
@@ -190,7 +199,7 @@ def run_with_restart(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     return summary
 
 
-def resume(trainer: Any, root: Optional[Path], world_size: int,
+def resume(trainer: Any, state: RankState, root: Optional[Path], world_size: int,
            events: Optional[RestartEvents]) -> dict[str, Any]:
     """Load the latest complete checkpoint, skip the data forward, trim metrics.jsonl.
 
@@ -205,7 +214,6 @@ def resume(trainer: Any, root: Optional[Path], world_size: int,
     import torch.distributed as dist
 
     from ..megatron import optimizer as mopt
-    from ..megatron.shards import copy_main_to_model, optimizer_state_tensors, restore_rng
     from ..recovery.checkpoint import complete_steps, load_part
 
     steps = complete_steps(root, world_size) if root is not None and root.exists() else []
@@ -215,17 +223,12 @@ def resume(trainer: Any, root: Optional[Path], world_size: int,
     nbytes = 0
     if step > 0:
         assert root is not None
-        tensors = optimizer_state_tensors(trainer.optimizer)
-        blob = load_part(root, step, dist.get_rank(), tensors)
-        nbytes = sum(t.numel() * t.element_size() for t in tensors)
-        trainer.step = blob["step"]
-        trainer.consumed_samples = blob["consumed_samples"]
-        trainer.scheduler.num_steps = blob["scheduler_steps"]
-        trainer.scheduler.step(increment=0)
-        trainer.last_record = blob["record"]
-        copy_main_to_model(trainer.optimizer)
-        mopt.gather_params(trainer.model, trainer.optimizer)
-        restore_rng(blob["rng"])
+        shard = OptimizerShard(trainer.optimizer)
+        tensors = shard.tensors()
+        state.load_state_dict(load_part(root, step, dist.get_rank(), tensors))
+        nbytes = shard.nbytes()
+        shard.publish()
+        mopt.gather_params(trainer.model, trainer.optimizer)  # (the RNG was restored above)
     total = torch.tensor([nbytes], dtype=torch.int64)
     dist.all_reduce(total)
     if events is not None:

@@ -1,0 +1,361 @@
+"""The generation loop: train, and on a failure re-form the job and continue, in process.
+
+On a failure anywhere in the job, every healthy rank:
+
+1. *detects* it (a collective fails, or the agent announces a new generation and the link
+   thread aborts the communicators so the blocked collective fails at once) and classifies
+   it (``failures.py``: recoverable, or fatal);
+2. *aborts* and forgets its process groups, keeping model, optimizer and data objects;
+3. waits for the new generation and *rendezvous* with every rank of it (replacements too);
+4. *rebuilds* the world and megatron's parallel state with the same arguments and rebinds
+   every cached group handle;
+5. *reconciles* (``reconcile.py``): agrees on the committed step, rolls forward if needed,
+   and streams state to replacement ranks from their replica peers (or rolls back to disk);
+6. restores the RNG that starts the next step and trains on.
+
+The loop knows no front-end: it drives a :class:`~nemo_checkpointless.steps.StepDriver`
+built by a :class:`~nemo_checkpointless.steps.FrontEnd` (or handed over already built).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from ..comm.abort import (abort_communicators, forget_all_groups,
+                          release_forgotten_groups_in_background)
+from ..comm.init import report_store_ops
+from ..comm.rendezvous import rendezvous
+from ..comm.store import JobIdentity, connect, parse_endpoints
+from ..comm.world import backend_for
+from ..config import RunConfig
+from ..megatron import groups
+from ..megatron.rebind import group_roles, rebind
+from ..metrics.events import EventLog, read_events, summarize_recoveries
+from ..metrics.progress import Progress
+from ..metrics.timeline import RecoveryTimeline
+from ..replication.replica_map import UnrecoverableError
+from ..state import RankState
+from ..steps import FrontEnd, HookList, StepDriver
+from .checkpoint import AsyncCheckpointer
+from .commit import CommitProtocol
+from .failures import Verdict, classify
+from .faults import FaultInjector, parse_plan
+from .interrupt import ComputeInterrupt
+from .link import AgentLink
+from .reconcile import DiskSource, Reconciler
+from .spares import WarmSpare
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RecoveryTimeouts:
+    """How long a rank waits, at each point of a recovery."""
+
+    store: datetime.timedelta  # every job-store operation
+    recovery: datetime.timedelta  # for a new generation, and for every rank to join it
+    collective: datetime.timedelta  # every collective
+    abort_grace: float  # seconds between a generation notice and the abort of collectives
+    failure_confirm: float  # seconds to wait for the job to confirm an unexplained error
+
+
+class RecoveryLoop:
+    """Runs one rank started by ncl-launch to ``max_steps`` through any number of failures.
+
+    ``interrupt``: stop forward/backward at the next module when a failure is announced.
+    ``progress(lead)``: the progress reporter, once this process knows its rank.
+    ``after_transfer``: optional measurement right after a state transfer (benchmarks).
+    """
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, channel: Any,
+                 front_end: Optional[FrontEnd], timeouts: RecoveryTimeouts, *,
+                 interrupt: bool, progress: Callable[[bool], Progress],
+                 after_transfer: Optional[Callable[..., Optional[float]]] = None) -> None:
+        from ..logs import setup_logging
+
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.front_end = front_end
+        self.timeouts = timeouts
+        self.after_transfer = after_transfer
+        self.world_size = int(os.environ["WORLD_SIZE"])
+        self.store = connect(parse_endpoints(os.environ["NCL_STORE_ENDPOINTS"]),
+                             JobIdentity.from_env(), timeouts.store)
+        self.backend = backend_for(cfg.strategy.backend)
+        self.link = AgentLink(channel, on_new_generation=self._abort_from_link,
+                              abort_grace=timeouts.abort_grace).start()
+        self.interrupt = ComputeInterrupt(self.link.interrupt_pending) if interrupt else None
+        self.replacement = os.environ.get("NCL_REPLACEMENT", "0") == "1"
+        self.gen = int(os.environ.get("NCL_GENERATION", "0"))
+        self.spare: Optional[WarmSpare] = None
+        if os.environ.get("NCL_SPARE") == "1":
+            # only in CPU rehearsal: a spare does not know its GPU before it is assigned
+            build = (front_end.spare_model if front_end is not None and self.backend == "gloo"
+                     else None)
+            self.spare = WarmSpare(self.world_size, build)
+            msg = WarmSpare.wait_for_assignment(self.link)
+            self.gen, self.replacement = int(msg["gen"]), True
+            setup_logging(int(msg["rank"]))
+            log.warning("warm spare takes rank %d at generation %d", msg["rank"], self.gen)
+        self.rank = int(os.environ["RANK"])
+        self.progress = progress(self.rank == 0)
+        self.faults = parse_plan(cfg.fault.plan, self.world_size, cfg.trainer.max_steps)
+        self.commit = CommitProtocol()
+        self.injector = FaultInjector(self.faults, self.rank, claim=self._claim_fault,
+                                      on_fire=self._fault_fired)
+        self.events = EventLog(self.run_dir / "events.jsonl", self.rank)
+        self.step_hooks = HookList([self.commit, self.injector])
+        self.driver: Optional[StepDriver] = None
+        self.reconciler: Optional[Reconciler] = None
+        self._prebuilt = False
+        self.old_roles: dict[int, str] = {}
+        self.timeline: Optional[RecoveryTimeline] = None
+        if self.replacement:
+            self.timeline = RecoveryTimeline(from_gen=self.gen - 1)
+        self.joined_gen = -1
+        ck = cfg.checkpointless
+        self.disk_source = ck.recovery == "disk"
+        self.disk = self.disk_source or ck.fallback == "disk"
+        self.checkpoint_root = Path(ck.checkpoint_dir or self.run_dir / "checkpoints")
+        self.checkpointer: Optional[AsyncCheckpointer] = None
+        self._ops_mark: dict = {}
+        self._cleaned_gen = 0
+        groups.enable_local_group_sync()  # megatron's groups formed by their members only
+
+    # ------------------------------------------------------------------ faults
+    def _claim_fault(self, index: int) -> bool:
+        return int(self.store.add(f"fault/claim/{index}", 1)) == 1
+
+    def _fault_fired(self, fault: Any) -> None:
+        self.store.set(f"fault/at/{self.rank}", repr(time.time()))
+        self.events.write("fault", step=fault.step, phase=fault.phase, kind=fault.kind,
+                          fault_rank=fault.rank)
+
+    # ------------------------------------------------------------------ abort
+    def _abort_from_link(self, gen: int) -> None:
+        closed = abort_communicators(self.store.endpoints)
+        log.warning("generation %d announced: aborted communicators (%d connections)", gen,
+                    closed)
+
+    def _verdict(self, err: BaseException) -> Verdict:
+        return classify(err, superseded=self.link.superseded,
+                        confirmed_within=lambda s: self.link.wait_newer(self.joined_gen, s)
+                        is not None,
+                        confirm_timeout=self.timeouts.failure_confirm)
+
+    # ------------------------------------------------------------------ main loop
+    def run(self, driver: Optional[StepDriver] = None) -> dict[str, Any]:
+        """Train to max_steps through any number of recoveries; return the summary.
+
+        ``driver``: one already built (``nemo/driver.py`` builds NeMo's objects in a
+        world of fake groups before the job's world exists): its groups are forgotten
+        here and rebound to the real ones when generation ``gen`` is joined. Without it,
+        the front-end builds one after the rendezvous.
+        """
+        if driver is not None:
+            from megatron.core import parallel_state
+
+            self.driver = driver
+            self._prebuilt = True
+            if parallel_state.model_parallel_is_initialized():
+                self.old_roles.update(group_roles())
+            forget_all_groups()
+        first = True
+        while True:
+            try:
+                if first:
+                    first = False
+                    self._enter(self.gen)
+                elif self.timeline is not None:
+                    self._recover()
+                self._train()
+                break
+            except BaseException as err:  # noqa: BLE001 - classified right below
+                if self._verdict(err) is Verdict.FATAL:
+                    raise
+                log.warning("failure detected: %s", str(err).splitlines()[0][:200])
+                if self.timeline is None:
+                    self.timeline = RecoveryTimeline(from_gen=self.joined_gen)
+        assert self.driver is not None
+        summary = self.driver.finish()
+        if self.rank == 0:
+            summary["recoveries"] = summarize_recoveries(read_events(self.run_dir /
+                                                                     "events.jsonl"))
+            from ..metrics.writer import write_json
+            write_json(self.run_dir / "summary.json", summary)
+        return summary
+
+    def _train(self) -> None:
+        driver = self.driver
+        assert driver is not None
+        while driver.step < self.cfg.trainer.max_steps:
+            metrics = driver.train_step()
+            if self.timeline is not None:
+                self._first_step_done()
+            self.progress.on_step(metrics)
+
+    # ------------------------------------------------------------------ recovery
+    def _recover(self) -> None:
+        timeline = self.timeline
+        assert timeline is not None
+        self.link.unwound()
+        t0 = time.perf_counter()
+        if self.driver is not None:
+            from megatron.core import parallel_state
+
+            if parallel_state.model_parallel_is_initialized():
+                # accumulate: objects may still hold groups of an earlier, failed attempt
+                self.old_roles.update(group_roles())
+        abort_communicators(self.store.endpoints)
+        forget_all_groups()
+        timeline.mark("abort", time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        wait = self.timeouts.recovery.total_seconds()
+        target = self.link.wait_newer(self.joined_gen, wait)
+        if target is None:
+            raise UnrecoverableError(
+                f"no new generation within {wait:.0f}s (NCL_RECOVERY_TIMEOUT_S) after a "
+                "failure: is the failed node's agent gone without a replacement?")
+        timeline.wait_generation = time.perf_counter() - t1
+        self._enter(target)
+
+    def _enter(self, gen: int) -> None:
+        """Join generation ``gen``: world, parallel state, driver objects, agreement."""
+        self.link.activate(gen)
+        self.joined_gen = gen
+        t0 = time.perf_counter()
+        rendezvous(self.store, gen, self.rank, self.world_size, self.backend,
+                   self.timeouts.recovery, self.timeouts.collective,
+                   cancelled=self.link.superseded)
+        t1 = time.perf_counter()
+        self._tidy_store(gen)
+        built = self.driver is None or self._prebuilt
+        fresh_job = gen == 0 and not self.replacement
+        if self.driver is None:
+            assert self.front_end is not None
+            self.driver = self.front_end.build(
+                self.step_hooks, collective=fresh_job,
+                prebuilt=self.spare.take_model if self.spare is not None else None)
+            self._attach(fresh_job)
+        elif self._prebuilt:
+            self._prebuilt = False
+            self._rebuild()
+            self._attach(fresh_job)
+        else:
+            self._rebuild()
+        if self.interrupt is not None:
+            self.interrupt.install(self.driver.model)
+        t2 = time.perf_counter()
+        assert self.reconciler is not None
+        transfer = self.reconciler.run(recovering=self.timeline is not None)
+        if self.rank == 0:
+            self._ensure_metrics_row(transfer["committed_step"])
+        t3 = time.perf_counter()
+        log.info("joined generation %d: rendezvous %.3fs, %s %.3fs, agreement+state %.3fs",
+                 gen, t1 - t0, "skeleton" if built else "rebuild+rebind", t2 - t1, t3 - t2)
+        if self.timeline is not None:
+            self.timeline.joined(gen, t1 - t0, t2 - t1, t3 - t2, transfer)
+
+    def _tidy_store(self, gen: int) -> None:
+        """Rank 0: report the store traffic and drop older generations' keys."""
+        if self.rank != 0 or not hasattr(self.store, "server_op_counts"):
+            return
+        phase = "start-up" if gen == 0 else "recovery"
+        _, self._ops_mark = report_store_ops(self.store, phase, self._ops_mark, gen)
+        if gen > 0:  # nobody reads an older generation's keys again
+            for old in range(max(0, self._cleaned_gen), gen):
+                self.store.delete_prefix(f"pg/{old}/")
+                self.store.delete_prefix(f"rdzv/{old}/")
+            self._cleaned_gen = gen
+
+    def _rebuild(self) -> None:
+        """Rebuild megatron's parallel state on the new world and rebind cached groups."""
+        assert self.driver is not None
+        t0 = time.perf_counter()
+        self.driver.rebuild_parallel()
+        t1 = time.perf_counter()
+        rebind(self.driver.rebind_roots(), self.old_roles)
+        self.old_roles = {}
+        log.info("rebuild: parallel state %.3fs, rebind %.3fs", t1 - t0,
+                 time.perf_counter() - t1)
+
+    def _attach(self, fresh_job: bool) -> None:
+        """First entry of a newly built driver: reconciler, RNG, disk tier, preflight."""
+        driver = self.driver
+        assert driver is not None
+        self.commit.start_at(driver.step)
+        state = RankState({"driver": driver, "commit": self.commit})
+        disk = None
+        if self.disk:
+            self.checkpointer = AsyncCheckpointer(
+                self.checkpoint_root, self.rank, self.world_size,
+                self.cfg.checkpointless.checkpoint_interval,
+                tensors=lambda: self.reconciler.shard.tensors(),  # type: ignore[union-attr]
+                blob=lambda step: state.state_dict(),
+                keep=self.cfg.checkpointless.checkpoint_keep)
+            driver.hooks.add(self.checkpointer)
+            disk = DiskSource(self.checkpoint_root, self.checkpointer.wait)
+        self.reconciler = Reconciler(
+            driver, self.commit, state, rank=self.rank, world_size=self.world_size,
+            use_distributed_optimizer=self.cfg.strategy.use_distributed_optimizer,
+            disk=disk, disk_source=self.disk_source,
+            on_recovery=lambda step: self.injector.fire("recovery", step),
+            after_transfer=self.after_transfer)
+        self.reconciler.has_state = fresh_job
+        if fresh_job:
+            if self.checkpointer is not None:
+                self.checkpointer.save(0, wait=True)
+            self._preflight()
+
+    def _preflight(self) -> None:
+        """Before training: say which ranks no peer can restore (no replica anywhere)."""
+        if self.rank == 0:
+            from ..plan import PlanError, preflight_report
+
+            per_node = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
+            try:
+                log.info("layout plan:\n%s", preflight_report(self.cfg, self.world_size,
+                                                              per_node))
+            except PlanError as err:  # the run-time check below still applies
+                log.warning("layout planner: %s", err)
+        assert self.reconciler is not None
+        lonely = self.reconciler.unprotected()
+        if lonely and self.rank == 0:
+            s = self.cfg.strategy
+            log.warning(
+                "ranks %s hold optimizer shards with no replica: a failure of any of them "
+                "cannot be recovered from peers. Set strategy."
+                "num_distributed_optimizer_instances=2 (needs data-parallel x context-parallel "
+                "size divisible by 2; now %d instance(s)) or checkpointless.fallback=disk.",
+                lonely, s.num_distributed_optimizer_instances)
+            self.events.write("preflight", unprotected_ranks=lonely)
+
+    def _ensure_metrics_row(self, committed: int) -> None:
+        """Rank 0 writes the committed step's row if its metrics file lacks it (rank 0 was
+        replaced, or rolled the step forward from a peer's record)."""
+        driver = self.driver
+        assert driver is not None and driver.metrics is not None
+        path = self.run_dir / "metrics.jsonl"
+        last = 0
+        if path.exists():
+            lines = [line for line in path.read_text().splitlines() if line.strip()]
+            last = json.loads(lines[-1])["step"] if lines else 0
+        record = driver.last_record
+        if last < committed and record is not None and record["step"] == committed:
+            driver.metrics.write(record)
+
+    def _first_step_done(self) -> None:
+        timeline, self.timeline = self.timeline, None
+        # the new generation has stepped: the groups the failure aborted can go now
+        release_forgotten_groups_in_background()
+        if timeline is not None:
+            timeline.finish(self.events, self.store,
+                            self.driver.step if self.driver is not None else None,
+                            lead=self.rank == 0)

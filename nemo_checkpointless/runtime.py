@@ -1,0 +1,205 @@
+"""The composition root: which parts of checkpointless training run, under which launcher.
+
+Everything else receives its parts ready-made: this module alone reads the launcher's
+environment (torchrun or ``ncl-launch``), the typed config's parts (rootless start-up,
+in-process recovery and its source) and the resolved timeouts, and wires a front-end's
+step driver to the recovery core. Front-ends call :func:`run_lean` (the lean loop) or
+:func:`run_under_agent` (NeMo 2, Megatron-Bridge).
+
+Exit codes: 0 done; 2 bad configuration; 3 (:data:`EXIT_UNRECOVERABLE`) a verdict every
+rank reaches alike (no replica of a lost shard, a non-finite loss): the agent stops the
+job instead of replacing the rank.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from .config import ConfigError, RunConfig, to_run_config, validate
+from .logs import setup_logging
+
+log = logging.getLogger(__name__)
+
+EXIT_UNRECOVERABLE = 3
+
+
+def load_and_validate(node: Any, world_size: int) -> RunConfig:
+    """Typed, validated config; exits with status 2 and the fix on a bad config."""
+    from . import cpu
+
+    try:
+        cfg = to_run_config(node)
+        validate(cfg, world_size, cpu_mode=not cpu.cuda_available())
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    return cfg
+
+
+def run_pretrain(node: Any, run_dir: str | Path) -> dict[str, Any]:
+    """``recipes/pretrain.py``: one rank of a lean-loop job, under any launcher."""
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    setup_logging("spare" if os.environ.get("NCL_SPARE") == "1" else rank)
+    cfg = load_and_validate(node, world_size)
+    return run_lean(cfg, Path(run_dir))
+
+
+def run_lean(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
+    """The lean loop, with the parts ``cfg`` selects, under the launcher that started us."""
+    from . import cpu
+    from .launch.channel import Channel
+    from .train.frontend import LeanFrontEnd
+
+    cpu.enable()
+    if int(os.environ.get("RANK", "0")) == 0:
+        from . import allocator
+
+        log.info(allocator.describe())
+    channel = Channel.from_env()
+    if channel is not None and cfg.checkpointless.recovery != "none":
+        return run_under_agent(cfg, run_dir, channel, LeanFrontEnd(cfg, run_dir))
+    if channel is not None:
+        return _train_without_recovery_under_agent(cfg, run_dir, channel)
+    if cfg.restart.enabled:  # the stock checkpoint-restart baseline (torchrun --max-restarts)
+        from .lab.restart import run_with_restart
+
+        return run_with_restart(cfg, run_dir)
+    return run_plain(cfg, run_dir, rootless=cfg.checkpointless.rootless_startup)
+
+
+def _train_without_recovery_under_agent(cfg: RunConfig, run_dir: Path,
+                                        channel: Any) -> dict[str, Any]:
+    """Started by ncl-launch without in-process recovery: train like stock training (a
+    failed rank stops the job), with the world formed from the agents' store."""
+    from .recovery.link import AgentLink
+
+    channel.send({"t": "hello", "recovery": False})
+    link = AgentLink(channel, on_new_generation=lambda gen: None).start()  # heartbeats
+    if os.environ.get("NCL_SPARE") == "1":
+        while not link.closed:  # nobody will hand a rank to a spare: wait to be stopped
+            time.sleep(1.0)
+        return {}
+    summary = run_plain(cfg, run_dir, rootless=True)
+    channel.send({"t": "done"})
+    return summary
+
+
+def run_plain(cfg: RunConfig, run_dir: Path, rootless: bool) -> dict[str, Any]:
+    """Train without in-process recovery. ``rootless``: form the world from the rootless
+    store (tier 1 and up, or any tier under ncl-launch, whose agents serve the store)."""
+    from . import device
+    from .comm import destroy_world, init_world
+    from .comm.world import backend_for
+    from .train.loop import Trainer
+
+    rank = int(os.environ.get("RANK", "0"))
+    device.select(backend_for(cfg.strategy.backend))
+    world = None
+    if rootless:
+        from .comm.init import init as rootless_init
+
+        world = rootless_init(cfg.strategy.backend)  # rootless store, members-only groups
+    else:
+        init_world(cfg.strategy.backend)
+    try:
+        trainer = Trainer(cfg, run_dir)
+        trainer.setup()
+        if world is not None:
+            world.report_store_ops("start-up")
+        summary = trainer.run()
+    finally:
+        if world is not None:
+            world.shutdown()
+        else:
+            destroy_world()
+    if rank == 0:
+        log.info("finished step %d, state_sha256 %s", summary["final_step"],
+                 summary["state_sha256"])
+    return summary
+
+
+def recovery_timeouts(backend: str) -> Any:
+    """The timeouts of the recovery path, resolved once (environment over default)."""
+    from .comm.world import default_timeout
+    from .recovery.generation import RecoveryTimeouts
+
+    def seconds(name: str, default: float) -> float:
+        return float(os.environ.get(name, default))
+
+    return RecoveryTimeouts(
+        store=datetime.timedelta(seconds=seconds("NCL_STORE_TIMEOUT_S", 60)),
+        recovery=datetime.timedelta(seconds=seconds("NCL_RECOVERY_TIMEOUT_S", 300)),
+        collective=default_timeout(backend),
+        # gloo: 1 s (see recovery/link.py); NCCL's abort wakes every operation at once
+        abort_grace=seconds("NCL_ABORT_GRACE_S", 1.0 if backend == "gloo" else 0.0),
+        failure_confirm=seconds("NCL_FAILURE_CONFIRM_S", 30.0))
+
+
+def run_under_agent(cfg: RunConfig, run_dir: Path, channel: Any, front_end: Any = None,
+                    train: Optional[Callable[[Any], dict[str, Any]]] = None) -> dict[str, Any]:
+    """One rank started by ncl-launch, recovered in process (the public entry of every
+    front-end).
+
+    ``front_end``: builds the step driver once the world exists (the lean loop's, or a
+    Bridge one). ``train(loop)``: how the job trains under the loop instead (NeMo 2 builds
+    its objects first and calls ``loop.run(driver)``); default ``loop.run()``.
+    """
+    from . import device
+    from .comm import destroy_world
+    from .comm.world import backend_for
+    from .metrics.progress import NonFiniteLoss
+    from .recovery.failures import Fatal
+    from .recovery.generation import RecoveryLoop
+    from .replication.replica_map import UnrecoverableError
+    from .train.loop import make_progress
+
+    if cfg.checkpointless.recovery == "none":  # the lean loop never gets here so
+        channel.send({"t": "hello", "recovery": False})
+        raise NotImplementedError(
+            f"checkpointless={cfg.checkpointless.tier}: a driven job (NeMo recipe) under "
+            "ncl-launch needs tier3 or tier4; launch it with torchrun for a run without "
+            "recovery")
+    channel.send({"t": "hello", "recovery": True})
+    backend = backend_for(cfg.strategy.backend)
+    try:
+        # (a warm spare waits inside the constructor until it is assigned a rank)
+        loop = RecoveryLoop(cfg, run_dir, channel, front_end, recovery_timeouts(backend),
+                            interrupt=_interrupt_default(backend),
+                            progress=lambda lead: make_progress(cfg, lead))
+        device.select(backend)
+        if os.environ.get("NCL_TRANSFER_CALIBRATE"):
+            from .lab.calibrate import raw_send
+
+            loop.after_transfer = raw_send(
+                loop.rank, lambda: loop.reconciler.shard.nbytes())  # type: ignore[union-attr]
+        summary = loop.run() if train is None else train(loop)
+        channel.send({"t": "done"})
+    except (UnrecoverableError, NonFiniteLoss, Fatal) as err:
+        # every rank reaches the same verdict from the same gathered facts: stop the job
+        log.error("cannot recover: %s", err)
+        print(f"error: cannot recover: {err}", file=sys.stderr, flush=True)
+        channel.send({"t": "fatal", "reason": str(err)})
+        os._exit(EXIT_UNRECOVERABLE)
+    finally:
+        try:
+            destroy_world()
+        except Exception:  # noqa: BLE001 - groups may already be aborted
+            pass
+    if loop.rank == 0:
+        log.info("finished step %d, state_sha256 %s", summary["final_step"],
+                 summary["state_sha256"])
+    return summary
+
+
+def _interrupt_default(backend: str) -> bool:
+    """Stop forward/backward at the next module on a failure notice: on by default on gloo
+    (CPU compute runs on the training thread, uninterrupted by an abort); on NCCL the
+    abort fails the next collective and kernels are asynchronous (``NCL_INTERRUPT``)."""
+    return os.environ.get("NCL_INTERRUPT", "1" if backend == "gloo" else "0") == "1"
