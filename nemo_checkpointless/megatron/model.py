@@ -5,7 +5,7 @@ megatron's own GPU initialisation (weights drawn on ``torch.cuda.current_device(
 its tensor-parallel RNG tracker, RoPE's ``inv_freq`` created there) and Transformer
 Engine's layer spec when TE is importable (fused attention, context parallelism, fp8 need
 it); in CPU rehearsal the local spec with CPU initialisation, as before. Batches reach
-the device through :func:`to_device`.
+the device in the loop (``train/loop.py`` ``to_device``).
 """
 
 from __future__ import annotations
@@ -153,13 +153,6 @@ def layer_spec(model: ModelConfig, impl: str = "auto") -> Any:
                                "the local spec instead")
         return specs.get_gpt_layer_with_transformer_engine_spec()
     return specs.get_gpt_layer_local_spec(normalization=model.normalization)
-
-
-def to_device(batch: dict[str, Any]) -> dict[str, Any]:
-    """A batch's tensors on the rank's device (the same objects in CPU rehearsal)."""
-    dev = rank_device.current()
-    return {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v
-            for k, v in batch.items()}
 
 
 def count_parameters(chunks: list[torch.nn.Module]) -> int:
