@@ -90,7 +90,7 @@ def job_backend() -> str:
 
 
 def _exit_hung(what: str, seconds: float) -> None:
-    log.critical("%s has not returned after %.0fs: exiting (code %d) so that the agent "
+    log.critical("%s has not returned after %.1fs: exiting (code %d) so that the agent "
                  "replaces this rank and checks its GPU; stacks follow", what, seconds,
                  EXIT_GPU_SUSPECT)
     with contextlib.suppress(Exception):
