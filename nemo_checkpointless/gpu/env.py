@@ -56,6 +56,11 @@ def nccl_env_defaults(recovery_budget_s: float = RECOVERY_BUDGET_S) -> dict[str,
         # TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC before exiting; a failure we recover from
         # is not a reason to stall every rank for a dump.
         "TORCH_NCCL_DUMP_ON_TIMEOUT": "0",
+        # torch/cuda/__init__.py, is_available's docstring: it "will NOT poison fork if
+        # the environment variable PYTORCH_NVML_BASED_CUDA_CHECK=1 is set" (it asks NVML,
+        # not the CUDA driver). ncl-launch forks ranks and spares from a zygote that must
+        # not have loaded the CUDA driver (launch/zygote.py refuses to fork one that has).
+        "PYTORCH_NVML_BASED_CUDA_CHECK": "1",
     }
 
 
