@@ -9,17 +9,20 @@ import sys
 
 import pytest
 
-from conftest import _env, free_port
+from conftest import _env
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(120)]
 
 SCRIPT = """
-import datetime, os, weakref
+import datetime, weakref
 import torch, torch.distributed as dist
 from nemo_checkpointless.compat import c10d
 
-os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="{port}")
-dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))
+def world():  # an in-memory store: no port to race for
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=30))
+
+world()
 sub = dist.new_group([0])
 x = torch.ones(1)
 dist.all_reduce(x, group=sub)
@@ -37,8 +40,7 @@ assert not dist.is_initialized() and c10d.live_groups() == []
 refs = [weakref.ref(g) for g in parked]
 del groups, aborted, sub
 
-os.environ["MASTER_PORT"] = "{port2}"
-dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))
+world()
 y = torch.ones(1)
 dist.all_reduce(y)
 assert all(r() is not None for r in refs)   # parked, not destroyed under our feet
@@ -50,7 +52,6 @@ print("OK")
 
 
 def test_abort_forget_and_reform():
-    code = SCRIPT.format(port=free_port(), port2=free_port())
-    proc = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=_env(), capture_output=True,
                           text=True, timeout=110)
     assert proc.returncode == 0 and "OK" in proc.stdout, (proc.stdout + proc.stderr)[-4000:]
