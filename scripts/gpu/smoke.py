@@ -34,7 +34,7 @@ from typing import Any, Callable
 REPO = Path(__file__).resolve().parents[2]
 STEPS, FAULT_STEP, CKPT_EVERY = 12, 8, 3
 # GPU: under smoke.sh's 8 minutes with the install and the start; the CPU dry run on a
-# small shared machine takes about 9 minutes (imports and steps of 1-3 s), so it is not
+# small shared machine takes 4 to 9 minutes (imports and steps of 1-3 s), so it is not
 # bounded like that
 RUN_TIMEOUT_S = {"gpu": 170, "cpu": 900}
 BUDGET_S = {"gpu": 450, "cpu": 3600}

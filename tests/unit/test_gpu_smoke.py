@@ -1,6 +1,6 @@
 """The GPU smoke script's own plumbing, fast, on the CPU: its transfer round trip and its
 report entries. (The whole CPU dry run, ``SMOKE_CPU=1 bash scripts/gpu/smoke.sh``, takes
-about 9 minutes on a 2-core machine: three ncl-launch runs; see docs/gpu.md.)"""
+4 to 9 minutes on a 2-core machine: three ncl-launch runs; see docs/gpu.md.)"""
 
 from __future__ import annotations
 
