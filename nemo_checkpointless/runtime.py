@@ -86,17 +86,23 @@ def _train_without_recovery_under_agent(cfg: RunConfig, run_dir: Path,
         while not link.closed:  # nobody will hand a rank to a spare: wait to be stopped
             time.sleep(1.0)
         return {}
-    summary = run_plain(cfg, run_dir, rootless=True)
+    summary = run_plain(cfg, run_dir, rootless=True, under_agent=True)
     channel.send({"t": "done"})
     return summary
 
 
-def run_plain(cfg: RunConfig, run_dir: Path, rootless: bool) -> dict[str, Any]:
+def run_plain(cfg: RunConfig, run_dir: Path, rootless: bool,
+              under_agent: bool = False) -> dict[str, Any]:
     """Train without in-process recovery. ``rootless``: form the world from the rootless
-    store (tier 1 and up, or any tier under ncl-launch, whose agents serve the store)."""
+    store (tier 1 and up, or any tier under ncl-launch, whose agents serve the store).
+    Durable checkpoints as ``checkpoint.*`` says (on by default under ncl-launch), and a
+    new job resumes from the newest verified one (``checkpoint.resume=auto``)."""
     from . import device
+    from .checkpoint.config import directory, make_checkpointer
+    from .checkpoint.driver import CheckpointHook, resume
     from .comm import destroy_world, init_world
     from .comm.world import backend_for
+    from .state import RngStreams
     from .train.loop import Trainer
 
     rank = int(os.environ.get("RANK", "0"))
@@ -113,7 +119,15 @@ def run_plain(cfg: RunConfig, run_dir: Path, rootless: bool) -> dict[str, Any]:
         trainer.setup()
         if world is not None:
             world.report_store_ops("start-up")
+        if cfg.checkpoint.resume == "auto":
+            resume(trainer, directory(cfg.checkpoint, run_dir), RngStreams(),
+                   verify_data=cfg.checkpoint.verify)
+        durable = make_checkpointer(cfg.checkpoint, run_dir, under_agent=under_agent)
+        if durable is not None:
+            trainer.hooks.add(CheckpointHook(durable, trainer, RngStreams()))
         summary = trainer.run()
+        if durable is not None:
+            durable.close()
     finally:
         if world is not None:
             world.shutdown()
@@ -181,6 +195,7 @@ def run_under_agent(cfg: RunConfig, run_dir: Path, channel: Any, front_end: Any 
                 loop.rank, lambda: loop.reconciler.shard.nbytes())  # type: ignore[union-attr]
         summary = loop.run() if train is None else train(loop)
         channel.send({"t": "done"})
+        loop.injector.fire("shutdown", int(summary["final_step"]))
     except (UnrecoverableError, NonFiniteLoss, Fatal) as err:
         # every rank reaches the same verdict from the same gathered facts: stop the job
         log.error("cannot recover: %s", err)

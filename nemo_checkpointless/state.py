@@ -42,6 +42,22 @@ class DataPosition:
         self.consumed_samples = int(state["consumed_samples"])
 
 
+class RngStreams:
+    """Every random stream of this process, as it is now (it starts the next step when
+    saved after a committed one): torch CPU and CUDA, megatron's tensor-parallel tracker,
+    numpy and Python's ``random``."""
+
+    def state_dict(self) -> dict[str, Any]:
+        from .megatron.shards import capture_rng
+
+        return {"rng": capture_rng()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from .megatron.shards import restore_rng
+
+        restore_rng(state["rng"])
+
+
 class RankState:
     """Named :class:`Stateful` parts of one rank, saved and loaded together."""
 

@@ -28,6 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import torch
+import torch.distributed as dist
+
+from .. import device
+from ..checkpoint.config import directory as checkpoint_directory
+from ..checkpoint.config import make_checkpointer
+from ..checkpoint.driver import CheckpointHook, resume
 from ..comm.abort import (abort_communicators, forget_all_groups,
                           release_forgotten_groups_in_background)
 from ..comm.init import report_store_ops
@@ -41,9 +48,8 @@ from ..metrics.events import EventLog, read_events, summarize_recoveries
 from ..metrics.progress import Progress
 from ..metrics.timeline import RecoveryTimeline
 from ..replication.replica_map import UnrecoverableError
-from ..state import RankState
+from ..state import RankState, RngStreams
 from ..steps import FrontEnd, HookList, StepDriver
-from .checkpoint import AsyncCheckpointer
 from .commit import CommitProtocol
 from .failures import Verdict, classify
 from .faults import FaultInjector, parse_plan
@@ -123,8 +129,9 @@ class RecoveryLoop:
         ck = cfg.checkpointless
         self.disk_source = ck.recovery == "disk"
         self.disk = self.disk_source or ck.fallback == "disk"
-        self.checkpoint_root = Path(ck.checkpoint_dir or self.run_dir / "checkpoints")
-        self.checkpointer: Optional[AsyncCheckpointer] = None
+        self.checkpoint_root = checkpoint_directory(cfg.checkpoint, self.run_dir)
+        self.durable: Optional[Any] = None  # checkpoint.DurableCheckpointer, once attached
+        self.summary: Optional[dict[str, Any]] = None
         self._ops_mark: dict = {}
         self._cleaned_gen = 0
         groups.enable_local_group_sync()  # megatron's groups formed by their members only
@@ -176,20 +183,35 @@ class RecoveryLoop:
                 elif self.timeline is not None:
                     self._recover()
                 self._train()
-                break
+                return self._finish()
             except BaseException as err:  # noqa: BLE001 - classified right below
                 if self._verdict(err) is Verdict.FATAL:
                     raise
                 log.warning("failure detected: %s", str(err).splitlines()[0][:200])
                 if self.timeline is None:
                     self.timeline = RecoveryTimeline(from_gen=self.joined_gen)
-        assert self.driver is not None
-        summary = self.driver.finish()
+
+    def _finish(self) -> dict[str, Any]:
+        """The job's end, inside the recoverable region: the last durable save lands, the
+        state hash (collective) and summary.json. A failure here recovers like one in a
+        step, and the end is redone."""
+        driver = self.driver
+        assert driver is not None
+        self.injector.fire("finish", driver.step)
+        if self.durable is not None:
+            self.durable.wait()
+        summary = driver.finish()
         if self.rank == 0:
             summary["recoveries"] = summarize_recoveries(read_events(self.run_dir /
                                                                      "events.jsonl"))
             from ..metrics.writer import write_json
             write_json(self.run_dir / "summary.json", summary)
+        dist.barrier()  # every rank is past the last collective: the job is done
+        if self.rank == 0:  # agents do not replace a rank that dies from here on
+            self.store.set("job/finished", "1")
+        if self.durable is not None:
+            self.durable.close()
+        self.summary = summary
         return summary
 
     def _train(self) -> None:
@@ -236,24 +258,35 @@ class RecoveryLoop:
                    cancelled=self.link.superseded)
         t1 = time.perf_counter()
         self._tidy_store(gen)
+        # a fresh start: no rank of this world holds training state yet (the job's first
+        # generation, or a failure hit every rank before any finished its set-up)
+        fresh = not self._anyone_has_state()
+        if fresh and self.driver is not None and not self._prebuilt:
+            self.driver = None  # half-built by a failed start: build again, with the rest
+            self.reconciler = None
+        if fresh:
+            self.injector.fire("startup", 1)
         built = self.driver is None or self._prebuilt
-        fresh_job = gen == 0 and not self.replacement
         if self.driver is None:
             assert self.front_end is not None
             self.driver = self.front_end.build(
-                self.step_hooks, collective=fresh_job,
+                self.step_hooks, collective=fresh,
                 prebuilt=self.spare.take_model if self.spare is not None else None)
-            self._attach(fresh_job)
+            self._attach()
         elif self._prebuilt:
             self._prebuilt = False
             self._rebuild()
-            self._attach(fresh_job)
+            self._attach()
         else:
             self._rebuild()
         if self.interrupt is not None:
             self.interrupt.install(self.driver.model)
-        t2 = time.perf_counter()
         assert self.reconciler is not None
+        if fresh:
+            self._begin_job()
+        elif self.durable is not None:
+            self.durable.settle()  # the save a failure interrupted: completed or dropped
+        t2 = time.perf_counter()
         transfer = self.reconciler.run(recovering=self.timeline is not None)
         if self.rank == 0:
             self._ensure_metrics_row(transfer["committed_step"])
@@ -286,33 +319,54 @@ class RecoveryLoop:
         log.info("rebuild: parallel state %.3fs, rebind %.3fs", t1 - t0,
                  time.perf_counter() - t1)
 
-    def _attach(self, fresh_job: bool) -> None:
-        """First entry of a newly built driver: reconciler, RNG, disk tier, preflight."""
+    def _anyone_has_state(self) -> bool:
+        """Whether any rank of the new world holds training state (one all-reduce)."""
+        mine = self.reconciler is not None and self.reconciler.has_state
+        flag = device.control_tensor([int(mine)], torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _attach(self) -> None:
+        """First entry of a newly built driver: its state, durable checkpoints, reconciler."""
         driver = self.driver
         assert driver is not None
         self.commit.start_at(driver.step)
         state = RankState({"driver": driver, "commit": self.commit})
+        if self.durable is None:
+            self.durable = make_checkpointer(self.cfg.checkpoint, self.run_dir,
+                                             under_agent=True)
+        if self.durable is not None:
+            driver.hooks.add(CheckpointHook(
+                self.durable, driver, RngStreams(),
+                on_save=lambda step: self.injector.fire("checkpoint", step)))
         disk = None
         if self.disk:
-            self.checkpointer = AsyncCheckpointer(
-                self.checkpoint_root, self.rank, self.world_size,
-                self.cfg.checkpointless.checkpoint_interval,
-                tensors=lambda: self.reconciler.shard.tensors(),  # type: ignore[union-attr]
-                blob=lambda step: state.state_dict(),
-                keep=self.cfg.checkpointless.checkpoint_keep)
-            driver.hooks.add(self.checkpointer)
-            disk = DiskSource(self.checkpoint_root, self.checkpointer.wait)
+            if self.durable is None:
+                raise UnrecoverableError(
+                    "recovery from disk needs durable checkpoints: set checkpoint.interval")
+            disk = DiskSource(self.durable, self.checkpoint_root, verify=self.cfg.checkpoint.verify)
         self.reconciler = Reconciler(
             driver, self.commit, state, rank=self.rank, world_size=self.world_size,
             use_distributed_optimizer=self.cfg.strategy.use_distributed_optimizer,
             disk=disk, disk_source=self.disk_source,
             on_recovery=lambda step: self.injector.fire("recovery", step),
             after_transfer=self.after_transfer)
-        self.reconciler.has_state = fresh_job
-        if fresh_job:
-            if self.checkpointer is not None:
-                self.checkpointer.save(0, wait=True)
-            self._preflight()
+
+    def _begin_job(self) -> None:
+        """Every rank built fresh: resume from the newest verified durable checkpoint (a
+        new job of a chain), else start at step 0; then the preflight (collective)."""
+        driver, reconciler = self.driver, self.reconciler
+        assert driver is not None and reconciler is not None
+        ck = self.cfg.checkpoint
+        resumed = None
+        if ck.resume == "auto":  # the RNG too, unless the data-parallel size changed
+            resumed = resume(driver, self.checkpoint_root, RngStreams(), verify_data=ck.verify)
+            self.commit.start_at(driver.step)
+        if resumed is None and self.disk and self.durable is not None:
+            # something to roll back to before the first scheduled save
+            CheckpointHook(self.durable, driver, RngStreams()).save_now()
+        reconciler.has_state = True
+        self._preflight()
 
     def _preflight(self) -> None:
         """Before training: say which ranks no peer can restore (no replica anywhere)."""
