@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
+from ..comm.world import GROUP_REBUILD_DEFAULT
+
 
 @dataclass(frozen=True)
 class Assumption:
@@ -56,9 +58,11 @@ ASSUMPTIONS: tuple[Assumption, ...] = (
                "waitpid polling every 10 ms (README, recovery_time.py)"),
     Assumption("hang_timeout_s", 3.0, "s", "ncl-launch --hang-timeout default "
                "(docs/architecture.md): a rank without heartbeat is killed"),
-    Assumption("group_rebuild", "split", "split|members", "split: the code as written on "
-               "NCCL (device bound, every megatron group is a world-wide ncclCommSplit, "
-               "docs/tier1.md); members: each group initialised by its members only"),
+    Assumption("group_rebuild", GROUP_REBUILD_DEFAULT, "members|split", "the code's "
+               f"default is {GROUP_REBUILD_DEFAULT} (comm/world.py GROUP_REBUILD_DEFAULT). "
+               "members: each megatron group's NCCL communicator initialised by its "
+               "members only (world device unbound, docs/gpu.md); split: device bound, "
+               "every group a world-wide ncclCommSplit (init_world(group_rebuild='split'))"),
     Assumption("skeleton_gbps", 80.0, "Gb/s", "assumed: a warm spare allocates and "
                "initialises its model and optimizer skeleton at 10 GB/s on the GPU"),
     Assumption("first_step_extra_s", 2.0, "s", "assumed: lazy NCCL connections of the rebuilt "
