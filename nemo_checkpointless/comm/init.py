@@ -271,7 +271,10 @@ def _bootstrap_hosts(le: LaunchEnv, identity: JobIdentity, timeout: datetime.tim
 
 
 def store_timeout_default() -> datetime.timedelta:
-    return datetime.timedelta(seconds=float(os.environ.get("NCL_STORE_TIMEOUT_S", "120")))
+    """``timeouts.store_s`` (resolved by the agent, or from the environment)."""
+    from ..timeouts import Timeouts
+
+    return Timeouts.from_env().delta("store_s")
 
 
 def pg_prefix(generation: int) -> str:

@@ -34,13 +34,15 @@ def backend_for(requested: str) -> str:
 
 
 def default_timeout(backend: str = "nccl") -> datetime.timedelta:
-    """Bound on every collective: ``NCL_PG_TIMEOUT_S``, else 600 s on NCCL and 60 s on gloo.
+    """Bound on every collective (``timeouts.pg_s``: 600 s on NCCL and 60 s on gloo by
+    default, resolved by the agent and exported to the ranks).
 
     On gloo the bound is short because it is also the last resort of an abort: a gloo wait
     that the shut-down connections did not wake ends here, and the rank then recovers.
     """
-    default = "60" if backend == "gloo" else "600"
-    return datetime.timedelta(seconds=float(os.environ.get("NCL_PG_TIMEOUT_S", default)))
+    from ..timeouts import Timeouts
+
+    return Timeouts.from_env().pg(backend)
 
 
 def init_world(backend: str = "auto", timeout: datetime.timedelta | None = None,

@@ -26,7 +26,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-EXIT_GPU_SUSPECT = 4  # a rank's exit code: its GPU may be bad, probe before reusing it
+# a rank's exit code: its GPU may be bad, probe before reusing it (the agent protocol's)
+from ..launch.protocol import EXIT_DEVICE_ERROR as EXIT_GPU_SUSPECT  # noqa: E402
 KINDS = ("ok", "no_device", "cuda_error", "mismatch", "nvml", "timeout", "crashed")
 
 # the CUDA runtime's sticky errors (the context is unusable afterwards), as torch words them

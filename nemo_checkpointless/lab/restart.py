@@ -163,7 +163,8 @@ def run_with_restart(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
             events.write("model_built")
         r = cfg.restart
         root = Path(r.checkpoint_dir or run_dir / "restart_checkpoints")
-        state = RankState({"driver": trainer, "rng": RngStreams()})
+        state = RankState({"driver": trainer, "rng": RngStreams(),
+                           "optimizer": OptimizerShard(trainer.optimizer)})
         checkpointer = AsyncCheckpointer(
             root, rank, world_size, r.checkpoint_interval,
             tensors=lambda: OptimizerShard(trainer.optimizer).tensors(),
@@ -202,11 +203,12 @@ def resume(trainer: Any, state: RankState, root: Optional[Path], world_size: int
     import torch
     import torch.distributed as dist
 
+    from .. import device
     from ..megatron import optimizer as mopt
     from .checkpoint import complete_steps, load_part
 
     steps = complete_steps(root, world_size) if root is not None and root.exists() else []
-    latest = torch.tensor([steps[-1] if steps else 0], dtype=torch.int64)
+    latest = device.control_tensor([steps[-1] if steps else 0], torch.int64)
     dist.all_reduce(latest, op=dist.ReduceOp.MIN)
     step = int(latest.item())
     nbytes = 0
@@ -218,7 +220,7 @@ def resume(trainer: Any, state: RankState, root: Optional[Path], world_size: int
         nbytes = shard.nbytes()
         shard.publish()
         mopt.gather_params(trainer.model, trainer.optimizer)  # (the RNG was restored above)
-    total = torch.tensor([nbytes], dtype=torch.int64)
+    total = device.control_tensor([nbytes], torch.int64)
     dist.all_reduce(total)
     if events is not None:
         events.write("checkpoint_loaded", checkpoint_step=step, bytes=int(total.item()))

@@ -18,30 +18,12 @@ from ..timeouts import Timeouts
 
 
 def nccl_defaults(timeouts: Timeouts) -> dict[str, str]:
-    """torch/NCCL settings for abort-based in-process recovery on GPU ranks.
+    """torch/NCCL settings for abort-based in-process recovery on GPU ranks
+    (:func:`nemo_checkpointless.gpu.env.nccl_env_defaults`: each one's reason is written
+    there), with torch's watchdog timers outlasting this job's recovery timeout."""
+    from ..gpu.env import nccl_env_defaults
 
-    * ``TORCH_NCCL_ASYNC_ERROR_HANDLING=0``: torch's default (3) tears the process down
-      from the watchdog when a collective fails or times out, which kills every healthy
-      rank of a failed peer's groups before the agent's notice arrives; torch documents
-      ``_abort_process_group`` (what recovery uses) as meant for this set to 0.
-    * ``TORCH_NCCL_RETHROW_CUDA_ERRORS=0``: the watchdog does not rethrow a CUDA error
-      (which ends the process from a background thread); the rank sees it on its own
-      thread, where recovery classifies it.
-    * ``NCCL_NVLS_ENABLE=0``: NVLink SHARP buffers are registered per communicator and
-      are not released by an abort; NVIDIA's in-process restart turns NVLS off as well.
-    * ``TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC``: torch's monitor thread kills a process whose
-      watchdog has not beaten for this long (8 minutes by default); an abort and the wait
-      for a replacement can block it for up to a recovery, so twice the recovery timeout
-      (and never less than torch's default).
-    """
-    heartbeat = max(480, int(2 * timeouts.recovery_s))
-    return {
-        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "0",
-        "TORCH_NCCL_RETHROW_CUDA_ERRORS": "0",
-        "NCCL_NVLS_ENABLE": "0",
-        "TORCH_NCCL_ENABLE_MONITORING": "1",
-        "TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC": str(heartbeat),
-    }
+    return nccl_env_defaults(recovery_budget_s=timeouts.recovery_s + 60)
 
 
 def child_base_env(user_env: Mapping[str, str], identity_env: Mapping[str, str], job_id: str,

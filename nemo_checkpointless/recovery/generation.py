@@ -40,13 +40,14 @@ from ..comm.rendezvous import rendezvous
 from ..comm.store import JobIdentity, connect, parse_endpoints
 from ..comm.world import backend_for
 from ..config import RunConfig
+from ..gpu.health import poisons_context
 from ..megatron import groups
 from ..megatron.rebind import group_roles, rebind
 from ..metrics.events import EventLog, read_events, summarize_recoveries
 from ..metrics.progress import Progress
 from ..metrics.timeline import RecoveryTimeline
 from ..replication.replica_map import UnrecoverableError
-from ..state import RankState, RngStreams
+from ..state import OptimizerShard, RankState, RngStreams
 from ..steps import FrontEnd, HookList, Phase, StepDriver, Stopped
 from ..timeouts import Timeouts
 from .commit import CommitProtocol
@@ -184,6 +185,8 @@ class RecoveryLoop:
                 self._train()
                 return self._finish()
             except BaseException as err:  # noqa: BLE001 - classified right below
+                if poisons_context(err):  # a sticky CUDA error: this process is done
+                    self.link.exit_device_error(str(err).splitlines()[0][:500])
                 if self._verdict(err) is Verdict.FATAL:
                     raise
                 log.warning("failure detected: %s", str(err).splitlines()[0][:200])
@@ -355,7 +358,8 @@ class RecoveryLoop:
         driver = self.driver
         assert driver is not None
         self.commit.start_at(driver.step)
-        state = RankState({"driver": driver, "commit": self.commit})
+        state = RankState({"driver": driver, "commit": self.commit,
+                           "optimizer": OptimizerShard(driver.optimizer)})
         if self.durable is None:
             self.durable = make_checkpointer(self.cfg.checkpoint, self.run_dir,
                                              under_agent=True)

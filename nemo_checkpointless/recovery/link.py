@@ -96,6 +96,13 @@ class AgentLink:
                         "again; its stacks follow", waited)
             faulthandler.dump_traceback(all_threads=True)
             self.on_new_generation(self.latest_gen)
+        elif waited > 2 * self.stuck_after and self._reaborted:
+            # an operation no abort reaches (e.g. a communicator blocked in its set-up):
+            # this process cannot rejoin; leave, and the agent replaces it like a failure
+            log.error("the main thread is still blocked %.0fs after two aborts: exiting so "
+                      "that the agent replaces this rank", waited)
+            faulthandler.dump_traceback(all_threads=True)
+            os._exit(1)
 
     def _handle(self, msg: protocol.Message) -> None:
         if isinstance(msg, protocol.Assign):

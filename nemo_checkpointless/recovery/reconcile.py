@@ -82,7 +82,7 @@ def plan_recovery(infos: list[RankInfo], *, disk_source: bool, disk_fallback: bo
 def gather_infos(mine: RankInfo, world_size: int) -> list[RankInfo]:
     """Every rank's info, on every rank (one all-gather on the rank's device)."""
     out = device.zeros(world_size * RankInfo.FIELDS, torch.int64)
-    dist.all_gather_into_tensor(out, mine.to_tensor().to(device.current()))
+    dist.all_gather_into_tensor(out, mine.to_tensor(device.current()))
     return [RankInfo.from_tensor(row) for row in out.view(world_size, -1).cpu()]
 
 

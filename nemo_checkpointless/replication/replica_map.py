@@ -7,7 +7,7 @@ world. Also answers the pre-flight question: which ranks have no replica at all.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -27,10 +27,11 @@ class RankInfo:
 
     FIELDS = 8
 
-    def to_tensor(self) -> torch.Tensor:
+    def to_tensor(self, device: Optional[torch.device] = None) -> torch.Tensor:
+        """The fields as int64 on ``device`` (the rank's, for the all-gather)."""
         return torch.tensor([self.rank, int(self.has_state), self.applied_step,
                              self.entered_step, self.passed_step, self.tp, self.pp,
-                             self.shard], dtype=torch.int64)
+                             self.shard], dtype=torch.int64, device=device)
 
     @classmethod
     def from_tensor(cls, t: torch.Tensor) -> "RankInfo":

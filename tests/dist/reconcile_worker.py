@@ -38,7 +38,8 @@ def main() -> None:
     trainer = Trainer(cfg, run_dir, HookList([commit]))
     trainer.setup()
     commit.start_at(0)
-    state = RankState({"driver": trainer, "commit": commit})
+    state = RankState({"driver": trainer, "commit": commit,
+                       "optimizer": OptimizerShard(trainer.optimizer)})
     reconciler = Reconciler(trainer, commit, state, rank=rank, world_size=dist.get_world_size(),
                             use_distributed_optimizer=True)
     reconciler.has_state = True
