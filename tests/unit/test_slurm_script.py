@@ -212,7 +212,7 @@ def test_dry_run_builds_one_agent_per_training_node_and_a_standby_per_spare(fake
             assert not args.standby and args.node_rank == rank
         else:
             assert args.standby and args.node_rank is None
-            assert (args.standby_host, args.standby_port, args.lost_after) == ("gpu03", 24244, 2)
+            assert (args.standby_host, args.standby_port, args.timeout_node_lost_after_s) == ("gpu03", 24244, "2")
 
 
 def test_dry_run_without_spare_nodes_spreads_the_store(fake_slurm):
