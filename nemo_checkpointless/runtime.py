@@ -67,6 +67,12 @@ def run_lean(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         from .lab.restart import run_with_restart
 
         return run_with_restart(cfg, run_dir)
+    if cfg.fault.plan:  # nothing here would inject them, let alone recover
+        print("error: fault.plan needs in-process recovery, which runs under ncl-launch: "
+              "launch with `ncl-launch ... recipes/pretrain.py` (or, for the "
+              "checkpoint-restart baseline, restart.enabled=true under torchrun "
+              "--max-restarts N)", file=sys.stderr)
+        sys.exit(2)
     return run_plain(cfg, run_dir, rootless=cfg.checkpointless.rootless_startup)
 
 

@@ -379,7 +379,7 @@ def test_idle_spare_nodes_receive_a_restarted_node(fake_slurm):
     assert sorted(started[:2]) == [(0, "gpu01"), (1, "gpu02")] and started[2:] == [(1, "gpu03")]
     assert not any(s["standby"] for s in log)
     assert "node rank 1: replacement 1 of 4 on gpu03" in result.stderr
-    # the replacement serves store shard 1 from the spare (and publishes it; docs/tier1.md)
+    # the replacement serves store shard 1 from the spare (and publishes it; docs/architecture.md)
     assert log[-1]["peers"] == "gpu01:24242,gpu03:24243"
 
 
