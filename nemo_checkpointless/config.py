@@ -17,11 +17,16 @@ TIERS = ("off", "tier1", "tier2", "tier3", "tier4")
 RECOVERY_SOURCES = ("none", "disk", "peers")
 FALLBACKS = ("none", "disk")
 RESUME_MODES = ("auto", "never")
-# The phases of a step (``steps.Phase``, in order) and ``recovery`` (while the job recovers
-# from an earlier failure whose committed step is ``step``), and the ways a fault fails.
+# Where a fault can fire: the phases of a step (``steps.Phase``, in order); ``recovery``
+# (while the job recovers from an earlier failure whose committed step is ``step``); and
+# the edges of a job: ``startup`` (a rank's set-up in the job's first generation, after the
+# world formed; step 1), ``checkpoint`` (while the durable save after ``step`` is being
+# written), ``finish`` (the final state hash and summary; step = trainer.max_steps) and
+# ``shutdown`` (after the job finished, while the rank exits; step = trainer.max_steps).
 STEP_PHASES = ("data", "forward", "backward", "grad_sync", "optimizer", "param_sync",
                "after_step")
-FAULT_PHASES = (*STEP_PHASES, "recovery")
+EDGE_PHASES = ("startup", "checkpoint", "finish", "shutdown")
+FAULT_PHASES = (*STEP_PHASES, "recovery", *EDGE_PHASES)
 FAULT_KINDS = ("kill", "exception", "hang", "segfault")
 
 
@@ -150,12 +155,15 @@ class CheckpointlessConfig:
     # in-process recovery (under ncl-launch): none (a failure ends the job), disk (every
     # rank rolls back to the latest disk checkpoint), peers (lost state from replicas)
     recovery: str = "none"
-    # where shards no live peer holds come from: none (the job stops) or disk
+    # where shards no live peer holds come from: none (the job stops) or disk (the
+    # latest durable checkpoint, ``checkpoint.*``, every rank rolling back to it)
     fallback: str = "none"
-    # disk checkpoints (tier3, and fallback=disk): every N steps, asynchronous
-    checkpoint_interval: int = 5
-    checkpoint_dir: Optional[str] = None  # None: <run dir>/checkpoints
-    checkpoint_keep: int = 2
+    # stop forward/backward at the next module when a failure is announced: auto (on gloo,
+    # whose CPU compute an abort does not interrupt; off on NCCL, where the abort fails the
+    # next collective and kernels are asynchronous), on, off
+    interrupt: str = "auto"
+    # a warm spare builds its model and DDP while it waits (DP-only layouts, CPU rehearsal)
+    spare_prebuild: bool = True
     data_cache: DataCacheConfig = field(default_factory=DataCacheConfig)
 
     @classmethod
@@ -172,6 +180,47 @@ class CheckpointlessConfig:
             data_cache=DataCacheConfig(enabled=level >= 2))
         values.update(parts)
         return cls(**values)
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """Durable checkpoints in megatron-core's ``dist_checkpointing`` format (torch_dist),
+    written under any tier; tier 3 and ``fallback=disk`` roll back to them in process.
+
+    ``interval``: steps between saves; None: 100 under ncl-launch, off under torchrun;
+    0: off. ``interval_minutes``: also save when this much time has passed since the last
+    save. ``dir``: None: ``<hydra run dir>/checkpoints``. ``resume``: ``auto`` loads the
+    newest complete, verified checkpoint when a job starts; ``never`` starts at step 0.
+    ``keep``: complete checkpoints kept. ``verify``: check every file's SHA-256 before
+    loading (otherwise only the manifest). ``finalize_timeout_s``: how long rank 0 waits
+    for every rank's files before leaving a checkpoint incomplete.
+    """
+
+    interval: Optional[int] = None
+    interval_minutes: Optional[float] = None
+    dir: Optional[str] = None
+    resume: str = "auto"
+    keep: int = 2
+    verify: bool = True
+    finalize_timeout_s: float = 600.0
+
+
+def validate_checkpoint(cfg: CheckpointConfig) -> None:
+    """Raise ConfigError naming the ``checkpoint.*`` key and the fix."""
+    if cfg.interval is not None and cfg.interval < 0:
+        raise ConfigError(f"checkpoint.interval={cfg.interval}: a number of steps (0 turns "
+                          "durable checkpoints off; leave unset for the default)")
+    if cfg.interval_minutes is not None and cfg.interval_minutes <= 0:
+        raise ConfigError(f"checkpoint.interval_minutes={cfg.interval_minutes}: a positive "
+                          "number of minutes, or null")
+    if cfg.resume not in RESUME_MODES:
+        raise ConfigError(f"checkpoint.resume={cfg.resume!r}: use one of "
+                          f"{', '.join(RESUME_MODES)}")
+    if cfg.keep < 1:
+        raise ConfigError(f"checkpoint.keep={cfg.keep}: keep at least 1 checkpoint (2 or "
+                          "more lets a damaged newest one fall back to the previous)")
+    if cfg.finalize_timeout_s <= 0:
+        raise ConfigError(f"checkpoint.finalize_timeout_s={cfg.finalize_timeout_s}: positive")
 
 
 @dataclass(kw_only=True)
@@ -222,6 +271,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpointless: CheckpointlessConfig = field(default_factory=CheckpointlessConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     restart: RestartConfig = field(default_factory=RestartConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
 
@@ -434,6 +484,8 @@ def validate(cfg: RunConfig, world_size: int, *, cpu_mode: bool = False) -> None
     _require(ck.tier in TIERS,
              f"checkpointless.tier={ck.tier!r}: use one of {', '.join(TIERS)} "
              "(select with checkpointless=<tier>).")
+    _require(ck.interrupt in ("auto", "on", "off"),
+             f"checkpointless.interrupt={ck.interrupt!r}: use auto, on or off.")
     _require(ck.recovery in RECOVERY_SOURCES,
              f"checkpointless.recovery={ck.recovery!r}: use one of "
              f"{', '.join(RECOVERY_SOURCES)}.")
@@ -449,6 +501,13 @@ def validate(cfg: RunConfig, world_size: int, *, cpu_mode: bool = False) -> None
              "restart.enabled=true under torchrun --max-restarts N.")
     _require(ck.fallback in FALLBACKS,
              f"checkpointless.fallback={ck.fallback!r}: use 'none' or 'disk'.")
+    validate_checkpoint(cfg.checkpoint)
+    c = cfg.checkpoint
+    _require(not (ck.recovery == "disk" or ck.fallback == "disk")
+             or c.interval != 0 or c.interval_minutes is not None,
+             f"checkpointless.recovery={ck.recovery} fallback={ck.fallback} rolls back to the "
+             "latest durable checkpoint, but checkpoint.interval=0 turns them off: set "
+             "checkpoint.interval (steps) or checkpoint.interval_minutes.")
 
 
 def _validate_restart(cfg: RunConfig) -> None:

@@ -6,14 +6,13 @@ in-process recovery and its source) and the resolved timeouts, and wires a front
 step driver to the recovery core. Front-ends call :func:`run_lean` (the lean loop) or
 :func:`run_under_agent` (NeMo 2, Megatron-Bridge).
 
-Exit codes: 0 done; 2 bad configuration; 3 (:data:`EXIT_UNRECOVERABLE`) a verdict every
-rank reaches alike (no replica of a lost shard, a non-finite loss): the agent stops the
-job instead of replacing the rank.
+Exit codes: 0 done; 2 bad configuration; 3 (``launch.protocol.EXIT_UNRECOVERABLE``) a
+verdict every rank reaches alike (no replica of a lost shard, a non-finite loss): the agent
+stops the job instead of replacing the rank.
 """
 
 from __future__ import annotations
 
-import datetime
 import logging
 import os
 import sys
@@ -25,9 +24,6 @@ from .config import ConfigError, RunConfig, to_run_config, validate
 from .logs import setup_logging
 
 log = logging.getLogger(__name__)
-
-EXIT_UNRECOVERABLE = 3
-
 
 def load_and_validate(node: Any, world_size: int) -> RunConfig:
     """Typed, validated config; exits with status 2 and the fix on a bad config."""
@@ -71,6 +67,12 @@ def run_lean(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         from .lab.restart import run_with_restart
 
         return run_with_restart(cfg, run_dir)
+    if cfg.fault.plan:  # nothing here would inject them, let alone recover
+        print("error: fault.plan needs in-process recovery, which runs under ncl-launch: "
+              "launch with `ncl-launch ... recipes/pretrain.py` (or, for the "
+              "checkpoint-restart baseline, restart.enabled=true under torchrun "
+              "--max-restarts N)", file=sys.stderr)
+        sys.exit(2)
     return run_plain(cfg, run_dir, rootless=cfg.checkpointless.rootless_startup)
 
 
@@ -78,25 +80,41 @@ def _train_without_recovery_under_agent(cfg: RunConfig, run_dir: Path,
                                         channel: Any) -> dict[str, Any]:
     """Started by ncl-launch without in-process recovery: train like stock training (a
     failed rank stops the job), with the world formed from the agents' store."""
+    from .launch import protocol
     from .recovery.link import AgentLink
 
-    channel.send({"t": "hello", "recovery": False})
+    channel.send(protocol.Hello(recovery=False))
     link = AgentLink(channel, on_new_generation=lambda gen: None).start()  # heartbeats
     if os.environ.get("NCL_SPARE") == "1":
         while not link.closed:  # nobody will hand a rank to a spare: wait to be stopped
             time.sleep(1.0)
         return {}
-    summary = run_plain(cfg, run_dir, rootless=True)
-    channel.send({"t": "done"})
+    from .steps import Stopped
+
+    try:
+        summary = run_plain(cfg, run_dir, rootless=True, under_agent=True,
+                            stop_requested=lambda: link.stop_requested)
+    except Stopped as stop:  # asked to stop, checkpointed: the agent exits 143 too
+        channel.send(protocol.Stopped(step=stop.step))
+        os._exit(protocol.EXIT_STOPPED)
+    channel.send(protocol.Done())
     return summary
 
 
-def run_plain(cfg: RunConfig, run_dir: Path, rootless: bool) -> dict[str, Any]:
+def run_plain(cfg: RunConfig, run_dir: Path, rootless: bool, under_agent: bool = False,
+              stop_requested: Optional[Callable[[], bool]] = None) -> dict[str, Any]:
     """Train without in-process recovery. ``rootless``: form the world from the rootless
-    store (tier 1 and up, or any tier under ncl-launch, whose agents serve the store)."""
+    store (tier 1 and up, or any tier under ncl-launch, whose agents serve the store).
+    Durable checkpoints as ``checkpoint.*`` says (on by default under ncl-launch), and a
+    new job resumes from the newest verified one (``checkpoint.resume=auto``).
+    ``stop_requested()``: the agent asked the job to stop (checkpoint, then raise
+    ``steps.Stopped`` on every rank)."""
     from . import device
+    from .checkpoint.config import directory, make_checkpointer
+    from .checkpoint.driver import CheckpointHook, resume
     from .comm import destroy_world, init_world
     from .comm.world import backend_for
+    from .state import RngStreams
     from .train.loop import Trainer
 
     rank = int(os.environ.get("RANK", "0"))
@@ -113,7 +131,21 @@ def run_plain(cfg: RunConfig, run_dir: Path, rootless: bool) -> dict[str, Any]:
         trainer.setup()
         if world is not None:
             world.report_store_ops("start-up")
+        if cfg.checkpoint.resume == "auto":
+            resume(trainer, directory(cfg.checkpoint, run_dir), RngStreams(),
+                   verify_data=cfg.checkpoint.verify)
+        durable = make_checkpointer(cfg.checkpoint, run_dir, under_agent=under_agent)
+        saver = CheckpointHook(durable, trainer, RngStreams()) if durable else None
+        if saver is not None:
+            trainer.hooks.add(saver)
+        if stop_requested is not None:
+            from .train.stop import StopOnRequest
+
+            trainer.hooks.add(StopOnRequest(stop_requested,
+                                            saver.save_now if saver is not None else None))
         summary = trainer.run()
+        if durable is not None:
+            durable.close()
     finally:
         if world is not None:
             world.shutdown()
@@ -123,23 +155,6 @@ def run_plain(cfg: RunConfig, run_dir: Path, rootless: bool) -> dict[str, Any]:
         log.info("finished step %d, state_sha256 %s", summary["final_step"],
                  summary["state_sha256"])
     return summary
-
-
-def recovery_timeouts(backend: str) -> Any:
-    """The timeouts of the recovery path, resolved once (environment over default)."""
-    from .comm.world import default_timeout
-    from .recovery.generation import RecoveryTimeouts
-
-    def seconds(name: str, default: float) -> float:
-        return float(os.environ.get(name, default))
-
-    return RecoveryTimeouts(
-        store=datetime.timedelta(seconds=seconds("NCL_STORE_TIMEOUT_S", 60)),
-        recovery=datetime.timedelta(seconds=seconds("NCL_RECOVERY_TIMEOUT_S", 300)),
-        collective=default_timeout(backend),
-        # gloo: 1 s (see recovery/link.py); NCCL's abort wakes every operation at once
-        abort_grace=seconds("NCL_ABORT_GRACE_S", 1.0 if backend == "gloo" else 0.0),
-        failure_confirm=seconds("NCL_FAILURE_CONFIRM_S", 30.0))
 
 
 def run_under_agent(cfg: RunConfig, run_dir: Path, channel: Any, front_end: Any = None,
@@ -154,24 +169,27 @@ def run_under_agent(cfg: RunConfig, run_dir: Path, channel: Any, front_end: Any 
     from . import device
     from .comm import destroy_world
     from .comm.world import backend_for
+    from .launch import protocol
     from .metrics.progress import NonFiniteLoss
     from .recovery.failures import Fatal
+    from .steps import Stopped
     from .recovery.generation import RecoveryLoop
     from .replication.replica_map import UnrecoverableError
+    from .timeouts import Timeouts
     from .train.loop import make_progress
 
     if cfg.checkpointless.recovery == "none":  # the lean loop never gets here so
-        channel.send({"t": "hello", "recovery": False})
+        channel.send(protocol.Hello(recovery=False))
         raise NotImplementedError(
             f"checkpointless={cfg.checkpointless.tier}: a driven job (NeMo recipe) under "
             "ncl-launch needs tier3 or tier4; launch it with torchrun for a run without "
             "recovery")
-    channel.send({"t": "hello", "recovery": True})
+    channel.send(protocol.Hello(recovery=True))
     backend = backend_for(cfg.strategy.backend)
     try:
         # (a warm spare waits inside the constructor until it is assigned a rank)
-        loop = RecoveryLoop(cfg, run_dir, channel, front_end, recovery_timeouts(backend),
-                            interrupt=_interrupt_default(backend),
+        loop = RecoveryLoop(cfg, run_dir, channel, front_end, Timeouts.from_env(),
+                            interrupt=_interrupt(cfg.checkpointless.interrupt, backend),
                             progress=lambda lead: make_progress(cfg, lead))
         device.select(backend)
         if os.environ.get("NCL_TRANSFER_CALIBRATE"):
@@ -180,13 +198,17 @@ def run_under_agent(cfg: RunConfig, run_dir: Path, channel: Any, front_end: Any 
             loop.after_transfer = raw_send(
                 loop.rank, lambda: loop.reconciler.shard.nbytes())  # type: ignore[union-attr]
         summary = loop.run() if train is None else train(loop)
-        channel.send({"t": "done"})
+        channel.send(protocol.Done())
+        loop.injector.fire("shutdown", int(summary["final_step"]))
+    except Stopped as stop:  # asked to stop, checkpointed: the agent exits 143 too
+        channel.send(protocol.Stopped(step=stop.step))
+        os._exit(protocol.EXIT_STOPPED)
     except (UnrecoverableError, NonFiniteLoss, Fatal) as err:
         # every rank reaches the same verdict from the same gathered facts: stop the job
         log.error("cannot recover: %s", err)
         print(f"error: cannot recover: {err}", file=sys.stderr, flush=True)
-        channel.send({"t": "fatal", "reason": str(err)})
-        os._exit(EXIT_UNRECOVERABLE)
+        channel.send(protocol.Fatal(reason=str(err)))
+        os._exit(protocol.EXIT_UNRECOVERABLE)
     finally:
         try:
             destroy_world()
@@ -198,8 +220,8 @@ def run_under_agent(cfg: RunConfig, run_dir: Path, channel: Any, front_end: Any 
     return summary
 
 
-def _interrupt_default(backend: str) -> bool:
-    """Stop forward/backward at the next module on a failure notice: on by default on gloo
-    (CPU compute runs on the training thread, uninterrupted by an abort); on NCCL the
-    abort fails the next collective and kernels are asynchronous (``NCL_INTERRUPT``)."""
-    return os.environ.get("NCL_INTERRUPT", "1" if backend == "gloo" else "0") == "1"
+def _interrupt(setting: str, backend: str) -> bool:
+    """``checkpointless.interrupt``: ``auto`` is on for gloo (CPU compute runs on the
+    training thread, uninterrupted by an abort), off for NCCL (the abort fails the next
+    collective, and kernels are asynchronous)."""
+    return setting == "on" or (setting == "auto" and backend == "gloo")

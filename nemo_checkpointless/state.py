@@ -42,6 +42,22 @@ class DataPosition:
         self.consumed_samples = int(state["consumed_samples"])
 
 
+class RngStreams:
+    """Every random stream of this process, as it is now (it starts the next step when
+    saved after a committed one): torch CPU and CUDA, megatron's tensor-parallel tracker,
+    numpy and Python's ``random``."""
+
+    def state_dict(self) -> dict[str, Any]:
+        from .megatron.shards import capture_rng
+
+        return {"rng": capture_rng()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from .megatron.shards import restore_rng
+
+        restore_rng(state["rng"])
+
+
 class RankState:
     """Named :class:`Stateful` parts of one rank, saved and loaded together."""
 
@@ -65,7 +81,9 @@ class OptimizerShard:
 
     The one accessor every path uses: peer transfer (``groups``: four blocks, each one
     contiguous allocation), disk checkpoints (``tensors``), and, after new values landed in
-    place, ``publish`` copies the main params into the model's parameters.
+    place, ``publish`` copies the main params into the model's parameters. Its
+    :class:`Stateful` part is the per-group state (step, lr, weight decay: a fused Adam
+    that counts steps per group keeps them there), which travels in the rank state.
     """
 
     def __init__(self, optimizer: Any) -> None:
@@ -81,6 +99,16 @@ class OptimizerShard:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def state_dict(self) -> dict[str, Any]:
+        from .megatron.shards import optimizer_group_state
+
+        return {"param_groups": optimizer_group_state(self.optimizer)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from .megatron.shards import load_optimizer_group_state
+
+        load_optimizer_group_state(self.optimizer, state["param_groups"])
 
     def publish(self) -> None:
         """Write the (just loaded) main params into the model params."""

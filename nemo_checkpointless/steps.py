@@ -28,6 +28,16 @@ class Phase(str, Enum):
 PHASES: tuple[str, ...] = tuple(p.value for p in Phase)
 
 
+class Stopped(Exception):
+    """The job was asked to stop and every rank did, after the same step ``step``, with a
+    final durable checkpoint where checkpoints are on (the rank exits ``EXIT_STOPPED``; a
+    new job resumes from the checkpoint)."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"stopped after step {step} as asked")
+        self.step = step
+
+
 class StepHooks(Protocol):
     """Called by the training loop at the start of every phase of every step."""
 

@@ -13,20 +13,22 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from .. import device
+
 
 def raw_send(rank: int, shard_bytes: Callable[[], int]) -> Callable[[Any], float]:
     """An ``after_transfer(plan)`` hook for the reconciler: seconds of one raw send."""
 
     def measure(plan: Any) -> float:
         target, donors = min(plan.transfers.items())
-        buf = torch.ones(shard_bytes(), dtype=torch.uint8)
+        buf = torch.ones(shard_bytes(), dtype=torch.uint8, device=device.current())
         dist.barrier()
         t0 = time.perf_counter()
         if rank == donors[0]:
             dist.send(buf, target)
         elif rank == target:
             dist.recv(buf, donors[0])
-        seconds = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+        seconds = device.control_tensor([time.perf_counter() - t0], torch.float64)
         dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
         return float(seconds.item())
 

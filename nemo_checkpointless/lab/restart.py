@@ -8,7 +8,7 @@ checkpoint had consumed, and replays the steps since the checkpoint. Selected wi
 (``nemo_checkpointless/lab/``), apart from the product's runtime path.
 
 * Checkpoints: every ``restart.checkpoint_interval`` steps each rank writes its part with
-  ``torch.distributed.checkpoint`` in the background (``recovery/checkpoint.py``: fp32
+  ``torch.distributed.checkpoint`` in the background (``lab/checkpoint.py``: fp32
   main params, Adam moments and step, plus RNG, counters and scheduler); a checkpoint is
   complete when every rank's ``.done`` marker is on disk.
 * metrics.jsonl keeps exactly one row per committed step: on resume rank 0 drops the rows
@@ -32,8 +32,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..config import RunConfig
-from ..megatron.shards import capture_rng, restore_rng
-from ..state import OptimizerShard, RankState
+from ..state import OptimizerShard, RankState, RngStreams
 from ..steps import Phase
 
 log = logging.getLogger(__name__)
@@ -91,16 +90,6 @@ class MarkerClaim:
             return False
 
 
-class RngStreams:
-    """Every random stream, as saved at a checkpoint (it starts the next step)."""
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"rng": capture_rng()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        restore_rng(state["rng"])
-
-
 class StepEvents:
     """Step hook: an event per completed step (rank 0), with the wall time it ended."""
 
@@ -151,7 +140,7 @@ def run_with_restart(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     import torch.distributed as dist
 
     from ..comm import destroy_world
-    from ..recovery.checkpoint import AsyncCheckpointer
+    from .checkpoint import AsyncCheckpointer
     from ..recovery.faults import FaultInjector, parse_plan
     from ..steps import HookList
     from ..train.loop import Trainer
@@ -174,7 +163,8 @@ def run_with_restart(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
             events.write("model_built")
         r = cfg.restart
         root = Path(r.checkpoint_dir or run_dir / "restart_checkpoints")
-        state = RankState({"driver": trainer, "rng": RngStreams()})
+        state = RankState({"driver": trainer, "rng": RngStreams(),
+                           "optimizer": OptimizerShard(trainer.optimizer)})
         checkpointer = AsyncCheckpointer(
             root, rank, world_size, r.checkpoint_interval,
             tensors=lambda: OptimizerShard(trainer.optimizer).tensors(),
@@ -213,11 +203,12 @@ def resume(trainer: Any, state: RankState, root: Optional[Path], world_size: int
     import torch
     import torch.distributed as dist
 
+    from .. import device
     from ..megatron import optimizer as mopt
-    from ..recovery.checkpoint import complete_steps, load_part
+    from .checkpoint import complete_steps, load_part
 
     steps = complete_steps(root, world_size) if root is not None and root.exists() else []
-    latest = torch.tensor([steps[-1] if steps else 0], dtype=torch.int64)
+    latest = device.control_tensor([steps[-1] if steps else 0], torch.int64)
     dist.all_reduce(latest, op=dist.ReduceOp.MIN)
     step = int(latest.item())
     nbytes = 0
@@ -229,7 +220,7 @@ def resume(trainer: Any, state: RankState, root: Optional[Path], world_size: int
         nbytes = shard.nbytes()
         shard.publish()
         mopt.gather_params(trainer.model, trainer.optimizer)  # (the RNG was restored above)
-    total = torch.tensor([nbytes], dtype=torch.int64)
+    total = device.control_tensor([nbytes], torch.int64)
     dist.all_reduce(total)
     if events is not None:
         events.write("checkpoint_loaded", checkpoint_step=step, bytes=int(total.item()))

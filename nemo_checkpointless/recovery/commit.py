@@ -11,13 +11,17 @@ only enqueued a kernel, so the barrier's result is read back (``.item()`` waits 
 kernel) and must equal the world size before the step counts as passed and its update is
 applied. A barrier that did not complete raises :class:`BarrierFailed`.
 
+The barrier also carries a *stop* flag: a rank whose agent asked the job to stop (SIGTERM,
+a time limit) sets it, and since every rank sees the sum, every rank learns at the same
+step that the job stops after it (``stop_after``), without a collective of its own.
+
 This hook also keeps the RNG snapshot that starts each step, so a redone step draws the
 same numbers and a replacement receives the stream its replica peers will use.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -36,14 +40,16 @@ class CommitProtocol:
     """Step hook: commit barrier at ``optimizer``, RNG snapshots at step boundaries.
 
     Its state (:meth:`state_dict`) is the last step this rank applied and the RNG that
-    starts the next one.
+    starts the next one. ``stop_requested()``: this rank was asked to stop the job.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, stop_requested: Callable[[], bool] = lambda: False) -> None:
         self.entered_step = 0
         self.passed_step = 0
         self.applied_step = 0
         self.rng_at: dict[int, Any] = {}
+        self.stop_requested = stop_requested
+        self.stop_after: Optional[int] = None  # the step after which every rank stops
 
     def on_phase(self, phase: Phase, step: int) -> None:
         if phase is Phase.DATA:
@@ -53,7 +59,8 @@ class CommitProtocol:
                 del self.rng_at[old]
         elif phase is Phase.OPTIMIZER:
             self.entered_step = step
-            self._barrier(step)
+            if self._barrier(step, self.stop_requested()):
+                self.stop_after = step
             self.passed_step = step
         elif phase is Phase.PARAM_SYNC:
             # committed: the RNG now is the RNG that starts the next step
@@ -61,14 +68,16 @@ class CommitProtocol:
             self.rng_at[step + 1] = capture_rng()
 
     @staticmethod
-    def _barrier(step: int) -> None:
-        flag = device.control_tensor([1], torch.int32)
-        dist.all_reduce(flag)
-        arrived = int(flag.item())  # the host waits for the collective's result
+    def _barrier(step: int, stop: bool) -> bool:
+        """The commit barrier; True if any rank asks the job to stop after this step."""
+        flags = device.control_tensor([1, int(stop)], torch.int32)
+        dist.all_reduce(flags)
+        arrived, stops = (int(v) for v in flags.tolist())  # the host waits for the result
         expected = dist.get_world_size()
         if arrived != expected:
             raise BarrierFailed(f"commit barrier of step {step}: {arrived} of {expected} ranks "
                                 "arrived (the collective was aborted)")
+        return stops > 0
 
     def start_at(self, step: int) -> None:
         """A driver begins (or resumes) after ``step``: the RNG now starts ``step + 1``."""

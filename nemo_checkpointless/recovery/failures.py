@@ -23,6 +23,8 @@ from typing import Callable, Optional
 
 import torch.distributed as dist
 
+from ..steps import Stopped
+
 log = logging.getLogger(__name__)
 
 
@@ -46,7 +48,7 @@ def _fatal_types() -> tuple[type, ...]:
     from ..replication.transfer import TransferError
     from .faults import InjectedFault
 
-    return (Fatal, UnrecoverableError, NonFiniteLoss, TransferError, InjectedFault,
+    return (Fatal, Stopped, UnrecoverableError, NonFiniteLoss, TransferError, InjectedFault,
             RendezvousTimeout)
 
 

@@ -19,15 +19,20 @@ built by a :class:`~nemo_checkpointless.steps.FrontEnd` (or handed over already 
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import torch
+import torch.distributed as dist
+
+from .. import device
+from ..checkpoint.config import directory as checkpoint_directory
+from ..checkpoint.config import make_checkpointer
+from ..checkpoint.driver import CheckpointHook, resume
 from ..comm.abort import (abort_communicators, forget_all_groups,
                           release_forgotten_groups_in_background)
 from ..comm.init import report_store_ops
@@ -36,15 +41,16 @@ from ..comm.store import JobIdentity, connect, parse_endpoints
 from ..comm.world import backend_for
 from ..compat.megatron_versions import forget_collective_caches
 from ..config import RunConfig
+from ..gpu.health import poisons_context
 from ..megatron import groups
 from ..megatron.rebind import group_roles, rebind
 from ..metrics.events import EventLog, read_events, summarize_recoveries
 from ..metrics.progress import Progress
 from ..metrics.timeline import RecoveryTimeline
 from ..replication.replica_map import UnrecoverableError
-from ..state import RankState
-from ..steps import FrontEnd, HookList, StepDriver
-from .checkpoint import AsyncCheckpointer
+from ..state import OptimizerShard, RankState, RngStreams
+from ..steps import FrontEnd, HookList, Phase, StepDriver, Stopped
+from ..timeouts import Timeouts
 from .commit import CommitProtocol
 from .failures import Verdict, classify
 from .faults import FaultInjector, parse_plan
@@ -56,15 +62,15 @@ from .spares import WarmSpare
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class RecoveryTimeouts:
-    """How long a rank waits, at each point of a recovery."""
+class _ReportProgress:
+    """Step hook: tell the agent each completed step (it judges hangs by progress)."""
 
-    store: datetime.timedelta  # every job-store operation
-    recovery: datetime.timedelta  # for a new generation, and for every rank to join it
-    collective: datetime.timedelta  # every collective
-    abort_grace: float  # seconds between a generation notice and the abort of collectives
-    failure_confirm: float  # seconds to wait for the job to confirm an unexplained error
+    def __init__(self, link: AgentLink) -> None:
+        self.link = link
+
+    def on_phase(self, phase: Phase, step: int) -> None:
+        if phase is Phase.AFTER_STEP:
+            self.link.progress(step)
 
 
 class RecoveryLoop:
@@ -76,7 +82,7 @@ class RecoveryLoop:
     """
 
     def __init__(self, cfg: RunConfig, run_dir: Path, channel: Any,
-                 front_end: Optional[FrontEnd], timeouts: RecoveryTimeouts, *,
+                 front_end: Optional[FrontEnd], timeouts: Timeouts, *,
                  interrupt: bool, progress: Callable[[bool], Progress],
                  after_transfer: Optional[Callable[..., Optional[float]]] = None) -> None:
         from ..logs import setup_logging
@@ -88,10 +94,10 @@ class RecoveryLoop:
         self.after_transfer = after_transfer
         self.world_size = int(os.environ["WORLD_SIZE"])
         self.store = connect(parse_endpoints(os.environ["NCL_STORE_ENDPOINTS"]),
-                             JobIdentity.from_env(), timeouts.store)
+                             JobIdentity.from_env(), timeouts.delta("store_s"))
         self.backend = backend_for(cfg.strategy.backend)
         self.link = AgentLink(channel, on_new_generation=self._abort_from_link,
-                              abort_grace=timeouts.abort_grace).start()
+                              abort_grace=timeouts.abort_grace(self.backend)).start()
         self.interrupt = ComputeInterrupt(self.link.interrupt_pending) if interrupt else None
         self.replacement = os.environ.get("NCL_REPLACEMENT", "0") == "1"
         self.gen = int(os.environ.get("NCL_GENERATION", "0"))
@@ -99,7 +105,7 @@ class RecoveryLoop:
         if os.environ.get("NCL_SPARE") == "1":
             # only in CPU rehearsal: a spare does not know its GPU before it is assigned
             build = (front_end.spare_model if front_end is not None and self.backend == "gloo"
-                     else None)
+                     and cfg.checkpointless.spare_prebuild else None)
             self.spare = WarmSpare(self.world_size, build)
             msg = WarmSpare.wait_for_assignment(self.link)
             self.gen, self.replacement = int(msg["gen"]), True
@@ -108,11 +114,11 @@ class RecoveryLoop:
         self.rank = int(os.environ["RANK"])
         self.progress = progress(self.rank == 0)
         self.faults = parse_plan(cfg.fault.plan, self.world_size, cfg.trainer.max_steps)
-        self.commit = CommitProtocol()
+        self.commit = CommitProtocol(stop_requested=lambda: self.link.stop_requested)
         self.injector = FaultInjector(self.faults, self.rank, claim=self._claim_fault,
                                       on_fire=self._fault_fired)
         self.events = EventLog(self.run_dir / "events.jsonl", self.rank)
-        self.step_hooks = HookList([self.commit, self.injector])
+        self.step_hooks = HookList([self.commit, self.injector, _ReportProgress(self.link)])
         self.driver: Optional[StepDriver] = None
         self.reconciler: Optional[Reconciler] = None
         self._prebuilt = False
@@ -124,8 +130,9 @@ class RecoveryLoop:
         ck = cfg.checkpointless
         self.disk_source = ck.recovery == "disk"
         self.disk = self.disk_source or ck.fallback == "disk"
-        self.checkpoint_root = Path(ck.checkpoint_dir or self.run_dir / "checkpoints")
-        self.checkpointer: Optional[AsyncCheckpointer] = None
+        self.checkpoint_root = checkpoint_directory(cfg.checkpoint, self.run_dir)
+        self.durable: Optional[Any] = None  # checkpoint.DurableCheckpointer, once attached
+        self.summary: Optional[dict[str, Any]] = None
         self._ops_mark: dict = {}
         self._cleaned_gen = 0
         groups.enable_local_group_sync()  # megatron's groups formed by their members only
@@ -149,7 +156,7 @@ class RecoveryLoop:
         return classify(err, superseded=self.link.superseded,
                         confirmed_within=lambda s: self.link.wait_newer(self.joined_gen, s)
                         is not None,
-                        confirm_timeout=self.timeouts.failure_confirm)
+                        confirm_timeout=self.timeouts.failure_confirm_s)
 
     # ------------------------------------------------------------------ main loop
     def run(self, driver: Optional[StepDriver] = None) -> dict[str, Any]:
@@ -177,20 +184,40 @@ class RecoveryLoop:
                 elif self.timeline is not None:
                     self._recover()
                 self._train()
-                break
+                return self._finish()
             except BaseException as err:  # noqa: BLE001 - classified right below
+                if poisons_context(err):  # a sticky CUDA error: this process is done
+                    self.link.exit_device_error(str(err).splitlines()[0][:500])
                 if self._verdict(err) is Verdict.FATAL:
                     raise
                 log.warning("failure detected: %s", str(err).splitlines()[0][:200])
                 if self.timeline is None:
                     self.timeline = RecoveryTimeline(from_gen=self.joined_gen)
-        assert self.driver is not None
-        summary = self.driver.finish()
+
+    def _finish(self) -> dict[str, Any]:
+        """The job's end, inside the recoverable region: the last durable save lands, the
+        state hash (collective) and summary.json. A failure here recovers like one in a
+        step, and the end is redone."""
+        driver = self.driver
+        assert driver is not None
+        if self.timeline is not None:  # a failure in the last step: its recovery ends here
+            self._first_step_done()
+        self.link.pause("finish")  # no more steps: the initial timeout covers the end
+        self.injector.fire("finish", driver.step)
+        if self.durable is not None:
+            self.durable.wait()
+        summary = driver.finish()
         if self.rank == 0:
             summary["recoveries"] = summarize_recoveries(read_events(self.run_dir /
                                                                      "events.jsonl"))
             from ..metrics.writer import write_json
             write_json(self.run_dir / "summary.json", summary)
+        dist.barrier()  # every rank is past the last collective: the job is done
+        if self.rank == 0:  # agents do not replace a rank that dies from here on
+            self.store.set("job/finished", "1")
+        if self.durable is not None:
+            self.durable.close()
+        self.summary = summary
         return summary
 
     def _train(self) -> None:
@@ -201,6 +228,25 @@ class RecoveryLoop:
             if self.timeline is not None:
                 self._first_step_done()
             self.progress.on_step(metrics)
+            if self.commit.stop_after is not None and driver.step >= self.commit.stop_after:
+                self._stop()
+
+    def _stop(self) -> None:
+        """Every rank agreed (at the commit barrier) to stop after this step: write a
+        durable checkpoint of it and leave (a new job resumes from it)."""
+        driver = self.driver
+        assert driver is not None
+        self.link.pause("stop")
+        if self.durable is not None:
+            CheckpointHook(self.durable, driver, RngStreams()).save_now()
+        else:
+            log.warning("stopping after step %d without a checkpoint (checkpoint.interval=0):"
+                        " a new job starts from its last one", driver.step)
+        dist.barrier()  # every rank's files and rank 0's manifest are written
+        if self.rank == 0:
+            log.warning("stopped after step %d as asked; a new job with the same run "
+                        "directory resumes from its checkpoint", driver.step)
+        raise Stopped(driver.step)
 
     # ------------------------------------------------------------------ recovery
     def _recover(self) -> None:
@@ -218,7 +264,7 @@ class RecoveryLoop:
         forget_all_groups()
         timeline.mark("abort", time.perf_counter() - t0)
         t1 = time.perf_counter()
-        wait = self.timeouts.recovery.total_seconds()
+        wait = self.timeouts.recovery_s
         target = self.link.wait_newer(self.joined_gen, wait)
         if target is None:
             raise UnrecoverableError(
@@ -233,28 +279,42 @@ class RecoveryLoop:
         self.joined_gen = gen
         t0 = time.perf_counter()
         rendezvous(self.store, gen, self.rank, self.world_size, self.backend,
-                   self.timeouts.recovery, self.timeouts.collective,
+                   self.timeouts.delta("recovery_s"), self.timeouts.pg(self.backend),
                    cancelled=self.link.superseded)
         t1 = time.perf_counter()
         self._tidy_store(gen)
+        # a fresh start: no rank of this world holds training state yet (the job's first
+        # generation, or a failure hit every rank before any finished its set-up)
+        fresh = not self._anyone_has_state()
+        self.commit.stop_after = None  # re-agreed at the next barrier (the request stays)
+        if fresh and self.driver is not None and not self._prebuilt:
+            self.driver = None  # half-built by a failed start: build again, with the rest
+            self.reconciler = None
+        if fresh:
+            self.injector.fire("startup", 1)
         built = self.driver is None or self._prebuilt
-        fresh_job = gen == 0 and not self.replacement
         if self.driver is None:
             assert self.front_end is not None
-            self.driver = self.front_end.build(
-                self.step_hooks, collective=fresh_job,
-                prebuilt=self.spare.take_model if self.spare is not None else None)
-            self._attach(fresh_job)
+            # a warm spare's prebuilt model has zero-filled weights for peers to fill: in
+            # a fresh start there are no peers with state, so everyone draws them
+            prebuilt = self.spare.take_model if self.spare is not None and not fresh else None
+            self.driver = self.front_end.build(self.step_hooks, collective=fresh,
+                                               prebuilt=prebuilt)
+            self._attach()
         elif self._prebuilt:
             self._prebuilt = False
             self._rebuild()
-            self._attach(fresh_job)
+            self._attach()
         else:
             self._rebuild()
         if self.interrupt is not None:
             self.interrupt.install(self.driver.model)
-        t2 = time.perf_counter()
         assert self.reconciler is not None
+        if fresh:
+            self._begin_job()
+        elif self.durable is not None:
+            self.durable.settle()  # the save a failure interrupted: completed or dropped
+        t2 = time.perf_counter()
         transfer = self.reconciler.run(recovering=self.timeline is not None)
         if self.rank == 0:
             self._ensure_metrics_row(transfer["committed_step"])
@@ -290,33 +350,55 @@ class RecoveryLoop:
         log.info("rebuild: parallel state %.3fs, rebind %.3fs", t1 - t0,
                  time.perf_counter() - t1)
 
-    def _attach(self, fresh_job: bool) -> None:
-        """First entry of a newly built driver: reconciler, RNG, disk tier, preflight."""
+    def _anyone_has_state(self) -> bool:
+        """Whether any rank of the new world holds training state (one all-reduce)."""
+        mine = self.reconciler is not None and self.reconciler.has_state
+        flag = device.control_tensor([int(mine)], torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _attach(self) -> None:
+        """First entry of a newly built driver: its state, durable checkpoints, reconciler."""
         driver = self.driver
         assert driver is not None
         self.commit.start_at(driver.step)
-        state = RankState({"driver": driver, "commit": self.commit})
+        state = RankState({"driver": driver, "commit": self.commit,
+                           "optimizer": OptimizerShard(driver.optimizer)})
+        if self.durable is None:
+            self.durable = make_checkpointer(self.cfg.checkpoint, self.run_dir,
+                                             under_agent=True)
+        if self.durable is not None:
+            driver.hooks.add(CheckpointHook(
+                self.durable, driver, RngStreams(),
+                on_save=lambda step: self.injector.fire("checkpoint", step)))
         disk = None
         if self.disk:
-            self.checkpointer = AsyncCheckpointer(
-                self.checkpoint_root, self.rank, self.world_size,
-                self.cfg.checkpointless.checkpoint_interval,
-                tensors=lambda: self.reconciler.shard.tensors(),  # type: ignore[union-attr]
-                blob=lambda step: state.state_dict(),
-                keep=self.cfg.checkpointless.checkpoint_keep)
-            driver.hooks.add(self.checkpointer)
-            disk = DiskSource(self.checkpoint_root, self.checkpointer.wait)
+            if self.durable is None:
+                raise UnrecoverableError(
+                    "recovery from disk needs durable checkpoints: set checkpoint.interval")
+            disk = DiskSource(self.durable, self.checkpoint_root, verify=self.cfg.checkpoint.verify)
         self.reconciler = Reconciler(
             driver, self.commit, state, rank=self.rank, world_size=self.world_size,
             use_distributed_optimizer=self.cfg.strategy.use_distributed_optimizer,
             disk=disk, disk_source=self.disk_source,
             on_recovery=lambda step: self.injector.fire("recovery", step),
             after_transfer=self.after_transfer)
-        self.reconciler.has_state = fresh_job
-        if fresh_job:
-            if self.checkpointer is not None:
-                self.checkpointer.save(0, wait=True)
-            self._preflight()
+
+    def _begin_job(self) -> None:
+        """Every rank built fresh: resume from the newest verified durable checkpoint (a
+        new job of a chain), else start at step 0; then the preflight (collective)."""
+        driver, reconciler = self.driver, self.reconciler
+        assert driver is not None and reconciler is not None
+        ck = self.cfg.checkpoint
+        resumed = None
+        if ck.resume == "auto":  # the RNG too, unless the data-parallel size changed
+            resumed = resume(driver, self.checkpoint_root, RngStreams(), verify_data=ck.verify)
+            self.commit.start_at(driver.step)
+        if resumed is None and self.disk and self.durable is not None:
+            # something to roll back to before the first scheduled save
+            CheckpointHook(self.durable, driver, RngStreams()).save_now()
+        reconciler.has_state = True
+        self._preflight()
 
     def _preflight(self) -> None:
         """Before training: say which ranks no peer can restore (no replica anywhere)."""

@@ -32,7 +32,6 @@ from ..replication.replica_map import (RankInfo, UnrecoverableError, agree, dono
 from ..replication.transfer import exchange
 from ..state import OptimizerShard, RankState
 from ..steps import StepDriver
-from .checkpoint import complete_steps, load_part
 from .commit import CommitProtocol
 
 log = logging.getLogger(__name__)
@@ -83,7 +82,7 @@ def plan_recovery(infos: list[RankInfo], *, disk_source: bool, disk_fallback: bo
 def gather_infos(mine: RankInfo, world_size: int) -> list[RankInfo]:
     """Every rank's info, on every rank (one all-gather on the rank's device)."""
     out = device.zeros(world_size * RankInfo.FIELDS, torch.int64)
-    dist.all_gather_into_tensor(out, mine.to_tensor().to(device.current()))
+    dist.all_gather_into_tensor(out, mine.to_tensor(device.current()))
     return [RankInfo.from_tensor(row) for row in out.view(world_size, -1).cpu()]
 
 
@@ -180,37 +179,25 @@ class Reconciler:
         self.has_state = True
 
     def _rollback_to_disk(self, plan: RecoveryPlan) -> dict[str, Any]:
-        """Every rank goes back to the latest complete disk checkpoint."""
+        """Every rank goes back to the newest verified durable checkpoint (collective)."""
         if self.disk is None:
-            raise UnrecoverableError("checkpointless.recovery=disk but no disk checkpoints "
-                                     "are configured")
+            raise UnrecoverableError("checkpointless.recovery=disk but no durable checkpoints "
+                                     "are configured (checkpoint.interval)")
         driver = self.driver
         if plan.orphans:
             log.warning("ranks %s lost shards that no live peer holds: rolling every rank "
-                        "back to the latest disk checkpoint", list(plan.orphans))
-        self.disk.wait()
-        dist.barrier()  # every part being written has landed before anyone looks
-        steps = complete_steps(self.disk.root, self.world_size)
-        latest = device.control_tensor([steps[-1] if steps else -1], torch.int64)
-        dist.all_reduce(latest, op=dist.ReduceOp.MIN)
-        step = int(latest.item())
-        if step < 0:
-            raise UnrecoverableError(
-                f"no complete checkpoint under {self.disk.root} to fall back to")
+                        "back to the latest durable checkpoint", list(plan.orphans))
         t0 = time.perf_counter()
-        tensors = self.shard.tensors()
-        self.adopt(load_part(self.disk.root, step, self.rank, tensors))
+        step, nbytes = self.disk.load(driver)
+        self.commit.start_at(step)  # the RNG the checkpoint restored starts step + 1
+        self.has_state = True
         seconds = time.perf_counter() - t0
-        driver.pending = None
-        mopt.gather_params(driver.model, driver.optimizer)
-        self.commit.restore_rng()
-        driver.reset_step_marks()
         if self.rank == 0 and driver.metrics is not None:
             dropped = driver.metrics.truncate_after(step)
             log.warning("rolled back to checkpoint step %d (%d metrics rows to redo)", step,
                         dropped)
-        loaded = device.control_tensor([sum(t.numel() * t.element_size() for t in tensors)],
-                                       torch.int64)
+        driver.reset_step_marks()
+        loaded = device.control_tensor([nbytes], torch.int64)
         dist.all_reduce(loaded)
         return {"bytes": int(loaded.item()), "seconds": seconds, "source": "disk",
                 "checkpoint_step": step, "replacements": list(plan.orphans),
@@ -218,9 +205,25 @@ class Reconciler:
 
 
 class DiskSource:
-    """The disk checkpoints a rollback reads: their root, and a wait for the one being
-    written (``wait``: the asynchronous checkpointer's)."""
+    """The durable checkpoints a rollback reads (``checkpoint/``): the newest one that
+    verifies on every rank, loaded in place into the driver (collective)."""
 
-    def __init__(self, root: Path, wait: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, checkpointer: Any, root: Path, verify: bool = True) -> None:
+        self.checkpointer = checkpointer
         self.root = Path(root)
-        self.wait = wait
+        self.verify = verify
+
+    def load(self, driver: StepDriver) -> tuple[int, int]:
+        """Roll ``driver`` (and this rank's RNG) back; return (step, bytes of this rank's
+        optimizer shard)."""
+        from ..checkpoint import latest_verified
+        from ..checkpoint.driver import load_into
+        from ..state import RngStreams
+
+        self.checkpointer.wait()  # (settled by the generation loop before reconciling)
+        info = latest_verified(self.root, verify_data=self.verify)
+        if info is None:
+            raise UnrecoverableError(
+                f"no complete, verified checkpoint under {self.root} to fall back to")
+        restored = load_into(info, driver, RngStreams())
+        return restored.step, OptimizerShard(driver.optimizer).nbytes()

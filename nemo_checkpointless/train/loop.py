@@ -264,7 +264,9 @@ class Trainer:
         if self.coords.is_last_stage and self.coords.tp_rank == 0 and losses:
             value += sum(float(x["lm loss"]) for x in losses) / len(losses)
         dist.all_reduce(value)
-        return float(torch.tensor(value.item() / self.coords.dp_size, dtype=torch.float32))
+        # host: the mean rounded to fp32 (the precision megatron logs), a plain number
+        return float(torch.tensor(value.item() / self.coords.dp_size, dtype=torch.float32,
+                                  device=device.HOST))
 
     def train_step(self) -> StepMetrics:
         """Run step ``self.step + 1`` end to end and return its metrics."""

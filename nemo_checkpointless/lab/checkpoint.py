@@ -1,11 +1,16 @@
-"""Periodic, asynchronous disk checkpoints: the fallback when no peer holds a shard.
+"""Per-rank flat checkpoints of the checkpoint-restart baseline (the lab's, not tier 3's).
+
+The product's durable checkpoints are ``nemo_checkpointless/checkpoint/`` (megatron-core's
+format, read by stock tools); tier 3 and ``fallback=disk`` roll back to those. This module
+is what the baseline in :mod:`.restart` writes, as jobs do today without this package.
 
 Every ``interval`` steps each rank copies its state (the same tensors peer replication
 ships: fp32 main params, Adam moments and step, plus RNG, counters and scheduler) into one
 flat, page-aligned host buffer, allocated once and reused (no allocation or page faults
 per checkpoint), and a background thread writes it. Two formats:
 
-- ``raw`` (tiers 3 and 4): one file per rank, ``rank_NNNNN.ncl``: a 4 KiB header (magic,
+- ``raw`` (tier 3's format until it moved to durable checkpoints; kept as an option of the
+  baseline): one file per rank, ``rank_NNNNN.ncl``: a 4 KiB header (magic,
   JSON with the byte counts), the state bytes, the pickled blob. The snapshot is taken
   straight into the buffer the write goes from, and the write is one ``O_DIRECT`` system
   call that drops the GIL, so the only CPU a checkpoint costs is the snapshot copy. On the
@@ -24,9 +29,6 @@ buffer to the device without being copied into the page cache (a buffered write 
 per rank, written after the part is synced, makes a checkpoint complete only when every
 rank's part is on disk.
 
-Used by ``checkpointless=tier3`` (every failure rolls every rank back to the latest
-checkpoint) and by ``checkpointless.fallback=disk`` under tier 4 (only when some shard has
-no live replica).
 """
 
 from __future__ import annotations
