@@ -7,28 +7,33 @@
 
 :func:`apply_checkpointless` changes exactly one Bridge setting and keeps every other:
 
-* ``ddp.num_distributed_optimizer_instances``: 2 for tier 4 (a peer replica of every
-  optimizer shard) where data x context parallelism is even, unless given;
+* ``ddp.num_distributed_optimizer_instances``: 2 when lost state comes from peers
+  (``recovery: peers``, tier 4: a peer replica of every optimizer shard) where data x
+  context parallelism is even, unless given;
 
-and attaches the checkpointless parts as ``cfg.checkpointless`` (a :class:`BridgeCheckpointless`:
-the tier's parts, the fault plan, the run directory), which the step driver
-(``bridge/driver.py``) and the entry points read. Bridge ignores the attribute (it is no
-dataclass field of ConfigContainer).
+and attaches the checkpointless parts as ``cfg.checkpointless`` (a
+:class:`BridgeCheckpointless`: the core's typed parts, ``config.CheckpointlessConfig``, from
+the tier's preset; the core's durable checkpoints, ``config.CheckpointConfig``; the fault
+plan; the run directory), which the step driver (``bridge/driver.py``) and the entry points
+read. Bridge ignores the attribute (it is no dataclass field of ConfigContainer).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Sequence
 
-from ..config import CheckpointlessConfig, ConfigError, check_layout
+from ..config import (CheckpointConfig, CheckpointlessConfig, ConfigError, check_layout,
+                      validate_checkpoint)
 
 log = logging.getLogger(__name__)
 
-BRIDGE_TIERS = ("off", "tier3", "tier4")
-REPLICATED_TIER = "tier4"
+# parts a Bridge run reads (rootless start-up is what ncl-launch's agents do anyway; the
+# data cache is the lean loop's data path: Bridge keeps its own)
+BRIDGE_PARTS = ("recovery", "fallback", "interrupt")
 # the core's layout keys, as a Bridge ConfigContainer spells them
 _BRIDGE_KEYS = {
     "strategy.tensor_model_parallel_size": "model.tensor_model_parallel_size",
@@ -44,9 +49,17 @@ _BRIDGE_KEYS = {
 
 @dataclass
 class BridgeCheckpointless:
-    """The checkpointless parts of a Bridge run (``cfg.checkpointless``)."""
+    """The checkpointless parts of a Bridge run (``cfg.checkpointless``).
+
+    ``checkpoint``: the core's durable checkpoints (megatron's ``torch_dist`` format), what
+    ``recovery: disk`` (tier 3) and ``fallback: disk`` roll back to in process. Bridge's own
+    checkpoints (``checkpoint.save``, ``save_interval``) are the job's record and stay
+    Bridge's; so unless a rollback needs them or ``checkpoint.interval`` /
+    ``interval_minutes`` is given, the core writes none (:meth:`durable`).
+    """
 
     parts: CheckpointlessConfig
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     fault_plan: list[Any] = field(default_factory=list)
     run_dir: Optional[str] = None
 
@@ -54,42 +67,75 @@ class BridgeCheckpointless:
     def tier(self) -> str:
         return self.parts.tier
 
+    @property
+    def rolls_back_to_disk(self) -> bool:
+        return self.parts.recovery == "disk" or self.parts.fallback == "disk"
+
+    def durable(self) -> CheckpointConfig:
+        """``checkpoint`` as the recovery loop runs it (see the class doc)."""
+        c = self.checkpoint
+        if c.interval is None and c.interval_minutes is None and not self.rolls_back_to_disk:
+            return dataclasses.replace(c, interval=0)
+        return c
+
+
+def check_parts(parts: CheckpointlessConfig, checkpoint: CheckpointConfig) -> None:
+    """Raise ConfigError with the fix for parts a Bridge run cannot honour."""
+    if parts.recovery == "none" and (parts.rootless_startup or parts.data_cache.enabled):
+        raise ConfigError(
+            f"checkpointless={parts.tier!r} turns on only parts of the lean loop (rootless "
+            "start-up, data cache) without in-process recovery; a Bridge recipe keeps its own "
+            "start-up and data path: use off, tier3 (recovery from disk) or tier4 (from peers)")
+    validate_checkpoint(checkpoint)
+    rollback = parts.recovery == "disk" or parts.fallback == "disk"
+    if rollback and checkpoint.interval == 0 and checkpoint.interval_minutes is None:
+        raise ConfigError(
+            f"checkpointless recovery={parts.recovery} fallback={parts.fallback} rolls back to "
+            "the core's latest durable checkpoint, but checkpointless.checkpoint.interval=0 "
+            "turns them off: set checkpointless.checkpoint.interval (steps) or "
+            "checkpointless.checkpoint.interval_minutes")
+
 
 def apply_checkpointless(cfg: Any, tier: str = "tier4", *, world_size: Optional[int] = None,
                          num_distributed_optimizer_instances: Optional[int] = None,
-                         fallback: Optional[str] = None,
+                         checkpoint: Optional[CheckpointConfig] = None,
                          fault_plan: Optional[Sequence[Any]] = None,
-                         run_dir: Optional[str] = None) -> Any:
+                         run_dir: Optional[str] = None, **parts: Any) -> Any:
     """Return ``cfg`` (changed in place) with the checkpointless parts wired in.
 
-    ``world_size``: the job's ranks, when known; then tier 4 sets 2 optimizer instances
-    only where data x context parallelism is even (else it keeps the recipe's count and
-    says which ranks no peer can restore), and the layout is checked now.
+    ``tier``: the preset of parts (``off``, ``tier3``, ``tier4``); ``parts`` override single
+    fields of it (``fallback="disk"``, ``interrupt="on"``). ``world_size``: the job's ranks,
+    when known; then peer recovery sets 2 optimizer instances only where data x context
+    parallelism is even (else it keeps the recipe's count and says which ranks no peer can
+    restore), and the layout is checked now.
     """
     _require_container(cfg)
-    if tier not in BRIDGE_TIERS:
-        raise ConfigError(f"checkpointless={tier!r}: a Bridge recipe runs with one of "
-                          f"{', '.join(BRIDGE_TIERS)} (tier1/tier2 shape the lean loop's "
-                          "start-up and data path; Bridge keeps its own).")
+    unknown = sorted(set(parts) - {f.name for f in dataclasses.fields(CheckpointlessConfig)})
+    if unknown or "tier" in parts:
+        raise ConfigError(f"unknown checkpointless part(s) {', '.join(unknown or ['tier'])}: "
+                          f"a Bridge run reads {', '.join(BRIDGE_PARTS)}")
+    chosen = CheckpointlessConfig.preset(tier, **parts)
+    durable = checkpoint or CheckpointConfig()
+    check_parts(chosen, durable)
     restart = getattr(cfg, "inprocess_restart", None)
-    if tier != "off" and restart is not None and getattr(restart, "enabled", False):
+    if chosen.recovery != "none" and restart is not None and getattr(restart, "enabled", False):
         raise ConfigError("inprocess_restart.enabled=true: nvidia-resiliency-ext's in-process "
                           "restart and checkpointless recovery both own the process groups; "
                           "set inprocess_restart.enabled=false.")
-    parts = CheckpointlessConfig.preset(tier, **({"fallback": fallback} if fallback else {}))
     ddp = cfg.ddp
     current = int(getattr(ddp, "num_distributed_optimizer_instances", 1) or 1)
-    if num_distributed_optimizer_instances is None and tier == REPLICATED_TIER:
+    if num_distributed_optimizer_instances is None and chosen.recovery == "peers":
         num_distributed_optimizer_instances = max(2, current)
         if world_size is not None and _dp_cp(cfg, world_size) % num_distributed_optimizer_instances:
-            log.warning("tier4 on %d ranks: data x context parallel size %d is odd, so the "
-                        "optimizer shards keep %d instance(s) and have no peer replica (set "
-                        "checkpointless fallback=disk to restore them from disk)", world_size,
-                        _dp_cp(cfg, world_size), current)
+            log.warning("recovery from peers on %d ranks: data x context parallel size %d is "
+                        "odd, so the optimizer shards keep %d instance(s) and have no peer "
+                        "replica (set checkpointless.fallback=disk to restore them from disk)",
+                        world_size, _dp_cp(cfg, world_size), current)
             num_distributed_optimizer_instances = current
     if num_distributed_optimizer_instances is not None:
         ddp.num_distributed_optimizer_instances = int(num_distributed_optimizer_instances)
-    cfg.checkpointless = BridgeCheckpointless(parts=parts, fault_plan=list(fault_plan or []),
+    cfg.checkpointless = BridgeCheckpointless(parts=chosen, checkpoint=durable,
+                                              fault_plan=list(fault_plan or []),
                                               run_dir=run_dir)
     if world_size is not None:
         check_bridge_layout(cfg, world_size)

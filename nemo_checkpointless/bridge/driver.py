@@ -19,6 +19,13 @@ Bridge's ``train_step`` itself, around which it
 After a failure Bridge's ``train()`` is started again from the committed step with its
 counters, data iterators (rebuilt at the committed samples), parameters and loop state
 made as a fresh start finds them (:meth:`_enter_bridge_loop`).
+
+Its state (``steps.StepDriver``'s ``state_dict``): the step, the data position
+(``state.DataPosition``), the scheduler, Bridge's ``train_state`` counters and the last
+metrics row; the optimizer shard travels beside it (``state.OptimizerShard``). Between
+steps Bridge's validation, test evaluation and checkpoint saves take as long as they take:
+before each, the driver tells the agent (``pause``), whose hang detection then allows the
+initial timeout until the next step.
 """
 
 from __future__ import annotations
@@ -33,12 +40,13 @@ import torch
 from .. import cpu
 from ..compat import bridge as cbridge
 from ..compat import megatron_step as cstep
-from ..compat.megatron_versions import forget_collective_caches
 from ..megatron import optimizer as mopt
 from ..megatron import parallel
 from ..megatron.shards import make_state_contiguous
 from ..metrics.writer import JsonlWriter, write_json
+from ..state import DataPosition
 from ..steps import HookList, Phase
+from ..timeouts import Timeouts
 from ..train.loop import PendingCommit, StepMetrics
 from .loop import BridgeLoop
 from .steps import (RecordingForwardStep, first_lr, global_batch, job_batch_hash, job_loss,
@@ -67,15 +75,19 @@ class BridgeStepDriver:
     """Bridge's objects and loop for one rank (see the module docstring)."""
 
     def __init__(self, cfg: Any, forward: RecordingForwardStep, hooks: HookList,
-                 run_dir: Path, callbacks: Any = None) -> None:
+                 run_dir: Path, timeouts: Timeouts,
+                 pause: Callable[[str], None] = lambda reason: None,
+                 callbacks: Any = None) -> None:
         self.cfg = cfg
         self.forward = forward
         self.hooks = hooks
         forward.hooks = hooks
         self.run_dir = Path(run_dir)
+        self.timeouts = timeouts
+        self.pause = pause
         self.callbacks = callbacks
         self.step = 0
-        self.consumed_samples = 0
+        self.position = DataPosition()
         self.coords: Optional[parallel.Coordinates] = None
         self.pending: Optional[PendingCommit] = None
         self.last_record: Optional[dict[str, Any]] = None
@@ -89,7 +101,7 @@ class BridgeStepDriver:
     def build(self) -> "BridgeStepDriver":
         """Bridge's ``setup()`` in the world that exists now (the fake one, see run.py)."""
         from megatron.bridge.data.utils import get_dataset_provider
-        from megatron.bridge.training.callbacks import normalize_callbacks
+        from megatron.bridge.training.callbacks import CallbackManager, normalize_callbacks
         from megatron.bridge.training.config import runtime_config_update
         from megatron.bridge.training.setup import setup
         from megatron.bridge.training.state import GlobalState
@@ -103,7 +115,10 @@ class BridgeStepDriver:
         runtime_config_update(cfg)
         self.state = GlobalState()
         self.state.cfg = cfg
-        self.callbacks = normalize_callbacks(self.callbacks)
+        self.callbacks = normalize_callbacks(self.callbacks) or CallbackManager()
+        for event in ("on_eval_start", "on_test_start"):  # work of unknown length
+            self.callbacks.register(event, lambda context, e=event: self.pause(f"bridge {e}"))
+        cbridge.before_checkpoint_saves(lambda: self.pause("bridge checkpoint save"))
         self.datasets = _CachedDatasets(get_dataset_provider(cfg.dataset))
         with mopt._local_all_gather_object():  # the param-group key gather, answered locally
             out = setup(self.state, self.datasets.provider, callback_manager=self.callbacks)
@@ -124,8 +139,12 @@ class BridgeStepDriver:
         self._bridge_train_step = cbridge.replace_train_step(self._bridge_step)
         self.coords = parallel.coordinates()
         self.step = int(self.state.train_state.step)
-        self.consumed_samples = int(self.state.train_state.consumed_train_samples)
+        self.position.consumed_samples = int(self.state.train_state.consumed_train_samples)
         return self
+
+    @property
+    def consumed_samples(self) -> int:
+        return self.position.consumed_samples
 
     # ------------------------------------------------------------------ StepDriver
     def rebuild_parallel(self) -> None:
@@ -134,12 +153,9 @@ class BridgeStepDriver:
 
         import torch.distributed as dist
 
-        from ..comm.world import default_timeout
-
         # the job's collective bound (on gloo a pipeline recv from a dead peer ends only there)
-        minutes = max(1, math.ceil(default_timeout(dist.get_backend()).total_seconds() / 60))
-        cbridge.initialize_parallel_state(self.cfg, timeout_minutes=minutes)
-        forget_collective_caches(self.optimizer)  # every rank asks again, together
+        bound = self.timeouts.pg(dist.get_backend()).total_seconds()
+        cbridge.initialize_parallel_state(self.cfg, timeout_minutes=max(1, math.ceil(bound / 60)))
         self.coords = parallel.coordinates()
         if self.metrics is None:
             self.metrics = JsonlWriter(self.run_dir / "metrics.jsonl",
@@ -156,14 +172,14 @@ class BridgeStepDriver:
     def state_dict(self) -> dict[str, Any]:
         """Counters, data position, schedule and last record (not the optimizer shard)."""
         ts = self.state.train_state
-        return {"step": self.step, "data": {"consumed_samples": self.consumed_samples},
+        return {"step": self.step, "data": self.position.state_dict(),
                 "schedule": self.scheduler.state_dict(),
                 "train_state": {k: getattr(ts, k) for k in _TRAIN_STATE},
                 "record": self.last_record}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
-        self.consumed_samples = int(state["data"]["consumed_samples"])
+        self.position.load_state_dict(state["data"])
         self.scheduler.num_steps = 0  # its load steps by the saved count
         self.scheduler.load_state_dict(state["schedule"])
         for key, value in state["train_state"].items():
@@ -195,7 +211,7 @@ class BridgeStepDriver:
             with cstep.no_timer_barriers(self.optimizer):
                 mopt.apply_update(self.optimizer)
             self.scheduler.step(increment=self._batch)
-        self.consumed_samples += self._batch
+        self.position.advance(self._batch)
         self.step = pending.step
         self.pending = None
         metrics = StepMetrics(step=pending.step, loss=pending.loss,

@@ -3,8 +3,11 @@
 Arguments are split three ways:
 
 * this package's keys: ``recipe=<name>``, ``checkpointless=<tier>`` (``off``, ``tier3``,
-  ``tier4``), ``checkpointless.<part>=<v>`` (``fallback``, ``checkpoint_interval``, ...),
-  ``fault.plan=[...]``, ``hf_hub=shipped|online`` and the flag ``--dryrun``;
+  ``tier4``), ``checkpointless.<part>=<v>`` (one part of the tier's preset that a Bridge run reads:
+  ``recovery``, ``fallback``, ``interrupt``; ``config.CheckpointlessConfig``), ``checkpointless.checkpoint.<key>=<v>``
+  (the core's durable checkpoints: ``interval``, ``dir``, ...; ``config.CheckpointConfig``;
+  Bridge's own ``checkpoint.*`` is Bridge's), ``fault.plan=[...]``,
+  ``hf_hub=shipped|online`` and the flag ``--dryrun``;
 * Hydra's: ``hydra.*`` (``hydra.run.dir=...``), handed to ``@hydra.main``;
 * everything else is an override of the Bridge ConfigContainer with Bridge's own names
   (``model.tensor_model_parallel_size=2``, ``train.train_iters=100``, ``optimizer.lr=1e-4``),
@@ -16,20 +19,20 @@ Bridge's Llama recipes from the ones the package ships, offline (``recipes.py``)
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..config import CheckpointlessConfig, ConfigError
+from ..config import CheckpointConfig, ConfigError
+from .apply import BRIDGE_PARTS
 
 USAGE = ("usage: bridge_pretrain.py recipe=<name> [--dryrun] [checkpointless=<tier>] "
+         "[checkpointless.<part>=<value>] [checkpointless.checkpoint.<key>=<value>] "
          "[fault.plan=[...]] [hf_hub=shipped|online] [hydra.run.dir=<dir>] "
          "[<bridge.key>=<value> ...]  (Bridge's names: model.*, train.*, optimizer.*, ...)")
 OWN = ("recipe", "checkpointless", "fault.plan", "hf_hub")
-_PARTS = {f for f in CheckpointlessConfig.__dataclass_fields__ if f != "tier"}
-
-log = logging.getLogger(__name__)
+_PARTS = set(BRIDGE_PARTS)
+_CHECKPOINT = set(CheckpointConfig.__dataclass_fields__)
 
 
 @dataclass
@@ -39,6 +42,7 @@ class Args:
     recipe: str = "tiny_llama"
     tier: str = "off"
     parts: dict[str, Any] = field(default_factory=dict)
+    checkpoint: dict[str, Any] = field(default_factory=dict)
     fault_plan: list[Any] = field(default_factory=list)
     hf_hub: str = "shipped"
     hydra: list[str] = field(default_factory=list)
@@ -69,6 +73,12 @@ def parse_args(argv: list[str]) -> Args:
             args.recipe = text
         elif bare == "checkpointless":
             args.tier = text
+        elif bare.startswith("checkpointless.checkpoint."):
+            name = bare.split(".", 2)[2]
+            if name not in _CHECKPOINT:
+                raise ConfigError(f"unknown key {bare!r}: the core's durable checkpoints take "
+                                  f"{', '.join(sorted(_CHECKPOINT))}")
+            args.checkpoint[name] = _value(text)
         elif bare.startswith("checkpointless."):
             part = bare.split(".", 1)[1]
             if part not in _PARTS:
@@ -103,17 +113,17 @@ def build_config(args: Args, world_size: Optional[int] = None) -> Any:
     except KeyError as err:
         raise ConfigError(str(err.args[0])) from None
     cfg = apply_overrides(cfg, args.bridge)
-    parts = dict(args.parts)
-    fallback = parts.pop("fallback", None)
     given = any(o.split("=", 1)[0].lstrip("+") == "ddp.num_distributed_optimizer_instances"
                 for o in args.bridge)  # an explicit count stays
-    cfg = apply_checkpointless(
-        cfg, args.tier, world_size=world_size, fallback=fallback, fault_plan=args.fault_plan,
+    try:
+        checkpoint = CheckpointConfig(**args.checkpoint)
+    except TypeError as err:
+        raise ConfigError(f"checkpointless.checkpoint: {err}") from None
+    return apply_checkpointless(
+        cfg, args.tier, world_size=world_size, checkpoint=checkpoint,
+        fault_plan=args.fault_plan,
         num_distributed_optimizer_instances=cfg.ddp.num_distributed_optimizer_instances
-        if given else None)
-    for part, value in parts.items():
-        setattr(cfg.checkpointless.parts, part, value)
-    return cfg
+        if given else None, **args.parts)
 
 
 def describe(cfg: Any) -> str:
@@ -125,14 +135,14 @@ def describe(cfg: Any) -> str:
 
     tree, _ = create_omegaconf_dict_config(cfg)
     ck = cfg.checkpointless
-    extra = OmegaConf.create({"checkpointless": asdict(ck.parts),
+    extra = OmegaConf.create({"checkpointless": {**asdict(ck.parts),
+                                                 "checkpoint": asdict(ck.durable())},
                               "fault": {"plan": list(ck.fault_plan)}})
     return OmegaConf.to_yaml(tree) + OmegaConf.to_yaml(extra)
 
 
 def run(args: Args, run_dir: str) -> Optional[dict[str, Any]]:
     """Train on this rank, under whichever launcher started it."""
-    from ..launch.channel import ENV_FD
     from ..logs import setup_logging
     from .run import prepare
     from .run import run as run_on_this_rank
@@ -141,8 +151,4 @@ def run(args: Args, run_dir: str) -> Optional[dict[str, Any]]:
     setup_logging("spare" if spare else os.environ.get("RANK", "0"))
     prepare()
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cfg = build_config(args, world_size=world)
-    if ENV_FD not in os.environ and cfg.checkpointless.tier != "off":
-        log.warning("checkpointless=%s without ncl-launch: Bridge trains alone (no in-process "
-                    "recovery); launch with ncl-launch to recover", cfg.checkpointless.tier)
-    return run_on_this_rank(cfg, run_dir)
+    return run_on_this_rank(build_config(args, world_size=world), run_dir)

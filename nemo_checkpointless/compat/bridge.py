@@ -1,6 +1,8 @@
-"""Megatron-Bridge's import-time and start-up assumptions that a wheel install on CPU breaks.
+"""Every Megatron-Bridge internal the package touches: start-up on a CPU wheel install, and
+the seams of Bridge's loop that the step driver (``bridge/driver.py``) uses.
 
-Three of them, each met here and nowhere else (found by feature detection, applied once):
+Start-up: three assumptions that a wheel install on CPU breaks, each met here and nowhere
+else (found by feature detection, applied once):
 
 * ``megatron/bridge/peft/lora_layers.py`` imports Transformer Engine unguarded, and
   ``import megatron.bridge`` reaches it. Without TE that module alone is given a stand-in
@@ -12,6 +14,10 @@ Three of them, each met here and nowhere else (found by feature detection, appli
   and the failure exits the process): skipped when the built extension imports.
 * ``training/setup.py`` calls ``initialize_megatron`` without ``allow_no_cuda``, which
   asserts CUDA: in CPU rehearsal mode (``nemo_checkpointless/cpu.py``) it is passed.
+
+The loop's seams: the module-level ``train_step`` and ``save_checkpoint_and_time`` that
+``train()`` looks up at each call, the optimizer Bridge's set-up builds, the arguments of
+its parallel-state initialisation, and the loop state a fresh ``train()`` assumes.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import logging
 import sys
 import threading
 import types
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +38,7 @@ _LORA = "megatron.bridge.peft.lora_layers"
 _TE = ("transformer_engine", "transformer_engine.pytorch")
 _LOCK = threading.Lock()
 _DONE: set[str] = set()
+_SAVE_HOOK: list[Callable[[], None]] = []
 
 
 class _Placeholder(type):
@@ -161,6 +168,26 @@ def replace_train_step(step: Any) -> Any:
     bridge_train._ncl_original_train_step = original  # type: ignore[attr-defined]
     bridge_train.train_step = step
     return original
+
+
+def before_checkpoint_saves(hook: Callable[[], None]) -> None:
+    """Call ``hook()`` before each checkpoint save Bridge's ``train()`` starts (its
+    module-level ``save_checkpoint_and_time``, looked up at each call); a later call
+    replaces the hook."""
+    from megatron.bridge.training import train as bridge_train
+
+    _SAVE_HOOK[:] = [hook]
+    if not _once("save_hook"):
+        return
+    save = bridge_train.save_checkpoint_and_time
+
+    @functools.wraps(save)
+    def save_checkpoint_and_time(*args: Any, **kwargs: Any) -> Any:
+        for before in _SAVE_HOOK:
+            before()
+        return save(*args, **kwargs)
+
+    bridge_train.save_checkpoint_and_time = save_checkpoint_and_time
 
 
 def initialize_parallel_state(cfg: Any, timeout_minutes: Optional[int] = None) -> Any:

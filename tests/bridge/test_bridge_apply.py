@@ -72,7 +72,7 @@ def test_published_model_shapes_come_from_the_shipped_configs(bridge):
 
 
 def test_odd_data_parallel_keeps_one_instance_and_bad_input_says_what_to_do(bridge):
-    from nemo_checkpointless.config import ConfigError
+    from nemo_checkpointless.config import CheckpointConfig, ConfigError
 
     apply, recipes = bridge
     # 3 ranks without tensor or pipeline parallelism: data parallel 3 (odd), no replica
@@ -84,8 +84,13 @@ def test_odd_data_parallel_keeps_one_instance_and_bad_input_says_what_to_do(brid
     assert cfg.ddp.num_distributed_optimizer_instances == 1
     with pytest.raises(ConfigError, match="does not divide the world size 48"):
         apply.apply_checkpointless(recipes.build_recipe("llama3_70b"), "tier4", world_size=48)
-    with pytest.raises(ConfigError, match="tier1/tier2"):
+    with pytest.raises(ConfigError, match="only parts of the lean loop"):
         apply.apply_checkpointless(recipes.build_recipe("tiny_llama"), "tier2")
+    with pytest.raises(ConfigError, match="unknown checkpointless part"):
+        apply.apply_checkpointless(recipes.build_recipe("tiny_llama"), "tier4", falback="disk")
+    with pytest.raises(ConfigError, match="checkpointless.checkpoint.interval=0 turns them off"):
+        apply.apply_checkpointless(recipes.build_recipe("tiny_llama"), "tier3",
+                                   checkpoint=CheckpointConfig(interval=0))
     with pytest.raises(ConfigError, match="ConfigContainer"):
         apply.apply_checkpointless(object(), "tier4")
     restart = recipes.build_recipe("tiny_llama")
@@ -94,6 +99,32 @@ def test_odd_data_parallel_keeps_one_instance_and_bad_input_says_what_to_do(brid
     restart.inprocess_restart = InProcessRestartConfig(enabled=True)
     with pytest.raises(ConfigError, match="inprocess_restart.enabled=false"):
         apply.apply_checkpointless(restart, "tier4")
+
+
+def test_core_checkpoints_only_where_a_rollback_needs_them(bridge):
+    """Bridge's own checkpoints are the job's record: the core writes its durable ones only
+    for a rollback (tier 3, fallback=disk) or when asked."""
+    from nemo_checkpointless.bridge.run import run_config
+    from nemo_checkpointless.config import CheckpointConfig, ConfigError
+
+    apply, recipes = bridge
+
+    def durable(tier, **kw):
+        cfg = apply.apply_checkpointless(recipes.build_recipe("tiny_llama"), tier, **kw)
+        return run_config(cfg, 2, "/tmp/run").checkpoint.interval
+
+    assert durable("tier4") == 0
+    assert durable("tier4", checkpoint=CheckpointConfig(interval=5)) == 5
+    assert durable("tier3") is None and durable("tier4", fallback="disk") is None  # 100 steps
+    cfg = apply.apply_checkpointless(recipes.build_recipe("tiny_llama"), "tier3",
+                                     fault_plan=[{"rank": 2, "step": 1, "phase": "forward",
+                                                  "kind": "kill"}])
+    with pytest.raises(ConfigError, match="rank 2 does not exist"):
+        run_config(cfg, 2, "/tmp/run")
+    cfg = apply.apply_checkpointless(recipes.build_recipe("tiny_llama"), "tier3")
+    cfg.checkpoint.save = "/tmp/run/checkpoints"
+    with pytest.raises(ConfigError, match="also the directory of the core's durable"):
+        run_config(cfg, 2, "/tmp/run")
 
 
 def test_overrides_use_bridge_names_and_misspellings_name_the_fix(bridge):
