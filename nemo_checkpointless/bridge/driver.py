@@ -40,6 +40,7 @@ import torch
 from .. import cpu
 from ..compat import bridge as cbridge
 from ..compat import megatron_step as cstep
+from ..compat.megatron import local_all_gather_object
 from ..megatron import optimizer as mopt
 from ..megatron import parallel
 from ..megatron.shards import make_state_contiguous
@@ -120,7 +121,7 @@ class BridgeStepDriver:
             self.callbacks.register(event, lambda context, e=event: self.pause(f"bridge {e}"))
         cbridge.before_checkpoint_saves(lambda: self.pause("bridge checkpoint save"))
         self.datasets = _CachedDatasets(get_dataset_provider(cfg.dataset))
-        with mopt._local_all_gather_object():  # the param-group key gather, answered locally
+        with local_all_gather_object():  # the param-group key gather, answered locally
             out = setup(self.state, self.datasets.provider, callback_manager=self.callbacks)
         self.model, self.optimizer, self.scheduler = out.model, out.optimizer, out.scheduler
         self.checkpoint_manager, self.pg_collection = out.checkpoint_manager, out.pg_collection
