@@ -9,7 +9,10 @@ private pieces of megatron-core 0.16 and torch 2.13, all kept here:
 * :class:`PlanningStrategy`: megatron's ``TorchDistSaveShardedStrategy`` (with its plan and
   metadata caching), stopped after planning; the plan's write buckets and the global
   metadata are handed back instead of an ``AsyncRequest`` that would fork writer processes
-  and finalise with collectives.
+  and finalise with collectives. megatron-core 0.19 gives ``async_save`` an
+  ``async_strategy`` (default ``nvrx``: nvidia-resiliency-ext's planner and writer, when
+  installed) and passes it on to ``_get_save_and_finalize_callbacks``; the plan here is
+  megatron's own (``mcore``) on every release that has the choice.
 * megatron's planner asks for a results queue of a ``spawn``-context ``Manager`` (a server
   process per rank, started on the first save) that this path never uses:
   :func:`_no_results_queue` answers that request with a placeholder while planning.
@@ -63,7 +66,8 @@ def planning_strategy(parallel_group: Any) -> Any:
     class PlanningStrategy(TorchDistSaveShardedStrategy):
         planned: Optional[PlannedSave] = None
 
-        def _get_save_and_finalize_callbacks(self, writer: Any, ret: Any) -> Any:
+        def _get_save_and_finalize_callbacks(self, writer: Any, ret: Any, *_: Any) -> Any:
+            # (0.19 adds the async strategy's name)
             self.planned = PlannedSave(writer=writer, metadata=ret[1])
             return None
 
@@ -82,8 +86,11 @@ def plan(strategy: Any, sharded_part: Any, checkpoint_dir: Path) -> PlannedSave:
     collective (first two saves of a strategy), so every rank calls it."""
     base = strategy.base_strategy
     base.planned = None
+    # megatron's own planner and writer where 0.19's default would be nvidia-resiliency-ext's
+    own = ({"async_strategy": "mcore"}
+           if "async_strategy" in inspect.signature(base.async_save).parameters else {})
     with _no_results_queue():
-        base.async_save(sharded_part, Path(checkpoint_dir))
+        base.async_save(sharded_part, Path(checkpoint_dir), **own)
     assert base.planned is not None
     return base.planned
 
