@@ -158,6 +158,12 @@ class CheckpointlessConfig:
     # where shards no live peer holds come from: none (the job stops) or disk (the
     # latest durable checkpoint, ``checkpoint.*``, every rank rolling back to it)
     fallback: str = "none"
+    # stop forward/backward at the next module when a failure is announced: auto (on gloo,
+    # whose CPU compute an abort does not interrupt; off on NCCL, where the abort fails the
+    # next collective and kernels are asynchronous), on, off
+    interrupt: str = "auto"
+    # a warm spare builds its model and DDP while it waits (DP-only layouts, CPU rehearsal)
+    spare_prebuild: bool = True
     data_cache: DataCacheConfig = field(default_factory=DataCacheConfig)
 
     @classmethod
@@ -478,6 +484,8 @@ def validate(cfg: RunConfig, world_size: int, *, cpu_mode: bool = False) -> None
     _require(ck.tier in TIERS,
              f"checkpointless.tier={ck.tier!r}: use one of {', '.join(TIERS)} "
              "(select with checkpointless=<tier>).")
+    _require(ck.interrupt in ("auto", "on", "off"),
+             f"checkpointless.interrupt={ck.interrupt!r}: use auto, on or off.")
     _require(ck.recovery in RECOVERY_SOURCES,
              f"checkpointless.recovery={ck.recovery!r}: use one of "
              f"{', '.join(RECOVERY_SOURCES)}.")

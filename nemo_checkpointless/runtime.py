@@ -67,6 +67,12 @@ def run_lean(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         from .lab.restart import run_with_restart
 
         return run_with_restart(cfg, run_dir)
+    if cfg.fault.plan:  # nothing here would inject them, let alone recover
+        print("error: fault.plan needs in-process recovery, which runs under ncl-launch: "
+              "launch with `ncl-launch ... recipes/pretrain.py` (or, for the "
+              "checkpoint-restart baseline, restart.enabled=true under torchrun "
+              "--max-restarts N)", file=sys.stderr)
+        sys.exit(2)
     return run_plain(cfg, run_dir, rootless=cfg.checkpointless.rootless_startup)
 
 
@@ -183,7 +189,7 @@ def run_under_agent(cfg: RunConfig, run_dir: Path, channel: Any, front_end: Any 
     try:
         # (a warm spare waits inside the constructor until it is assigned a rank)
         loop = RecoveryLoop(cfg, run_dir, channel, front_end, Timeouts.from_env(),
-                            interrupt=_interrupt_default(backend),
+                            interrupt=_interrupt(cfg.checkpointless.interrupt, backend),
                             progress=lambda lead: make_progress(cfg, lead))
         device.select(backend)
         if os.environ.get("NCL_TRANSFER_CALIBRATE"):
@@ -214,8 +220,8 @@ def run_under_agent(cfg: RunConfig, run_dir: Path, channel: Any, front_end: Any 
     return summary
 
 
-def _interrupt_default(backend: str) -> bool:
-    """Stop forward/backward at the next module on a failure notice: on by default on gloo
-    (CPU compute runs on the training thread, uninterrupted by an abort); on NCCL the
-    abort fails the next collective and kernels are asynchronous (``NCL_INTERRUPT``)."""
-    return os.environ.get("NCL_INTERRUPT", "1" if backend == "gloo" else "0") == "1"
+def _interrupt(setting: str, backend: str) -> bool:
+    """``checkpointless.interrupt``: ``auto`` is on for gloo (CPU compute runs on the
+    training thread, uninterrupted by an abort), off for NCCL (the abort fails the next
+    collective, and kernels are asynchronous)."""
+    return setting == "on" or (setting == "auto" and backend == "gloo")

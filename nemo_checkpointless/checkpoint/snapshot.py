@@ -162,7 +162,7 @@ class HostSnapshot:
             if buf.shape == like.shape and buf.dtype == like.dtype:
                 return buf
         # host: the snapshot a background thread writes to storage (pinned on a GPU host)
-            buf = torch.empty(like.shape, dtype=like.dtype, device="cpu", pin_memory=pinned)
+        buf = torch.empty(like.shape, dtype=like.dtype, device="cpu", pin_memory=pinned)
         if i < len(self._buffers):
             self._buffers[i] = buf
         else:

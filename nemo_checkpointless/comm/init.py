@@ -25,9 +25,9 @@ without a peer list the first start needs torchrun's rendezvous host once (re-fo
 not). Without ``NCL_JOB_SECRET`` the secret is derived from the job's rendezvous address:
 it keeps jobs apart by accident, not against a hostile process.
 
-Timeouts: ``timeout`` bounds every collective (``NCL_PG_TIMEOUT_S``, 600 s);
-``store_timeout`` bounds every store wait and the wait for unreachable servers
-(``NCL_STORE_TIMEOUT_S``, 120 s).
+Timeouts (``timeouts.py``): ``timeout`` bounds every collective (``pg_s``: 60 s on gloo,
+600 s on NCCL); ``store_timeout`` bounds every store wait and the wait for unreachable
+servers (``store_s``, 120 s).
 """
 
 from __future__ import annotations

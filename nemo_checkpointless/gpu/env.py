@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from typing import MutableMapping
 
-# Longest a recovery may take before the job gives up: NCL_RECOVERY_TIMEOUT_S (300 s,
-# recovery/manager.py) plus the abort watchdog (comm/abort.py, 60 s). torch's own timers
+# Longest a recovery may take before the job gives up: timeouts.recovery_s (300 s by
+# default; the agent passes the resolved value) plus the abort watchdog (comm/abort.py, 60 s). torch's own timers
 # must be longer, or they kill a healthy rank that is waiting for its peers to recover.
 RECOVERY_BUDGET_S = 300 + 60
 

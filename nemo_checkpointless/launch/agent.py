@@ -77,6 +77,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="shell command that checks GPU {device} after a rank's device error "
                         "(exit 0: healthy); default: a small CUDA program, skipped on hosts "
                         "without a GPU (NCL_GPU_PROBE)")
+    p.add_argument("--cpu-bind", default=os.environ.get("NCL_CPU_BIND", "none"),
+                   choices=("none", "numa"),
+                   help="'numa': pin each rank to the CPUs of its GPU's NUMA node (on a host "
+                        "without GPUs, local ranks spread over the nodes); 'none' (default): "
+                        "leave the placement to the OS (NCL_CPU_BIND)")
     p.add_argument("--job-id", default=os.environ.get("NCL_JOB_ID"))
     _add_timeout_flags(p)
     p.add_argument("script")

@@ -38,12 +38,22 @@ def wait_for_lost_node(agent: "NodeAgent") -> bool:
     log.info("standby node: %d warm processes, watching %d nodes", agent.nproc,
              len(agent.peers))
     watch = ServerWatch(agent.timeouts.node_lost_after_s, require_seen=False)
+    last_done = 0
     while True:
         replies, done = probe(agent.store)
+        last_done = max(last_done, done)
         if done >= agent.args.nnodes:
             log.info("standby node: the job finished")
             return False
-        for node in watch.update(replies, time.monotonic()):
+        lost = watch.update(replies, time.monotonic())
+        if lost and len(lost) == len(replies) and (len(replies) > 1 or last_done > 0):
+            # every server went at once: the nodes stopped their servers at the job's end
+            # (their last "done" count can be missed between two probes); a whole job of
+            # several nodes lost at once is nothing a standby can take over either
+            log.info("standby node: every node's store server is gone (%d of %d had "
+                     "finished when last seen): the job ended", last_done, len(replies))
+            return False
+        for node in lost:
             if claim_takeover(agent.store, node):
                 take_over(agent, node)
                 return True

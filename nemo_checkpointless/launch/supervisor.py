@@ -154,10 +154,24 @@ class NodeAgent:
         return list(range(base, base + self.nproc))
 
     def spawn(self, rank: Optional[int], local_rank: Optional[int], replacement: bool) -> Child:
-        return self.spawner.spawn(ChildSpec(
+        child = self.spawner.spawn(ChildSpec(
             rank=rank, local_rank=local_rank, replacement=replacement, gen=self.gen,
             node_rank=self.node_rank, world_size=self.world_size, nproc=self.nproc,
             endpoints=self.store.endpoints))  # where every server lives now
+        if local_rank is not None:
+            self._bind(child, local_rank)
+        return child
+
+    def _bind(self, child: Child, local_rank: int) -> None:
+        """``--cpu-bind numa``: pin a rank (a spare once assigned) to its NUMA node."""
+        if getattr(self.args, "cpu_bind", "none") != "numa":
+            return
+        from .numa import bind_rank
+
+        try:
+            log.info(bind_rank(child.proc.pid, local_rank, self.nproc, self.gpu))
+        except OSError as err:  # the process may be gone already: its exit is handled
+            log.warning("could not bind local rank %d: %s", local_rank, err)
 
     def _register(self, child: Child) -> None:
         self.selector.register(child.channel.sock, selectors.EVENT_READ, child)
@@ -408,6 +422,8 @@ class NodeAgent:
         self.ranks[rank] = spare
         log.info("warm spare pid %d takes rank %d at generation %d", spare.proc.pid, rank,
                  self.gen)
+        if local_rank is not None:
+            self._bind(spare, local_rank)
 
     # ------------------------------------------------------------------ finish
     def stop_spares(self) -> None:

@@ -104,7 +104,7 @@ class RecoveryLoop:
         if os.environ.get("NCL_SPARE") == "1":
             # only in CPU rehearsal: a spare does not know its GPU before it is assigned
             build = (front_end.spare_model if front_end is not None and self.backend == "gloo"
-                     else None)
+                     and cfg.checkpointless.spare_prebuild else None)
             self.spare = WarmSpare(self.world_size, build)
             msg = WarmSpare.wait_for_assignment(self.link)
             self.gen, self.replacement = int(msg["gen"]), True

@@ -3,8 +3,8 @@
 While it waits, a spare may build the model chunks and DDP a replacement will need (only
 where every rank has the same model, i.e. no TP/PP/CP split) in a fake world of the job's
 size, with zero-filled weights (peers overwrite them); when the agent assigns it a rank,
-the prebuilt chunks are rebound to the real groups. ``NCL_SPARE_PREBUILD=0`` turns the
-prebuild off; any failure in it only costs the head start.
+the prebuilt chunks are rebound to the real groups. ``checkpointless.spare_prebuild=false``
+turns the prebuild off; any failure in it only costs the head start.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class WarmSpare:
         the front-end builds nothing ahead)."""
         self.world_size = world_size
         self._model: Optional[tuple[list[torch.nn.Module], dict[int, str]]] = None
-        if build is not None and os.environ.get("NCL_SPARE_PREBUILD", "1") != "0":
+        if build is not None:
             self._model = self._prebuild(build)
 
     def _prebuild(self, build: Callable[[], Optional[list]]

@@ -57,7 +57,8 @@ class Agreement:
 
 
 def agree(infos: Sequence[RankInfo]) -> Agreement:
-    """Commit protocol decision (see ARCHITECTURE.md): roll forward if any rank passed."""
+    """Commit protocol decision (docs/architecture.md, "The commit protocol"): roll forward
+    if any rank passed."""
     healthy = [i for i in infos if i.has_state]
     if not healthy:
         return Agreement(0, (), fresh_start=True)

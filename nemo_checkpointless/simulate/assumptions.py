@@ -56,8 +56,9 @@ ASSUMPTIONS: tuple[Assumption, ...] = (
     # ---------------------------------------------------------------- checkpointless
     Assumption("detect_exit_s", 0.07, "s", "measured here: kill -> generation bumped, agent "
                "waitpid polling every 10 ms (README, recovery_time.py)"),
-    Assumption("hang_timeout_s", 3.0, "s", "ncl-launch --hang-timeout default "
-               "(docs/architecture.md): a rank without heartbeat is killed"),
+    Assumption("hang_timeout_s", 60.0, "s", "ncl-launch's steady hang timeout floor on GPU "
+               "hosts (timeouts.hang_s; 5x the slowest recent step when that is longer): a "
+               "rank without progress for this long is aborted, then killed"),
     Assumption("group_rebuild", GROUP_REBUILD_DEFAULT, "members|split", "the code's "
                f"default is {GROUP_REBUILD_DEFAULT} (comm/world.py GROUP_REBUILD_DEFAULT). "
                "members: each megatron group's NCCL communicator initialised by its "
@@ -89,7 +90,7 @@ ASSUMPTIONS: tuple[Assumption, ...] = (
                "shared file system"),
     Assumption("dataloader_s", 30.0, "s", "assumed: dataset index load and skip to "
                "consumed_samples at start (here, tiny_gpt at step 10,000: 2.3 s, "
-               "docs/data_cache.md)"),
+               "docs/benchmarks.md)"),
     Assumption("ckpt_interval_min", 30.0, "min", "assumed: a checkpoint every 30 minutes; "
                "a failure loses half an interval on average"),
 )

@@ -161,7 +161,7 @@ class Smoke:
 
         run_dir = self.work / name
         overrides = ["recipe=tiny_gpt", "checkpointless=tier4", "checkpointless.fallback=disk",
-                     f"checkpointless.checkpoint_interval={CKPT_EVERY}",
+                     f"checkpoint.interval={CKPT_EVERY}",
                      f"trainer.max_steps={STEPS}",
                      f"strategy.backend={'gloo' if self.cpu else 'nccl'}", *extra,
                      f"hydra.run.dir={run_dir}"]

@@ -212,7 +212,7 @@ def test_dry_run_builds_one_agent_per_training_node_and_a_standby_per_spare(fake
             assert not args.standby and args.node_rank == rank
         else:
             assert args.standby and args.node_rank is None
-            assert (args.standby_host, args.standby_port, args.lost_after) == ("gpu03", 24244, 2)
+            assert (args.standby_host, args.standby_port, args.timeout_node_lost_after_s) == ("gpu03", 24244, "2")
 
 
 def test_dry_run_without_spare_nodes_spreads_the_store(fake_slurm):
@@ -379,7 +379,7 @@ def test_idle_spare_nodes_receive_a_restarted_node(fake_slurm):
     assert sorted(started[:2]) == [(0, "gpu01"), (1, "gpu02")] and started[2:] == [(1, "gpu03")]
     assert not any(s["standby"] for s in log)
     assert "node rank 1: replacement 1 of 4 on gpu03" in result.stderr
-    # the replacement serves store shard 1 from the spare (and publishes it; docs/tier1.md)
+    # the replacement serves store shard 1 from the spare (and publishes it; docs/architecture.md)
     assert log[-1]["peers"] == "gpu01:24242,gpu03:24243"
 
 
