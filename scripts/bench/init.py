@@ -44,7 +44,7 @@ from megatron.core import parallel_state as ps
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from nemo_checkpointless.comm.init import host_shard, init  # noqa: E402
-from nemo_checkpointless.comm.store import JobIdentity, StoreServer, connect  # noqa: E402
+from nemo_checkpointless.comm.store import JobIdentity, connect  # noqa: E402
 from nemo_checkpointless.comm.world import free_port  # noqa: E402
 
 RANKS_PER_AGENT = 8
