@@ -20,7 +20,8 @@ every variant alike):
   step (one all-reduce), blocking at the end. Needs ``psutil`` (megatron's writer imports
   it).
 
-Per run (rank 0 reports; blocking times are the maximum over ranks):
+Per run (rank 0 writes them to ``<workdir>/result.json``; blocking times are the maximum
+over ranks):
 
 * ``step_s``: mean wall time of a loop iteration (step + checkpoint hook + finalisation
   check) over the steps after ``--warmup``; ``overhead``: ``step_s / off's step_s - 1``
@@ -50,6 +51,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 VARIANTS = ("off", "ours", "megatron")
+RESULT = "result.json"  # what rank 0 of a worker job measured
 
 
 # ---------------------------------------------------------------------------- worker
@@ -123,13 +125,13 @@ def worker(variant: str, workdir: Path, interval: int, warmup: int, overrides: l
     dist.all_gather_object(per_rank, blocks)
     if rank == 0:
         worst = [max(b[i] for b in per_rank) for i in range(len(blocks))]
-        print("BENCH " + json.dumps({
+        (workdir / RESULT).write_text(json.dumps({
             "variant": variant, "step_s": statistics.mean(step_times),
             "steps_timed": len(step_times), "saves": len(blocks),
             "save_block_s": statistics.median(worst) if worst else None,
             "save_block_all_s": [round(b, 4) for b in worst],
             "save_done_s": statistics.median(done) if done else None,
-            "load_s": load_s, "verify_s": verify_s, "ckpt_mb": ckpt_bytes / 1e6}), flush=True)
+            "load_s": load_s, "verify_s": verify_s, "ckpt_mb": ckpt_bytes / 1e6}))
     dist.destroy_process_group()
 
 
@@ -188,6 +190,7 @@ def run_variant(variant: str, args: argparse.Namespace, workdir: Path) -> dict[s
     from nemo_checkpointless.comm.world import free_port
 
     workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / RESULT).unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc),
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), __file__,
            "--worker", variant, "--workdir", str(workdir), "--interval", str(args.interval),
@@ -199,12 +202,12 @@ def run_variant(variant: str, args: argparse.Namespace, workdir: Path) -> dict[s
     with open(log, "w") as out:
         code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO,
                               timeout=args.timeout).returncode
-    lines = [l for l in log.read_text(errors="replace").splitlines() if l.startswith("BENCH ")]
-    if code != 0 or not lines:
+    result = workdir / RESULT
+    if code != 0 or not result.exists():
         tail = log.read_text(errors="replace").strip().splitlines()[-8:]
         return {"variant": variant, "error": f"exit {code}: " + " | ".join(tail)[-800:],
                 "log": str(log)}
-    return json.loads(lines[-1].split(" ", 1)[1])
+    return json.loads(result.read_text())
 
 
 def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
