@@ -1,6 +1,7 @@
 """Tier-2 data cache vs the stock loader: time to first batch of a replacement rank, and memory.
 
     .venv/bin/python scripts/bench/data.py [--step 10000] [--repeats 3] [--cache-root /dev/shm]
+    .venv/bin/python scripts/bench/data.py --step 200 --repeats 1 --memory-steps 5  # quick
 
 1. Time from process start to first batch ready, for a replacement rank at ``--step``
    (and at step 10, to show it does not depend on the step), each in a fresh process:
