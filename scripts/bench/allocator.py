@@ -53,10 +53,11 @@ def _rss_mb(pids: list[int]) -> list[int]:
     return sorted(out)
 
 
-def _mapped_allocator(pids: list[int]) -> Optional[str]:
-    """The tcmalloc/jemalloc library mapped into the ranks (read from /proc/<pid>/maps, as
-    ``allocator.loaded`` reads its own); "glibc malloc" when none is; None when no rank's
-    maps could be read (every rank must agree, or the A/B is void)."""
+def _mapped_allocators(pids: list[int]) -> set[str]:
+    """The tcmalloc/jemalloc library mapped into each rank (read from /proc/<pid>/maps, as
+    ``allocator.loaded`` reads its own), "glibc malloc" for a rank without one; empty when
+    no rank's maps could be read. Early in a run the ranks can disagree for a moment: each
+    re-executes itself with the preload (``allocator.reexec_if_needed``), not all at once."""
     found = set()
     for pid in pids:
         try:
@@ -67,9 +68,7 @@ def _mapped_allocator(pids: list[int]) -> Optional[str]:
                 if os.path.basename(line.rsplit(" ", 1)[-1]).startswith(
                     ("libtcmalloc", "libjemalloc"))}
         found.add(min(libs) if libs else "glibc malloc")
-    if len(found) > 1:
-        raise SystemExit(f"the ranks run different allocators: {sorted(found)}")
-    return found.pop() if found else None
+    return found
 
 
 def _rank_pids(launcher: int) -> list[int]:
@@ -88,7 +87,7 @@ def run_variant(name: str, recipe: str, steps: int, root: Path) -> dict:
            f"trainer.max_steps={steps}", f"hydra.run.dir={run_dir}"]
     log = open(root / f"{name}.log", "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-    samples, prev, library = [], _cpu_times(), None
+    samples, prev, libraries = [], _cpu_times(), set()
     while proc.poll() is None:
         time.sleep(2.0)
         cur = _cpu_times()
@@ -99,10 +98,14 @@ def run_variant(name: str, recipe: str, steps: int, root: Path) -> dict:
         if len(rss) == 4:
             samples.append({"rss_mb": rss, "sys": ds / max(1, du + ds + di)})
             # the newest sample wins: a rank maps its allocator once it re-executed itself
-            library = _mapped_allocator(pids) or library
+            libraries = _mapped_allocators(pids) or libraries
     log.close()
     if proc.returncode != 0:
         raise SystemExit(f"{name}: torchrun exited {proc.returncode}; see {root / name}.log")
+    if len(libraries) > 1:  # every rank must run the same one, or the A/B is void
+        raise SystemExit(f"{name}: at the last sample the ranks ran different allocators: "
+                         f"{sorted(libraries)}")
+    library = libraries.pop() if libraries else None
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     times = [r["time"] for r in rows]
     gaps = [b - a for a, b in zip(times, times[1:])]
