@@ -122,7 +122,7 @@ class RowClock:
 
 
 def command(variant: str, recipe: str, steps: int, run_dir: Path, extra: list[str],
-            launch_extra: list[str], cache_root: Path) -> list[str]:
+            launch_extra: list[str], cache_root: Path, hang_timeout: float) -> list[str]:
     from nemo_checkpointless.comm.world import free_port
 
     v = VARIANTS[variant]
@@ -135,7 +135,8 @@ def command(variant: str, recipe: str, steps: int, run_dir: Path, extra: list[st
                 "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
     else:
         head = [sys.executable, "-m", "nemo_checkpointless.launch.agent", "--nproc-per-node",
-                "4", "--spares", "0", "--master-port", str(free_port())]
+                "4", "--spares", "0", "--master-port", str(free_port()),
+                "--hang-timeout", f"{hang_timeout:g}"]
         overrides += launch_extra
     return [*head, str(PRETRAIN), *overrides]
 
@@ -155,13 +156,13 @@ def cache_was_on(cache_root: Path) -> bool:
 
 def run_once(variant: str, recipe: str, steps: int, warmup: int, run_dir: Path,
              extra: list[str], launch_extra: list[str], cache_root: Path,
-             timeout: float) -> dict[str, Any]:
+             timeout: float, hang_timeout: float) -> dict[str, Any]:
     """One run; its steady-state step times, or ``error`` with the log's last lines."""
-    cmd = command(variant, recipe, steps, run_dir, extra, launch_extra, cache_root)
+    cmd = command(variant, recipe, steps, run_dir, extra, launch_extra, cache_root,
+                  hang_timeout)
     run_dir.mkdir(parents=True, exist_ok=True)
     log_path = run_dir.parent / f"{run_dir.name}.log"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.setdefault("NCL_HANG_TIMEOUT_S", "8")  # 2 shared cores: a slow rank is not hung
     t0 = time.perf_counter()
     with open(log_path, "w") as log, RowClock(run_dir / "metrics.jsonl") as clock:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -268,6 +269,8 @@ def main() -> None:
                         help="comma-separated subset of " + ", ".join(VARIANTS)
                              + " (baselines are added as needed)")
     parser.add_argument("--timeout", type=float, default=1800, help="per run, seconds")
+    parser.add_argument("--hang-timeout", type=float, default=8.0,
+                        help="ncl-launch --hang-timeout (2 shared cores: a slow rank is not hung)")
     parser.add_argument("--plot", default=str(REPO / "docs" / "img" / "overhead.png"),
                         help="PNG path ('' for none)")
     parser.add_argument("--out", default=None, help="run directories (default: a temp dir)")
@@ -313,7 +316,8 @@ def main() -> None:
                     continue
                 name = f"r{r}-{variant.replace('@', '-')}"
                 res = run_once(variant, args.recipe, steps, args.warmup, root / name,
-                               args.overrides, launch_extra, shm / name, args.timeout)
+                               args.overrides, launch_extra, shm / name, args.timeout,
+                               args.hang_timeout)
                 if "error" not in res and VARIANTS[variant].tier in ("tier2", "tier3", "tier4") \
                         and VARIANTS[variant].overrides and not res["data_cache_on"]:
                     res = {"error": "the data cache was off (no loader files under its root)"}

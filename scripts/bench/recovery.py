@@ -80,10 +80,7 @@ def free_port() -> int:
 
 
 def bench_env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    # a loaded 2-core machine stalls ranks for seconds: a silent rank is not a hung one
-    env.setdefault("NCL_HANG_TIMEOUT_S", "30")
-    return env
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 def run(cmd: list[str], log: Path, timeout: float) -> None:
@@ -110,9 +107,11 @@ def torchrun_cmd(overrides: list[str], run_dir: Path, max_restarts: int = 0) -> 
             f"hydra.run.dir={run_dir}"]
 
 
-def ncl_launch_cmd(overrides: list[str], run_dir: Path, spares: int) -> list[str]:
+def ncl_launch_cmd(overrides: list[str], run_dir: Path, spares: int,
+                   hang_timeout: float) -> list[str]:
     return [sys.executable, "-m", "nemo_checkpointless.launch.agent", "--nproc-per-node", "4",
-            "--spares", str(spares), "--master-port", str(free_port()), str(PRETRAIN),
+            "--spares", str(spares), "--master-port", str(free_port()),
+            "--hang-timeout", f"{hang_timeout:g}", str(PRETRAIN),
             *overrides, f"hydra.run.dir={run_dir}"]
 
 
@@ -218,6 +217,9 @@ def main() -> None:
     parser.add_argument("--kill-step", type=int, default=15, help="rank 1 is killed at step S")
     parser.add_argument("--extra-steps", type=int, default=3, help="steps after S")
     parser.add_argument("--spares", type=int, default=1)
+    parser.add_argument("--hang-timeout", type=float, default=30.0,
+                        help="ncl-launch --hang-timeout: a loaded 2-core machine stalls ranks "
+                             "for seconds, and a silent rank is not a hung one")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=REPO / "docs" / "img" / "recovery.png")
     parser.add_argument("--timeout", type=float, default=1200, help="per run, seconds")
@@ -239,7 +241,8 @@ def main() -> None:
     ref_dir, ours_dir, restart_dir = work / "reference", work / "ours", work / "restart"
     if not args.reuse:
         run(torchrun_cmd(base, ref_dir), work / "reference.log", args.timeout)
-        run(ncl_launch_cmd([*base, "checkpointless=tier4", fault], ours_dir, args.spares),
+        run(ncl_launch_cmd([*base, "checkpointless=tier4", fault], ours_dir, args.spares,
+                           args.hang_timeout),
             work / "ours.log", args.timeout)
         run(torchrun_cmd([*base, "restart.enabled=true",
                           f"restart.checkpoint_interval={args.interval}", fault], restart_dir,
