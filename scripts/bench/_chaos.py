@@ -104,8 +104,12 @@ class CheckpointlessJob:
     """2 ncl-launch agents x 2 ranks (one per simulated node), tier 4, warm spares."""
 
     def __init__(self, overrides: list[str], run_dir: Path, spares: int,
-                 fallback: str = "none", standby: bool = True) -> None:
+                 fallback: str = "none", standby: bool = True,
+                 hang_timeout: float = 30.0) -> None:
         self.run_dir, self.spares, self.standby = run_dir, spares, standby
+        # ncl-launch --hang-timeout: a loaded 2-core machine stalls ranks for seconds, and a
+        # silent rank is not a hung one
+        self.timeouts = ["--hang-timeout", f"{hang_timeout:g}"]
         self.standby_proc: Optional[subprocess.Popen] = None
         self.standby_log: Optional[Path] = None
         self.standby_due: Optional[float] = None
@@ -133,7 +137,8 @@ class CheckpointlessJob:
         self.starts += 1
         cmd = [sys.executable, "-m", "nemo_checkpointless.launch.agent", "--standby",
                "--nnodes", str(NNODES), "--nproc-per-node", str(NPROC), "--peers", self.peers,
-               "--standby-host", "127.0.0.1", "--spares", str(self.spares), str(PRETRAIN),
+               "--standby-host", "127.0.0.1", "--spares", str(self.spares), *self.timeouts,
+               str(PRETRAIN),
                *self.overrides]
         self.standby_log = log
         self.standby_proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=open(log, "w"),
@@ -144,7 +149,7 @@ class CheckpointlessJob:
         self.starts += 1
         cmd = [sys.executable, "-m", "nemo_checkpointless.launch.agent", "--nnodes", str(NNODES),
                "--nproc-per-node", str(NPROC), "--node-rank", str(node), "--peers", self.peers,
-               "--spares", str(self.spares), str(PRETRAIN), *self.overrides]
+               "--spares", str(self.spares), *self.timeouts, str(PRETRAIN), *self.overrides]
         self.logs[node] = log
         self.agents[node] = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=open(log, "w"),
                                              stderr=subprocess.STDOUT, start_new_session=True)
@@ -333,8 +338,6 @@ def drive(job, run_dir: Path, max_steps: int, schedule: list[Failure], timeout: 
     if trace.points and trace.points[-1][1] == max_steps:
         trace.t_end = trace.points[-1][0]  # the last step's end, as seen by polling
     return trace
-
-
 
 
 class FaultFreeJob:

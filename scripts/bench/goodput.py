@@ -141,6 +141,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--fallback", choices=("none", "disk"), default="none",
                         help="checkpointless.fallback: disk survives losing both replicas "
                              "of a shard at once (tier 4 alone stops the job, exit 3)")
+    parser.add_argument("--hang-timeout", type=float, default=30.0,
+                        help="checkpointless: ncl-launch --hang-timeout (a loaded 2-core "
+                             "machine stalls ranks for seconds; a silent rank is not hung)")
     parser.add_argument("--no-standby", action="store_true",
                         help="checkpointless: replace a lost node by a new agent for its node "
                              "rank (cold start) instead of a warm standby node")
@@ -167,7 +170,7 @@ def chaos_run(mode: str, args: argparse.Namespace, overrides: list[str], run_dir
                              node_fraction=args.node_fraction)
     if mode == "checkpointless":
         job = CheckpointlessJob(overrides, run_dir, args.spares, args.fallback,
-                                standby=not args.no_standby)
+                                standby=not args.no_standby, hang_timeout=args.hang_timeout)
     else:
         job = RestartJob(overrides, run_dir, args.interval)
     trace = drive(job, run_dir, max_steps, schedule, timeout, f"{mode} seed {seed}")
