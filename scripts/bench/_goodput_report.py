@@ -101,6 +101,13 @@ class ModeResult:
     def e2e(self, key: str = "vs_mean") -> Optional[dict[str, float]]:
         return spread([r["end_to_end"][key] for r in self.runs])
 
+    def costs_measured(self) -> tuple[int, int]:
+        """(failures whose cost was measured, failures) over the runs: a failure too close
+        to the start or to another one has no cost of its own and is charged the run's
+        largest measured cost (``metrics.goodput.in_run_goodput``)."""
+        costs = [c for r in self.runs for c in r.get("failure_costs_s", [])]
+        return sum(c is not None for c in costs), len(costs)
+
 
 def figure(s: Optional[dict[str, float]], status: str = "ok") -> str:
     """'0.953', or with several runs '0.953 (0.941..0.960, n=3)'; else the status."""
@@ -122,7 +129,14 @@ def headline_lines(results: dict[str, ModeResult]) -> list[str]:
     lines = ["goodput, in-run accounting (headline: each failure's cost measured inside the "
              "chaos run, so the machine's drift between runs cannot move it):"]
     for mode, res in results.items():
-        lines.append(f"  {mode:20s} {figure(res.in_run(), res.status)}")
+        line = f"  {mode:20s} {figure(res.in_run(), res.status)}"
+        measured, failures = res.costs_measured()
+        if measured < failures:
+            line += (f"  (cost measured for {measured} of {failures} failures; the others, "
+                     "too close to the start or to another failure, are charged the run's "
+                     "largest measured cost" + (": none measured, so they count as 0"
+                                                if measured == 0 else "") + ")")
+        lines.append(line)
     lines.append("goodput end to end (fault-free time of the same steps / chaos wall time), "
                  "against the reference run before and the one after each chaos run:")
     for mode, res in results.items():

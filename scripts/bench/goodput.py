@@ -261,6 +261,7 @@ def main() -> None:
         "goodput_in_run": report.value(ours),
         "restart_goodput_in_run": report.value(restart),
         "modes": {m: {"status": r.status, "in_run": r.in_run(),
+                      "costs_measured": dict(zip(("measured", "failures"), r.costs_measured())),
                       "end_to_end_vs_before": r.e2e("vs_before"),
                       "end_to_end_vs_after": r.e2e("vs_after"),
                       "end_to_end_vs_mean": r.e2e(), "runs": r.runs, "errors": r.errors}

@@ -69,3 +69,21 @@ def test_several_seeds_print_the_median_with_the_spread():
     assert res.status == "ok"
     res.errors.append("seed 3: timeout")
     assert res.status == "partly failed"
+
+
+def test_failures_without_a_cost_of_their_own_are_said_so():
+    res = report.ModeResult("checkpoint-restart", True)
+    res.runs.append({"in_run": 0.4, "failure_costs_s": [27.9, None, None],
+                     "end_to_end": report.end_to_end(100.0, 95.0, 96.0)})
+    assert res.costs_measured() == (1, 3)
+    line = report.headline_lines({"checkpoint-restart": res})[1]
+    assert "0.400  (cost measured for 1 of 3 failures" in line
+    assert "largest measured cost)" in line
+    none = report.ModeResult("checkpointless", True)
+    none.runs.append({"in_run": 1.0, "failure_costs_s": [None],
+                      "end_to_end": report.end_to_end(100.0, 95.0, 96.0)})
+    assert "none measured, so they count as 0" in report.headline_lines({"x": none})[1]
+    full = report.ModeResult("checkpointless", True)
+    full.runs.append({"in_run": 0.9, "failure_costs_s": [1.0],
+                      "end_to_end": report.end_to_end(100.0, 95.0, 96.0)})
+    assert report.headline_lines({"x": full})[1].rstrip().endswith("0.900")
