@@ -125,7 +125,9 @@ def run_variant(name: str, recipe: str, steps: int, root: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description="\n\n".join(__doc__.split("\n\n")[:2]),  # title and usage
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="tiny_gpt_2opt")
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--variants", default=",".join(VARIANTS))

@@ -2,8 +2,8 @@
 
     .venv/bin/python scripts/bench/checkpoint.py [--recipe tiny_gpt] [--steps 300]
         [--interval N] [--repeats 3] [--warmup 5] [overrides...]
-    .venv/bin/python scripts/bench/checkpoint.py --steps 6 --interval 2 --repeats 1 \
-        --warmup 1                                                    # smoke check
+    .venv/bin/python scripts/bench/checkpoint.py --steps 6 --interval 2 --repeats 1 \\
+        --warmup 1                                                    # quick
 
 The same torchrun job (4 ranks, the lean loop, the recipe's layout) in three variants,
 interleaved over repeats (order rotated each repeat, so a shared machine's drift hits
@@ -275,7 +275,9 @@ def table(summary: dict[str, Any], interval: int) -> str:
 def main() -> None:
     from nemo_checkpointless.checkpoint.config import DEFAULT_INTERVAL_STEPS
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description="\n\n".join(__doc__.split("\n\n")[:2]),  # title and usage
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="tiny_gpt")
     parser.add_argument("--steps", type=int, default=3 * DEFAULT_INTERVAL_STEPS)
     parser.add_argument("--interval", type=int, default=DEFAULT_INTERVAL_STEPS)

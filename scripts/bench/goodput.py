@@ -1,7 +1,7 @@
 """Goodput under failure: a seeded chaos schedule against checkpointless and checkpoint-restart.
 
     .venv/bin/python scripts/bench/goodput.py [--duration 600] [--mtbf 60] [--seed 0 1 2]
-    .venv/bin/python scripts/bench/goodput.py --duration 20 --mtbf 8 --references ends \
+    .venv/bin/python scripts/bench/goodput.py --duration 20 --mtbf 8 --references ends \\
         --step-s 0.7                                                            # quick
 
 One seeded schedule of failures per seed (exponential inter-arrival times with mean

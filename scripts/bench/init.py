@@ -253,7 +253,9 @@ def parse_eps(text: str):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        description="\n\n".join(__doc__.split("\n\n")[:2]),  # title and usage
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 32])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tp", type=int, default=2)

@@ -1,7 +1,7 @@
 """Steady-state overhead of each tier: step time with the tier on vs off, interleaved runs.
 
     .venv/bin/python scripts/bench/overhead.py [--recipe bench_gpt] [--repeats 3] [--warmup 4]
-    .venv/bin/python scripts/bench/overhead.py --recipe tiny_gpt_2opt --repeats 1 --warmup 2 \
+    .venv/bin/python scripts/bench/overhead.py --recipe tiny_gpt_2opt --repeats 1 --warmup 2 \\
         --checkpoint-interval 4                                                 # quick
 
 Same model for every variant (default ``recipe=bench_gpt``: 4 ranks, DP=4, 2
