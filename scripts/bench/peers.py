@@ -157,7 +157,10 @@ def main() -> None:
     root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="ncl-bench-peers-"))
     print(f"runs under {root}", flush=True)
     only = args.only.split(",")
-    wanted = args.variants.split(",")
+    wanted = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in wanted if v not in TORCHFT_VARIANTS]
+    if unknown:
+        parser.error(f"--variants: unknown {unknown}; choose from {', '.join(TORCHFT_VARIANTS)}")
     res: dict = {}
     if "ours" in only:
         import _ours
