@@ -154,13 +154,15 @@ def main() -> None:
     parser.add_argument("--out", help="run directory; finished runs found there are reused")
     parser.add_argument("--png", default=str(REPO / "docs" / "img" / "peers.png"))
     args = parser.parse_args()
-    root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="ncl-bench-peers-"))
-    print(f"runs under {root}", flush=True)
-    only = args.only.split(",")
+    only = [x for x in args.only.split(",") if x]
     wanted = [v for v in args.variants.split(",") if v]
     unknown = [v for v in wanted if v not in TORCHFT_VARIANTS]
     if unknown:
         parser.error(f"--variants: unknown {unknown}; choose from {', '.join(TORCHFT_VARIANTS)}")
+    if any(x not in ("ours", "torchft", "nvrx") for x in only):
+        parser.error("--only: a comma-separated subset of ours, torchft, nvrx")
+    root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="ncl-bench-peers-"))
+    print(f"runs under {root}", flush=True)
     res: dict = {}
     if "ours" in only:
         import _ours
