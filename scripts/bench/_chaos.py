@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import secrets
 import signal
 import subprocess
@@ -122,7 +121,6 @@ class CheckpointlessJob:
         self.agents: dict[int, subprocess.Popen] = {}
         self.logs: dict[int, Path] = {}
         self.starts = 0
-        self.warned_log = False
         run_dir.parent.mkdir(parents=True, exist_ok=True)
 
     def start(self) -> None:
@@ -158,31 +156,12 @@ class CheckpointlessJob:
         """The live process that holds ``rank`` now: the newest ``rank_process`` event of
         the rank in the job's events.jsonl (written by the process when it takes the rank:
         at start, as a replacement, or as a warm spare handed the rank)."""
-        events = [e for e in read_events(self.run_dir / "events.jsonl")
-                  if e.get("event") == "rank_process"]
-        if not events:
-            return self._rank_pid_from_log(rank)
-        held = [e for e in events if e.get("rank") == rank]
-        pid = int(max(held, key=lambda e: (e.get("generation", -1), e["t"]))["pid"]) \
-            if held else None
-        return pid if pid is not None and alive(pid) else None
-
-    def _rank_pid_from_log(self, rank: int) -> Optional[int]:
-        """Stopgap for a package that writes no ``rank_process`` events yet: the agent's
-        log lines "started rank R (pid P)" and "warm spare pid P takes rank R". Remove
-        once events.jsonl has them."""
-        if not self.warned_log:
-            self.warned_log = True
-            print("  note: events.jsonl has no rank_process events (this package version "
-                  "does not write them): reading rank pids from the agents' logs", flush=True)
-        text = self.logs[rank // NPROC].read_text(errors="replace")
-        pid = None
-        for m in re.finditer(r"started rank (\d+) \(pid (\d+)\)|warm spare pid (\d+) takes "
-                             r"rank (\d+)", text):
-            r, p = (m.group(1), m.group(2)) if m.group(1) else (m.group(4), m.group(3))
-            if int(r) == rank:
-                pid = int(p)
-        return pid if pid is not None and alive(pid) else None
+        held = [e for e in read_events(self.run_dir / "events.jsonl")
+                if e.get("event") == "rank_process" and e.get("rank") == rank]
+        if not held:
+            return None
+        pid = int(max(held, key=lambda e: (e.get("generation", -1), e["t"]))["pid"])
+        return pid if alive(pid) else None
 
     def fail(self, f: Failure) -> str:
         if f.kind == "rank":
