@@ -1,0 +1,41 @@
+"""The megatron-core start-up check and version-dependent surfaces, on whichever release the
+lane installs (0.16.1 in `make test`, 0.19.2 in `make test-latest`)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from nemo_checkpointless.compat import megatron_versions as mv
+
+
+def test_the_installed_release_is_supported_and_has_every_surface():
+    version = mv.check_megatron_core()
+    assert ".".join(version.split(".")[:2]) in mv.SUPPORTED
+    assert mv.missing_surfaces() == []
+
+
+def test_a_missing_surface_names_it_and_the_supported_releases(monkeypatch):
+    monkeypatch.setattr(mv, "_PROBES", [("a surface that is gone",
+                                         mv._attr("megatron.core", "no_such_name"))])
+    with pytest.raises(RuntimeError, match="lacks what nemo-checkpointless needs \\(a surface "
+                                           "that is gone\\).*0.15 to 0.19"):
+        mv.check_megatron_core()
+
+
+def test_the_tokenizer_base_is_found_on_this_release():
+    from nemo_checkpointless.data.tokenizer import _MegatronTokenizer
+
+    base = mv.legacy_tokenizer_base()
+    assert isinstance(base, type) and _MegatronTokenizer is base
+
+
+def test_cached_collective_answers_are_forgotten_on_every_chained_optimizer():
+    inner = [SimpleNamespace(_has_grad_norm_group_cache=True),
+             SimpleNamespace(_has_grad_norm_group_cache=None), SimpleNamespace()]
+    chained = SimpleNamespace(chained_optimizers=inner, _has_grad_norm_group_cache=False)
+    assert mv.forget_collective_caches(chained) == 2
+    assert chained._has_grad_norm_group_cache is None
+    assert all(getattr(o, "_has_grad_norm_group_cache", None) is None for o in inner)
+    assert mv.forget_collective_caches(chained) == 0
