@@ -64,8 +64,10 @@ test-nemo: $(STAMP_NEMO)
 # build, the only one served for 3.12; it runs on CPU), megatron-core 0.19.2 and
 # Megatron-Bridge 0.6.2, pinned in requirements/latest.txt (which says why two packages go in
 # without their dependencies). Python 3.12: $(PYTHON312) if set, else python3.12 on PATH,
-# else the newest pyenv 3.12. test-latest runs the core recovery tests (every phase and
-# fault kind through ncl-launch, a lost node, bit for bit) and the Bridge tests there.
+# else the newest pyenv 3.12. test-latest runs a subset of the core tests there (every step
+# phase and fault kind through ncl-launch on DP4/TP2/PP2, a lost node, the references equal
+# to plain torchrun, a tier 3 rollback to a durable checkpoint, the megatron-core version
+# check), then tests/bridge; the rest of the core suite runs on 0.16.1 in `make test`.
 PYTHON312    ?=
 VENV_LATEST  ?= .venv-latest
 PY_LATEST    := $(VENV_LATEST)/bin/python
@@ -74,7 +76,9 @@ STAMP_LATEST := $(VENV_LATEST)/.installed
 LATEST_CORE_TESTS ?= \
 	"tests/e2e/test_recovery.py::test_every_phase_and_kind_recovers_exactly" \
 	"tests/e2e/test_recovery.py::test_whole_node_lost_and_replaced" \
-	"tests/e2e/test_recovery.py::test_commit_barrier_changes_nothing"
+	"tests/e2e/test_recovery.py::test_commit_barrier_changes_nothing" \
+	"tests/e2e/test_recovery.py::test_tier3_rolls_every_rank_back_to_the_disk_checkpoint" \
+	tests/unit/test_megatron_versions.py
 
 .PHONY: venv-latest test-latest
 
@@ -88,7 +92,7 @@ $(STAMP_LATEST): pyproject.toml requirements/latest.txt
 	  done; \
 	fi; \
 	if [ -z "$$py" ]; then \
-	  echo "error: make venv-latest needs Python 3.12 (megatron-core 0.17+ requires it) and found none: install it (apt-get install python3.12, or pyenv install 3.12) or pass PYTHON312=/path/to/python3.12" >&2; \
+	  echo "error: make venv-latest needs Python 3.12 (megatron-core 0.17+ requires it) and found none: install it (Ubuntu 24.04: apt-get install python3.12 python3.12-venv; elsewhere: pyenv install 3.12) or pass PYTHON312=/path/to/python3.12" >&2; \
 	  exit 1; \
 	fi; \
 	echo "venv-latest: $$py"; \

@@ -40,6 +40,7 @@ import torch.distributed as dist
 
 from .. import device
 from ..compat import megatron_checkpoint as mc
+from ..megatron.optimizer import gather_deferred_params
 from . import manifest as mf
 from . import snapshot as snap
 from .writer import SaveJob
@@ -143,6 +144,8 @@ class DurableCheckpointer:
         first, token = self._agree()
         t_agree = time.perf_counter()
         directory.mkdir(parents=True, exist_ok=True)
+        # with overlap_param_gather the last update's all-gather is still deferred
+        gather_deferred_params(model, optimizer)
         layout = snap.current_layout(model)
         sd = snap.state_dict(model, optimizer, is_loading=False, rank_state=rank_state)
         sd[snap.COMMON_KEY] = {"step": int(step), "extra": extra_state}

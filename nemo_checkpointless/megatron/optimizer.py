@@ -124,6 +124,22 @@ def apply_update(optimizer: Any) -> None:
         compat.step_with_ready_grads(opt)
 
 
+def gather_deferred_params(model_chunks: list[torch.nn.Module], optimizer: Any) -> None:
+    """With ``overlap_param_gather`` the all-gather of the last update waits for the next
+    forward's pre-hooks (:func:`gather_params` leaves it there): run it now, synchronously
+    (collective over data parallel), for a reader of every parameter such as a durable save.
+    Megatron-LM and Megatron-Bridge do the same before their saves."""
+    for opt in leaf_optimizers(optimizer):
+        ddp_config = getattr(opt, "ddp_config", None)
+        if ddp_config is None or not getattr(ddp_config, "use_distributed_optimizer", False):
+            continue
+        if not ddp_config.overlap_param_gather:
+            continue
+        for chunk in model_chunks:
+            compat.start_param_sync(chunk)
+        return
+
+
 def gather_params(model_chunks: list[torch.nn.Module], optimizer: Any) -> None:
     """All-gather updated parameter shards (distributed optimizer only). Safe to redo."""
     for opt in leaf_optimizers(optimizer):
