@@ -3,8 +3,9 @@
 tiny_llama (Bridge's ``_pretrain_common`` + ``AutoBridge`` over a shipped Llama config:
 bf16 mixed precision, Bridge's distributed optimizer with overlapped grad reduce and param
 gather, validation every 4 iterations) on 2 CPU gloo ranks, tier 4 (2 optimizer instances:
-each rank's shard has a replica on the other). Every test compares with the fault-free
-run, every ``loss_hex`` and the ``state_sha256``, and checks that each fault fired.
+each rank's shard has a replica on the other), and once tier 3 (a rollback to the core's
+durable checkpoint). Every test compares with the fault-free run, every ``loss_hex`` and
+the ``state_sha256``, and checks that each fault fired.
 """
 
 from __future__ import annotations
@@ -76,6 +77,20 @@ def test_whole_agent_killed_and_replaced(reference, tmp_path):
     assert_same_run(run, reference)
     assert "rejoins the job as a replacement" in run.output
     assert len(run.summary["recoveries"]) == 1
+
+
+def test_tier3_rolls_back_to_the_core_checkpoint(reference, tmp_path):
+    """Tier 3 (every rank rolls back to the core's durable checkpoint, here written every 2
+    steps) with the reference's layout (2 optimizer instances): a rank killed in step 5's
+    forward, the job redoes 5..8 from the step-4 checkpoint, exactly."""
+    args = [*(a for a in BASE if not a.startswith("checkpointless=")), "checkpointless=tier3",
+            "ddp.num_distributed_optimizer_instances=2",
+            "checkpointless.checkpoint.interval=2", plan((1, 5, "forward", "kill"))]
+    run = ncl_launch(2, args, tmp_path / "run", spares=1)
+    assert_same_run(run, reference)
+    (rec,) = run.summary["recoveries"]
+    assert (rec["checkpoint_step"], rec["resumed_step"]) == (4, 5) and rec["bytes_loaded"] > 0
+    assert fault_events(run) == [(1, 5, "forward", "kill")]
 
 
 def test_checkpoint_written_after_recoveries_resumes_in_bridge(reference, recovered, tmp_path):
