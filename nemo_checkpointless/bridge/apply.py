@@ -51,11 +51,12 @@ _BRIDGE_KEYS = {
 class BridgeCheckpointless:
     """The checkpointless parts of a Bridge run (``cfg.checkpointless``).
 
-    ``checkpoint``: the core's durable checkpoints (megatron's ``torch_dist`` format), what
-    ``recovery: disk`` (tier 3) and ``fallback: disk`` roll back to in process. Bridge's own
-    checkpoints (``checkpoint.save``, ``save_interval``) are the job's record and stay
-    Bridge's; so unless a rollback needs them or ``checkpoint.interval`` /
-    ``interval_minutes`` is given, the core writes none (:meth:`durable`).
+    ``checkpoint``: the core's durable checkpoints (megatron's ``torch_dist`` format), with
+    the core's defaults: under ncl-launch every 100 steps unless ``interval`` says
+    otherwise (0: off). Tier 3 and ``fallback: disk`` roll back to them in process, and a
+    new ncl-launch job in the same run directory resumes from the newest (a Bridge
+    checkpoint is resumed by Bridge's own launch). Bridge's own saves (``checkpoint.save``,
+    ``save_interval``) happen beside them, decided by Bridge's loop.
     """
 
     parts: CheckpointlessConfig
@@ -67,16 +68,6 @@ class BridgeCheckpointless:
     def tier(self) -> str:
         return self.parts.tier
 
-    @property
-    def rolls_back_to_disk(self) -> bool:
-        return self.parts.recovery == "disk" or self.parts.fallback == "disk"
-
-    def durable(self) -> CheckpointConfig:
-        """``checkpoint`` as the recovery loop runs it (see the class doc)."""
-        c = self.checkpoint
-        if c.interval is None and c.interval_minutes is None and not self.rolls_back_to_disk:
-            return dataclasses.replace(c, interval=0)
-        return c
 
 
 def check_parts(parts: CheckpointlessConfig, checkpoint: CheckpointConfig) -> None:

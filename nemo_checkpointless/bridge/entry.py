@@ -136,7 +136,7 @@ def describe(cfg: Any) -> str:
     tree, _ = create_omegaconf_dict_config(cfg)
     ck = cfg.checkpointless
     extra = OmegaConf.create({"checkpointless": {**asdict(ck.parts),
-                                                 "checkpoint": asdict(ck.durable())},
+                                                 "checkpoint": asdict(ck.checkpoint)},
                               "fault": {"plan": list(ck.fault_plan)}})
     return OmegaConf.to_yaml(tree) + OmegaConf.to_yaml(extra)
 

@@ -77,7 +77,7 @@ def run_config(cfg: Any, world_size: int, run_dir: str | Path) -> RunConfig:
     validate_fault_plan(ck.fault_plan, world_size, int(train.train_iters))
     plan = [item if isinstance(item, FaultSpec) else FaultSpec(**dict(item))
             for item in ck.fault_plan]
-    durable = ck.durable()
+    durable = ck.checkpoint
     save = getattr(cfg.checkpoint, "save", None)
     if save and enabled(durable, under_agent=True) and \
             Path(save).resolve() == directory(durable, run_dir).resolve():

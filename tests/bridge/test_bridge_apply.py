@@ -101,21 +101,22 @@ def test_odd_data_parallel_keeps_one_instance_and_bad_input_says_what_to_do(brid
         apply.apply_checkpointless(restart, "tier4")
 
 
-def test_core_checkpoints_only_where_a_rollback_needs_them(bridge):
-    """Bridge's own checkpoints are the job's record: the core writes its durable ones only
-    for a rollback (tier 3, fallback=disk) or when asked."""
+def test_core_checkpoints_keep_the_core_defaults_and_bad_ones_are_refused(bridge):
+    """The core's durable checkpoints beside Bridge's own: the core's default (None: every
+    100 steps under ncl-launch), off with interval 0 unless a rollback needs them."""
     from nemo_checkpointless.bridge.run import run_config
     from nemo_checkpointless.config import CheckpointConfig, ConfigError
 
     apply, recipes = bridge
 
-    def durable(tier, **kw):
+    def interval(tier, **kw):
         cfg = apply.apply_checkpointless(recipes.build_recipe("tiny_llama"), tier, **kw)
         return run_config(cfg, 2, "/tmp/run").checkpoint.interval
 
-    assert durable("tier4") == 0
-    assert durable("tier4", checkpoint=CheckpointConfig(interval=5)) == 5
-    assert durable("tier3") is None and durable("tier4", fallback="disk") is None  # 100 steps
+    assert interval("tier4") is None and interval("tier3") is None
+    assert interval("tier4", checkpoint=CheckpointConfig(interval=0)) == 0
+    with pytest.raises(ConfigError, match="checkpointless.checkpoint.interval=0 turns them off"):
+        interval("tier4", fallback="disk", checkpoint=CheckpointConfig(interval=0))
     cfg = apply.apply_checkpointless(recipes.build_recipe("tiny_llama"), "tier3",
                                      fault_plan=[{"rank": 2, "step": 1, "phase": "forward",
                                                   "kind": "kill"}])
