@@ -3,11 +3,11 @@
 Arguments are split three ways:
 
 * this package's keys: ``recipe=<name>``, ``checkpointless=<tier>`` (``off``, ``tier3``,
-  ``tier4``), ``checkpointless.<part>=<v>`` (one part of the tier's preset that a Bridge run reads:
-  ``recovery``, ``fallback``, ``interrupt``; ``config.CheckpointlessConfig``), ``checkpointless.checkpoint.<key>=<v>``
-  (the core's durable checkpoints: ``interval``, ``dir``, ...; ``config.CheckpointConfig``;
-  Bridge's own ``checkpoint.*`` is Bridge's), ``fault.plan=[...]``,
-  ``hf_hub=shipped|online`` and the flag ``--dryrun``;
+  ``tier4``), ``checkpointless.<part>=<v>`` (one part of the tier's preset that a Bridge
+  run reads: ``recovery``, ``fallback``, ``interrupt``; ``config.CheckpointlessConfig``),
+  ``checkpointless.checkpoint.<key>=<v>`` (the core's durable checkpoints: ``interval``,
+  ``dir``, ...; ``config.CheckpointConfig``; Bridge's own ``checkpoint.*`` is Bridge's),
+  ``fault.plan=[...]``, ``hf_hub=shipped|online`` and the flag ``--dryrun``;
 * Hydra's: ``hydra.*`` (``hydra.run.dir=...``), handed to ``@hydra.main``;
 * everything else is an override of the Bridge ConfigContainer with Bridge's own names
   (``model.tensor_model_parallel_size=2``, ``train.train_iters=100``, ``optimizer.lr=1e-4``),
