@@ -151,7 +151,8 @@ def job_loss(loss: Optional[torch.Tensor]) -> float:
     if loss is not None and _reporter():
         value += float(loss.detach().float().cpu())
     dist.all_reduce(value)
-    return float(torch.tensor(value.item(), dtype=torch.float32))
+    # host: rounding a number to float32, no collective
+    return float(torch.tensor(value.item(), dtype=torch.float32, device="cpu"))
 
 
 def job_batch_hash(micro_batches: list[dict[str, torch.Tensor]]) -> str:
@@ -169,7 +170,8 @@ def job_batch_hash(micro_batches: list[dict[str, torch.Tensor]]) -> str:
 
 def logged_grad_norm(value: Optional[float]) -> float:
     """The grad norm as Bridge's ``train_step`` reports it (reduced as float32)."""
-    return float(torch.tensor(float(value or 0.0), dtype=torch.float32))
+    # host: rounding a number to float32, no collective
+    return float(torch.tensor(float(value or 0.0), dtype=torch.float32, device="cpu"))
 
 
 def first_lr(optimizer: Any) -> float:

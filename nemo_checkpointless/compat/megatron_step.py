@@ -143,8 +143,10 @@ def separate_adam_steps_on_load() -> bool:
         if len(saved) == 1:
             value = float(saved.pop())
             for state in self.optimizer.state.values():
-                if "step" in state:
-                    state["step"] = torch.tensor(value, dtype=torch.float32)
+                old = state.get("step")
+                if old is not None:  # its own tensor, where torch's Adam keeps it
+                    state["step"] = torch.tensor(value, dtype=torch.float32,
+                                                 device=getattr(old, "device", "cpu"))
         return result
 
     load_state_dict._ncl_separate_steps = True  # type: ignore[attr-defined]
