@@ -3,7 +3,7 @@
     durable_stock_loader.py CHECKPOINT_DIR REFERENCE_DIR TP
 
 Imports torch and megatron-core and nothing of nemo_checkpointless except, without a
-GPU, its CPU rehearsal shim (``nemo_checkpointless.cpu``: megatron's DDP and
+GPU, its CPU rehearsal shim (``nemo_checkpointless.cpu`` and ``compat.cpu_rehearsal`` behind it: megatron's DDP and
 DistributedOptimizer assume CUDA; the shim has nothing to do with checkpoints). It builds
 the tiny_gpt model, DDP and DistributedOptimizer with megatron's own constructors, reads
 the sharding options the checkpoint records (``load_content_metadata``, as Megatron-LM
@@ -96,7 +96,9 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     ours = sorted(m for m in sys.modules if m.startswith("nemo_checkpointless")
-                  and m not in ("nemo_checkpointless", "nemo_checkpointless.cpu"))
+                  and m not in ("nemo_checkpointless", "nemo_checkpointless.cpu",
+                                "nemo_checkpointless.compat",
+                                "nemo_checkpointless.compat.cpu_rehearsal"))
     model, optimizer = build(tp)
     metadata = dict(load_content_metadata(ckpt) or {})
     metadata["dp_cp_group"] = ps.get_data_parallel_group(with_context_parallel=True)
