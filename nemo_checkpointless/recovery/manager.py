@@ -113,6 +113,8 @@ class RecoveryManager:
         self.step_hooks = HookList([self.commit, self.injector])
         self.trainer: Optional[StepDriver] = None
         self._prebuilt = False
+        self._built_in_world = False  # attach(): the front-end built in the joined world
+        self._joined_early: Optional[int] = None  # join_world(): generation joined already
         self.has_state = False
         self.old_roles: dict[int, str] = {}
         self.recovering: Optional[dict[str, Any]] = None
@@ -224,19 +226,13 @@ class RecoveryManager:
     def run(self, driver: Optional[StepDriver] = None) -> dict[str, Any]:
         """Train to max_steps through any number of recoveries; return the summary.
 
-        ``driver``: one already built (``nemo/driver.py`` builds NeMo's objects in a
-        world of fake groups before the job's world exists): its groups are forgotten
-        here and rebound to the real ones when generation ``gen`` is joined. Without it,
-        a lean :class:`Trainer` is built after the rendezvous.
+        ``driver``: one already built (in a world of fake groups before the job's world
+        exists): its groups are forgotten here and rebound to the real ones when
+        generation ``gen`` is joined. Without it, a lean :class:`Trainer` is built after the
+        rendezvous.
         """
         if driver is not None:
-            from megatron.core import parallel_state
-
-            self.trainer = driver
-            self._prebuilt = True
-            if parallel_state.model_parallel_is_initialized():
-                self.old_roles.update(group_roles())
-            forget_all_groups()
+            self._take_prebuilt(driver)
         first = True
         while True:
             try:
@@ -248,11 +244,62 @@ class RecoveryManager:
                 self._train()
                 break
             except BaseException as err:  # noqa: BLE001 - classified right below
-                if not self._recoverable(err):
-                    raise
-                log.warning("failure detected: %s", str(err).splitlines()[0][:200])
-                if self.recovering is None:
-                    self.recovering = {"detected": time.time(), "from_gen": self.joined_gen}
+                self._on_failure(err)
+        return self.finish()
+
+    # ------------------------------------------------------------------ front-ends
+    # A front-end whose framework owns the training loop (NeMo: Lightning's fit loop) calls
+    # these instead of run(): join_world (a first start: the world before its objects),
+    # attach (its built driver), recover (a failure it caught inside a step), step_done
+    # (a step completed) and finish.
+
+    def join_world(self) -> None:
+        """Form the current generation's world now, before the front-end builds its
+        objects in it (a first start). A replacement builds in a fake world instead and
+        goes straight to :meth:`attach`."""
+        self._join(self.gen)
+        self._joined_early = self.gen
+
+    def attach(self, driver: StepDriver) -> None:
+        """Take over the front-end's built driver and settle the generation: rebuild and
+        rebind groups if it was built in a fake world, agree on the committed step, stream
+        state to this rank if it replaces one. Failures meanwhile are recovered from."""
+        if self._joined_early == self.gen:
+            self.trainer = driver
+            self._built_in_world = True
+        else:
+            self._take_prebuilt(driver)
+        first = True
+        while True:
+            try:
+                if first:
+                    first = False
+                    self._enter(self.gen)
+                else:
+                    self._recover()
+                return
+            except BaseException as err:  # noqa: BLE001 - classified right below
+                self._on_failure(err)
+
+    def recover(self, err: BaseException) -> None:
+        """A front-end caught ``err`` inside a step: re-raise it unless it is recoverable;
+        else abort, join the next generation and settle it (again after any failure in
+        the meantime). Returns with the driver at the agreed committed step."""
+        self._on_failure(err)
+        while True:
+            try:
+                self._recover()
+                return
+            except BaseException as again:  # noqa: BLE001 - classified right below
+                self._on_failure(again)
+
+    def step_done(self) -> None:
+        """A step completed: closes the record of a recovery that preceded it."""
+        if self.recovering is not None:
+            self._first_step_done()
+
+    def finish(self) -> dict[str, Any]:
+        """The driver's summary, with the job's recoveries on rank 0 (summary.json)."""
         assert self.trainer is not None
         summary = self.trainer.finish()
         if self.rank == 0:
@@ -261,6 +308,24 @@ class RecoveryManager:
             from ..metrics.writer import write_json
             write_json(self.run_dir / "summary.json", summary)
         return summary
+
+    def _take_prebuilt(self, driver: StepDriver) -> None:
+        """A driver built in a fake world: remember its groups' roles and forget them."""
+        from megatron.core import parallel_state
+
+        self.trainer = driver
+        self._prebuilt = True
+        if parallel_state.model_parallel_is_initialized():
+            self.old_roles.update(group_roles())
+        forget_all_groups()
+
+    def _on_failure(self, err: BaseException) -> None:
+        if not self._recoverable(err):
+            raise err
+        log.warning("failure detected: %s", str(err).splitlines()[0][:200] if str(err) else
+                    type(err).__name__)
+        if self.recovering is None:
+            self.recovering = {"detected": time.time(), "from_gen": self.joined_gen}
 
     def _train(self) -> None:
         trainer = self.trainer
@@ -295,16 +360,16 @@ class RecoveryManager:
         rec["wait_generation"] = time.perf_counter() - t1
         self._enter(target)
 
-    def _enter(self, gen: int) -> None:
-        """Join generation ``gen``: world, parallel state, trainer objects, agreement."""
-        rec = self.recovering
+    def _join(self, gen: int) -> float:
+        """Rendezvous with every rank of generation ``gen`` (the world exists after it);
+        returns the seconds the rendezvous took."""
         self.link.activate(gen)
         self.joined_gen = gen
         t0 = time.perf_counter()
         rendezvous(self.store, gen, self.rank, self.world_size, self.backend,
                    self.recovery_timeout, default_timeout(self.backend),
                    cancelled=self.link.superseded)
-        t1 = time.perf_counter()
+        seconds = time.perf_counter() - t0
         if self.rank == 0 and hasattr(self.store, "server_op_counts"):
             phase = "start-up" if gen == 0 else "recovery"
             _, self._ops_mark = report_store_ops(self.store, phase, self._ops_mark, gen)
@@ -313,6 +378,17 @@ class RecoveryManager:
                     self.store.delete_prefix(f"pg/{old}/")
                     self.store.delete_prefix(f"rdzv/{old}/")
                 self._cleaned_gen = gen
+        return seconds
+
+    def _enter(self, gen: int) -> None:
+        """Join generation ``gen``: world, parallel state, trainer objects, agreement."""
+        rec = self.recovering
+        t0 = time.perf_counter()
+        if self._joined_early == gen:  # join_world() did it before the objects were built
+            self._joined_early = None
+            t1 = t0
+        else:
+            t1 = t0 + self._join(gen)
         built = self.trainer is None or self._prebuilt
         fresh_job = gen == 0 and not self.replacement
         if self.trainer is None:
@@ -323,6 +399,9 @@ class RecoveryManager:
         elif self._prebuilt:
             self._prebuilt = False
             self._rebuild()
+            self._attach(fresh_job)
+        elif self._built_in_world:
+            self._built_in_world = False
             self._attach(fresh_job)
         else:
             self._rebuild()
