@@ -12,7 +12,8 @@ and keeps every other setting, including every argument of the objects it retarg
   ``tier`` (and ``fallback``, ``fault_plan`` when given) added;
 * ``trainer.strategy.num_distributed_optimizer_instances``: 2 for tier 4 (a replica of
   every optimizer shard), unless given;
-* ``trainer.callbacks``: :class:`CheckpointlessCallback` appended;
+* ``trainer.callbacks``: :class:`CheckpointlessCallback` first (it marks the start of each
+  iteration before any other callback acts in it);
 * ``resume``: retargeted to :class:`CheckpointlessResume`;
 * ``optim``: a ``MegatronOptimizerModule`` is retargeted to
   :class:`CheckpointlessOptimizerModule` (same config and LR scheduler).
@@ -64,7 +65,7 @@ def apply_checkpointless(recipe: run.Partial, tier: str = "tier4", *,
         strategy.num_distributed_optimizer_instances = num_distributed_optimizer_instances
     callbacks = list(getattr(trainer, "callbacks", None) or [])
     if not any(_is_subclass(c, CheckpointlessCallback) for c in callbacks):
-        callbacks.append(run.Config(CheckpointlessCallback, run_dir=run_dir))
+        callbacks.insert(0, run.Config(CheckpointlessCallback, run_dir=run_dir))
     trainer.callbacks = callbacks
     resume = getattr(recipe, "resume", None)
     if isinstance(resume, fdl.Buildable) and _is_subclass(resume, AutoResume):
@@ -179,3 +180,24 @@ def _mro(target: Any) -> list[Any]:
 def _is_subclass(node: Any, cls: type) -> bool:
     target = getattr(node, "__fn_or_cls__", None)
     return inspect.isclass(target) and issubclass(target, cls)
+
+
+# ---------------------------------------------------------------------- data
+def pretraining_data(recipe: run.Partial, paths: Any, tokenizer: Optional[Any] = None,
+                     **kwargs: Any) -> run.Partial:
+    """Swap the recipe's data for NeMo's ``PreTrainingDataModule`` on a Megatron indexed
+    dataset (``paths``: prefixes of ``.bin``/``.idx`` pairs, as written by
+    ``scripts/data/build_dataset.py``), keeping the sequence length and batch sizes.
+    ``tokenizer``: the one the dataset was built with (default: the package's bundled
+    byte-level BPE, ``nemo_checkpointless.data.load_tokenizer``)."""
+    from nemo.collections.llm.gpt.data.pre_training import PreTrainingDataModule
+
+    from ..data.tokenizer import load_tokenizer
+
+    old = fdl.ordered_arguments(recipe.data) if isinstance(recipe.data, fdl.Buildable) else {}
+    keep = {k: old[k] for k in ("seq_length", "global_batch_size", "micro_batch_size",
+                                "num_workers") if k in old}
+    recipe.data = run.Config(PreTrainingDataModule, paths=paths,
+                             tokenizer=tokenizer or run.Config(load_tokenizer),
+                             **{**keep, **kwargs})
+    return recipe

@@ -6,11 +6,14 @@ DDP config, checkpoint options, ``num_distributed_optimizer_instances``, ...). A
 * ``tier`` / ``fallback``: the core's ``checkpointless`` settings (``config.py``);
 * ``fault_plan``: the core's fault plan (``recovery/faults.py``), injected at the step
   phases on the ranks it names;
-* a :class:`~nemo_checkpointless.train.hooks.HookList` (``self.hooks``) holding the
-  core's :class:`~nemo_checkpointless.recovery.commit.CommitProtocol` (commit barrier before
-  the optimizer update, RNG snapshot at each step start) for tiers 3 and 4, and the fault
-  injector. The optimizer (``nemo/optim.py``) and the callback (``nemo/callbacks.py``) call
-  it at the phases of each step;
+* the step hooks (``self.hooks``): under ``ncl-launch`` those of the rank's recovery
+  session (``nemo/session.py``: commit barrier, fault injector, recovery points); under
+  torchrun the core's :class:`~nemo_checkpointless.recovery.commit.CommitProtocol` (tiers
+  3/4) and the fault injector, without recovery;
+* under ``ncl-launch``: megatron's parallel state is built by NeMo in the world the
+  session formed (a first start) or in a world of fake groups (a replacement), with its
+  arguments recorded for the rebuild after a recovery; the training step, checkpoint
+  saves and removals go through the session;
 * CPU rehearsal: without CUDA, ``setup_distributed`` turns on the core's rehearsal mode
   (``nemo_checkpointless/cpu.py``) so NeMo's model, DDP and optimizer run on gloo.
 """
@@ -19,15 +22,18 @@ from __future__ import annotations
 
 import logging
 import os
+import traceback
 from typing import Any, Optional, Sequence
 
 from nemo.lightning.pytorch.strategies import MegatronStrategy
 
 from .. import cpu
 from ..config import FALLBACKS, TIERS, ConfigError
+from ..launch.channel import ENV_FD
 from ..recovery.commit import CommitProtocol
 from ..recovery.faults import FaultInjector, parse_plan
 from ..train.hooks import HookList
+from . import session as sessions
 from .optim import CheckpointlessOptimizerModule
 
 log = logging.getLogger(__name__)
@@ -51,39 +57,34 @@ class CheckpointlessMegatronStrategy(MegatronStrategy):
         self.hooks = HookList()
         self.commit: Optional[CommitProtocol] = None
         self.rehearsal = False
-        # set by nemo/driver.py when the recovery manager drives the steps (ncl-launch):
-        # its hooks (commit protocol, fault injector) replace the strategy's own
-        self.driven_hooks: Optional[HookList] = None
+        self.session: Optional[sessions.CheckpointlessSession] = None
 
     # ------------------------------------------------------------------ start-up
     def setup_distributed(self) -> None:
-        if os.environ.get("NCL_AGENT_FD") is not None and self.tier in RECOVERY_TIERS \
-                and self.driven_hooks is None:
-            raise NotImplementedError(
-                "under ncl-launch a NeMo recipe recovers in process only when the recovery "
-                "manager drives its steps: run it through recipes/nemo_pretrain.py (which "
-                "uses nemo_checkpointless.nemo.driver.run_recipe_under_agent), or launch "
-                "with torchrun for a run without recovery")
+        self.session = sessions.current()
+        if self.session is None and os.environ.get(ENV_FD) is not None:
+            raise ConfigError(
+                "under ncl-launch a NeMo recipe runs through nemo_checkpointless's runner, "
+                "which opens the rank's recovery session before the recipe is built: "
+                "`ncl-launch ... recipes/nemo_pretrain.py recipe=...`, `ncl-launch ... "
+                "-m nemo_checkpointless.nemo.run <module:function|serialized recipe>`, or "
+                "NeMo-Run with nemo_checkpointless.nemo.NclLaunch; use torchrun for a run "
+                "without recovery")
+        if self.session is not None:
+            # gloo side groups cannot form in a replacement's fake world; every rank then
+            # builds (and rebuilds) the same groups without them
+            self.use_gloo_process_groups = False
         self.rehearsal = cpu.enable()
-        super().setup_distributed()
-        if self.driven_hooks is not None:
-            self._finish_setup_in_given_world()
-        self._install_hooks()
-
-    def _finish_setup_in_given_world(self) -> None:
-        """NeMo's ``setup_distributed`` returns early when a world exists (the driven job's
-        fake one) and skips megatron's parallel state and the data sampler: do both."""
-        from megatron.core import parallel_state
-        from nemo.lightning._strategy_lib import init_model_parallel
-
-        if not parallel_state.model_parallel_is_initialized():
-            init_model_parallel(self.model)
+        super().setup_distributed()  # NeMo returns early when the world exists
+        if self.session is not None:
+            self.session.layout.build(self.model)  # NeMo's set-up, arguments recorded
             if self.data_sampler:
                 self.data_sampler.setup(self.cluster_environment.global_rank())
+        self._install_hooks()
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
-        """In the fake world of a driven job's set-up every rank keeps its own value (what
-        it broadcasts, a log directory, is the same on every rank)."""
+        """In a replacement's fake world every rank keeps its own value (what Lightning
+        broadcasts at set-up, a checkpoint directory, is the same on every rank)."""
         import torch.distributed as dist
 
         if dist.is_initialized() and dist.get_backend() == "fake":
@@ -93,16 +94,17 @@ class CheckpointlessMegatronStrategy(MegatronStrategy):
     def _install_hooks(self) -> None:
         import torch.distributed as dist
 
+        if self.session is not None:
+            self.hooks = self.session.hooks
+            self._bind_optimizer_module()
+            return
         world = dist.get_world_size() if dist.is_initialized() else 1
         rank = dist.get_rank() if dist.is_initialized() else 0
-        trainer = getattr(self, "trainer", None)
+        trainer = getattr(self, "trainer", None) or getattr(self.lightning_module, "trainer",
+                                                             None)
         max_steps = trainer.max_steps if trainer is not None and trainer.max_steps > 0 \
             else 1 << 30  # Lightning's -1: no limit
         faults = parse_plan(self.fault_plan, world, max_steps)
-        if self.driven_hooks is not None:
-            self.hooks = self.driven_hooks
-            self._bind_optimizer_module()
-            return
         hooks = []
         if self.tier in RECOVERY_TIERS:
             self.commit = CommitProtocol()
@@ -120,7 +122,7 @@ class CheckpointlessMegatronStrategy(MegatronStrategy):
         module = getattr(self, "_lightning_module", None) or getattr(self, "model", None)
         optim = getattr(module, "optim", None)
         if isinstance(optim, CheckpointlessOptimizerModule):
-            optim.bind(self.hooks, self._current_step)
+            optim.bind(self.hooks, self._current_step, lambda: self.session, self._record_step)
         elif optim is not None and self.tier in RECOVERY_TIERS:
             raise ConfigError(
                 f"tier={self.tier} needs the optimizer split at the commit point: use "
@@ -130,3 +132,56 @@ class CheckpointlessMegatronStrategy(MegatronStrategy):
     def _current_step(self) -> int:
         trainer = getattr(self, "trainer", None)
         return (trainer.global_step if trainer is not None else 0) + 1
+
+    def _record_step(self, step: int, loss: Any, prepared: Any) -> None:
+        """Without the agent: the step's ``metrics.jsonl`` record (the callback writes it)."""
+        import math
+        import time
+
+        from ..compat.lightning_fit import closure_loss
+        from .callbacks import _local
+        from .driver import batch_hash
+
+        steps = _local(self.trainer)
+        value = closure_loss(loss)
+        gbs = int(self.data_sampler.global_batch_size)
+        steps.records[step] = {
+            "step": step, "loss": value,
+            "loss_hex": value.hex() if math.isfinite(value) else repr(value),
+            "consumed_samples": step * gbs,
+            "step_time_s": round(time.perf_counter() - steps.started, 6),
+            "grad_norm": None if prepared.found_inf else float(prepared.grad_norm),
+            "batch_hash": batch_hash(steps.micro)}
+
+    # ------------------------------------------------------------------ recovery points
+    def training_step(self, dataloader_iter: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.session is None:
+            return super().training_step(dataloader_iter, *args, **kwargs)
+        parent = super()
+        return self.session.training_step(
+            lambda it: parent.training_step(it, *args, **kwargs), dataloader_iter)
+
+    def save_checkpoint(self, checkpoint: dict, filepath: Any,
+                        storage_options: Optional[Any] = None) -> None:
+        if self.session is None:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        parent = super()
+        return self.session.save_checkpoint(
+            lambda ckpt: parent.save_checkpoint(ckpt, filepath, storage_options), checkpoint)
+
+    def remove_checkpoint(self, filepath: Any) -> None:
+        """Idempotent: a replacement rank 0 may repeat a removal its predecessor did."""
+        from nemo.lightning.ckpt_utils import ckpt_to_dir
+
+        if self.session is not None and not os.path.lexists(ckpt_to_dir(filepath)):
+            return
+        super().remove_checkpoint(filepath)
+
+    def on_exception(self, exception: BaseException) -> None:
+        """Under ncl-launch an error that escaped recovery ends this process at once, as a
+        failed rank (Lightning's teardown could wait on peers); the agent replaces it."""
+        if self.session is None:
+            return super().on_exception(exception)
+        log.error("rank failed: %s", "".join(traceback.format_exception(exception))[-4000:])
+        logging.shutdown()
+        os._exit(1)
