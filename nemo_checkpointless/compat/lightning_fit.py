@@ -137,6 +137,17 @@ def split_closure(closure: Callable[[], Any]) -> tuple[Callable[[], Any], Callab
     return closure, lambda: None
 
 
+def hook_name(trainer: Any) -> Any:
+    """The Lightning hook the module logs under now (``LightningModule._current_fx_name``)."""
+    return getattr(trainer.lightning_module, "_current_fx_name", None)
+
+
+def set_hook_name(trainer: Any, name: Any) -> None:
+    """Lightning restores the hook name after a hook returns, not when it raises: a hook
+    run again after a recovery would otherwise log under the failed inner hook's name."""
+    trainer.lightning_module._current_fx_name = name
+
+
 def closure_loss(result: Any) -> float:
     """A float from what the training step returned (NaN when nothing)."""
     value = result.get("loss") if isinstance(result, dict) else result

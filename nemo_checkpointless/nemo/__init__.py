@@ -20,6 +20,11 @@ _EXPORTS = {
     "CheckpointlessResume": "resume",
     "CheckpointlessOptimizerModule": "optim",
     "MaskedMockDataModule": "data",
+    "pretraining_data": "recipe",
+    "run_recipe": "run",
+    "NclLaunch": "nemo_run",
+    "NclLocalExecutor": "nemo_run",
+    "ncl_executor": "nemo_run",
 }
 
 __all__ = sorted(_EXPORTS)

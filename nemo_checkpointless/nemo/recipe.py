@@ -121,11 +121,16 @@ def apply_overrides(recipe: run.Partial, overrides: Iterable[str]) -> run.Partia
     A key that names no argument of its object raises ConfigError with the closest names.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
 
     items = [o for o in overrides]
     if not items:
         return recipe
-    parsed = OverridesParser.create().parse_overrides(items)
+    try:
+        parsed = OverridesParser.create().parse_overrides(items)
+    except OverrideParseException as err:
+        raise ConfigError(f"cannot read the overrides {items}: {err}. Quote a value that "
+                          "holds '=', spaces or brackets: key='value'.") from None
     for item in parsed:
         key = item.key_or_group
         value = item.value()

@@ -230,6 +230,7 @@ class CheckpointlessSession:
         pos = (self.iteration, self.index)
         self.index += 1
         self.depth += 1
+        hook = lightning_fit.hook_name(self.trainer)
         try:
             if self.catch_up is not None:
                 if pos < self.catch_up or self.iteration == PRESTART:
@@ -242,6 +243,7 @@ class CheckpointlessSession:
                     return run(attempt)
                 except BaseException as err:  # noqa: BLE001 - the manager classifies it
                     self._recover(err, pos, resultless)
+                    lightning_fit.set_hook_name(self.trainer, hook)
                     if self._behind_done:
                         self._behind_done = False
                         return skip()

@@ -1,0 +1,35 @@
+"""Fixtures shared by the NeMo tests: the dataset and the fault-free reference job (made
+once per session: every recovered DP job is compared with it)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from nemo_jobs import REPO, nemo_env, torchrun
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory):
+    """The package's bundled corpus as a Megatron indexed dataset, written by
+    scripts/data/build_dataset.py with the bundled tokenizer."""
+    prefix = tmp_path_factory.mktemp("data") / "tiny"
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "data" / "build_dataset.py"),
+                          "--output-prefix", str(prefix)], cwd=REPO, capture_output=True,
+                         text=True, timeout=900, env=nemo_env())
+    assert out.returncode == 0, out.stderr[-3000:]
+    return prefix
+
+
+@pytest.fixture(scope="session")
+def real_data(dataset):
+    """Overrides that swap in NeMo's PreTrainingDataModule on ``dataset``."""
+    return ("data=pretraining", f"data.paths=[{dataset}]")
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory, real_data):
+    """Lightning's own fit of the recipe under torchrun: no session, no recovery."""
+    return torchrun(2, tmp_path_factory.mktemp("ref") / "run", *real_data).check()

@@ -1,0 +1,114 @@
+"""The user's own recipe object, as is: NeMo-Run's local executor through ncl-launch (run for
+real, on a real Megatron indexed dataset, with a killed rank), the Slurm executor's
+generated batch script, the runner's inputs, and the command line's data override."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("nemo.collections.llm", reason="NeMo 2 is not installed here; run `make "
+                    "test-nemo`, which uses .venv-nemo")
+
+from nemo_jobs import ENTRY, REPO, Job, assert_same_run, nemo_env  # noqa: E402
+
+pytestmark = [pytest.mark.timeout(1800)]
+
+
+def test_local_executor_runs_the_recipe_object_with_recovery(dataset, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    script = tmp_path / "user.py"
+    script.write_text(textwrap.dedent(f"""
+        import nemo_run as run
+        from nemo_checkpointless.nemo import (apply_checkpointless, ncl_executor,
+                                              pretraining_data, tiny_llama)
+
+        recipe = tiny_llama.pretrain_recipe(max_steps=8, dir="{run_dir}/log")
+        recipe = pretraining_data(recipe, paths=["{dataset}"])
+        recipe = apply_checkpointless(
+            recipe, run_dir="{run_dir}",
+            fault_plan=[dict(rank=1, step=3, phase="grad_sync", kind="kill")])
+        executor = ncl_executor(run.LocalExecutor(ntasks_per_node=2), spares=1)
+        run.run(recipe, executor=executor, name="tiny", tail_logs=False)
+    """))
+    env = nemo_env(NEMORUN_HOME=str(tmp_path / "nemo_run"))
+    out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=1500, env=env)
+    logs = "".join(p.read_text() for p in (tmp_path / "nemo_run").rglob("log*.out"))
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:] + logs[-6000:]
+    job = Job(0, logs, run_dir)
+    assert_same_run(job, reference)
+    assert len(job.summary["recoveries"]) == 1, logs[-6000:]
+    assert [e["step"] for e in job.events if e["event"] == "fault"] == [3]
+
+
+def test_slurm_executor_script_starts_ncl_launch(tmp_path, monkeypatch):
+    """NeMo-Run's own packaging and sbatch rendering of a Slurm job with NclLaunch."""
+    monkeypatch.setenv("NEMORUN_HOME", str(tmp_path / "home"))
+    import nemo_run as run
+    from nemo_run.run.torchx_backend.packaging import package
+    from nemo_run.run.torchx_backend.schedulers.slurm import SlurmTunnelScheduler
+
+    from nemo_checkpointless.nemo import NclLaunch, apply_checkpointless, tiny_llama
+    from nemo_checkpointless.nemo.launch_env import AGENT_ENV
+
+    recipe = apply_checkpointless(tiny_llama.pretrain_recipe(num_nodes=2, num_gpus_per_node=8))
+    executor = run.SlurmExecutor(account="acct", partition="gpu", nodes=2, ntasks_per_node=1,
+                                 gpus_per_node=8,
+                                 tunnel=run.LocalTunnel(job_dir=str(tmp_path / "jobs")),
+                                 launcher=NclLaunch(nproc_per_node=8, spares=1))
+    executor.assign("exp", str(tmp_path / "jobs" / "exp"), "tiny", "tiny")
+    app = package("tiny", recipe, executor, serialize_to_file=True)
+    sbatch = SlurmTunnelScheduler(session_name="t")._submit_dryrun(app, executor)\
+        .request.materialize()
+    assert "#SBATCH --nodes=2" in sbatch and "#SBATCH --ntasks-per-node=1" in sbatch
+    assert "bash " + str(tmp_path / "jobs" / "exp" / "tiny" / "scripts" / "tiny.sh") in sbatch
+    node = (tmp_path / "jobs" / "exp" / "tiny" / "scripts" / "tiny.sh").read_text()
+    for key, value in AGENT_ENV.items():
+        assert f"export {key}={value}" in node
+    assert "import nemo_checkpointless.nemo.run as m" in node
+    launch = node.splitlines()[-1]
+    assert launch.startswith("exec python -m nemo_checkpointless.launch.agent --nnodes "
+                             '"${SLURM_NNODES:-1}" --nproc-per-node 8 --spares 1 '
+                             '--rdzv-endpoint "${head_node_ip:-127.0.0.1}:29400"')
+    config = launch.split()[-1]
+    assert launch.split()[-4:-1] == ['"$runner"', "-n", "tiny"]
+    # the serialized recipe the ranks load is the recipe, checkpointless fields and all
+    from nemo_checkpointless.nemo.run import load
+
+    loaded = load(config)
+    assert loaded == recipe
+
+
+def test_runner_loads_module_function_and_serialized_forms():
+    from nemo_run.core.serialization.zlib_json import ZlibJSONSerializer
+
+    from nemo_checkpointless.nemo import tiny_llama
+    from nemo_checkpointless.nemo.run import load
+
+    recipe = load("nemo_checkpointless.nemo.tiny_llama:pretrain_recipe")
+    assert recipe == tiny_llama.pretrain_recipe()
+    assert load(ZlibJSONSerializer().serialize(recipe)) == recipe
+    with pytest.raises(SystemExit, match="neither NeMo-Run's serialized recipe"):
+        load("not-a-recipe")
+
+
+def test_data_override_needs_paths():
+    out = subprocess.run([sys.executable, str(ENTRY), "recipe=tiny_llama", "data=pretraining",
+                          "--dryrun"], cwd=REPO, capture_output=True, text=True, timeout=600,
+                         env=nemo_env())
+    assert out.returncode != 0
+    assert "error: data=pretraining needs data.paths=[PREFIX,...]" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_data_override_dryrun(dataset):
+    out = subprocess.run([sys.executable, str(ENTRY), "recipe=tiny_llama", "data=pretraining",
+                          f"data.paths=[{dataset}]", "--dryrun"], cwd=REPO, capture_output=True,
+                         text=True, timeout=600, env=nemo_env())
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "PreTrainingDataModule(" in out.stdout and str(dataset) in out.stdout
+    assert "load_tokenizer" in out.stdout
