@@ -177,6 +177,17 @@ class CheckpointlessMegatronStrategy(MegatronStrategy):
             return
         super().remove_checkpoint(filepath)
 
+    def load_checkpoint(self, checkpoint_path: Any, selective_restore: bool = False) -> Any:
+        """NeMo's load, with Adam's state created first: megatron-core 0.16's distributed
+        optimizer builds the sharded state dict to load into from its own state, and
+        asserts (``len(steps) == 1``) while Adam has not made it yet (before a first step).
+        Created as Adam would create it (zeros, step 0), then overwritten by the load."""
+        from ..megatron.shards import make_state_contiguous
+
+        for optimizer in self.optimizers:
+            make_state_contiguous(getattr(optimizer, "mcore_optimizer", optimizer))
+        return super().load_checkpoint(checkpoint_path, selective_restore)
+
     def on_exception(self, exception: BaseException) -> None:
         """Under ncl-launch an error that escaped recovery ends this process at once, as a
         failed rank (Lightning's teardown could wait on peers); the agent replaces it."""

@@ -4,6 +4,7 @@ generated batch script, the runner's inputs, and the command line's data overrid
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -45,42 +46,53 @@ def test_local_executor_runs_the_recipe_object_with_recovery(dataset, reference,
     assert [e["step"] for e in job.events if e["event"] == "fault"] == [3]
 
 
-def test_slurm_executor_script_starts_ncl_launch(tmp_path, monkeypatch):
-    """NeMo-Run's own packaging and sbatch rendering of a Slurm job with NclLaunch."""
-    monkeypatch.setenv("NEMORUN_HOME", str(tmp_path / "home"))
-    import nemo_run as run
-    from nemo_run.run.torchx_backend.packaging import package
-    from nemo_run.run.torchx_backend.schedulers.slurm import SlurmTunnelScheduler
+def test_slurm_executor_script_starts_ncl_launch(tmp_path):
+    """NeMo-Run's own packaging and sbatch rendering of a Slurm job with NclLaunch (in a
+    process of its own: NeMo-Run's packager runs git through a terminal library)."""
+    script = tmp_path / "slurm.py"
+    script.write_text(textwrap.dedent(f"""
+        import json
+        import nemo_run as run
+        from nemo_run.run.torchx_backend.packaging import package
+        from nemo_run.run.torchx_backend.schedulers.slurm import SlurmTunnelScheduler
+        from nemo_checkpointless.nemo import NclLaunch, apply_checkpointless, tiny_llama
 
-    from nemo_checkpointless.nemo import NclLaunch, apply_checkpointless, tiny_llama
+        recipe = apply_checkpointless(tiny_llama.pretrain_recipe(num_nodes=2,
+                                                                 num_gpus_per_node=8))
+        executor = run.SlurmExecutor(
+            account="acct", partition="gpu", nodes=2, ntasks_per_node=1, gpus_per_node=8,
+            tunnel=run.LocalTunnel(job_dir="{tmp_path}/jobs"),
+            launcher=NclLaunch(nproc_per_node=8, spares=1))
+        executor.assign("exp", "{tmp_path}/jobs/exp", "tiny", "tiny")
+        app = package("tiny", recipe, executor, serialize_to_file=True)
+        info = SlurmTunnelScheduler(session_name="t")._submit_dryrun(app, executor)
+        print(json.dumps({{"sbatch": info.request.materialize()}}))
+    """))
+    out = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True,
+                         text=True, timeout=900, env=nemo_env(NEMORUN_HOME=str(tmp_path / "h")),
+                         stdin=subprocess.DEVNULL)
+    assert out.returncode == 0, out.stderr[-4000:]
+    sbatch = json.loads(out.stdout.strip().splitlines()[-1])["sbatch"]
     from nemo_checkpointless.nemo.launch_env import AGENT_ENV
+    from nemo_checkpointless.nemo.run import load
 
-    recipe = apply_checkpointless(tiny_llama.pretrain_recipe(num_nodes=2, num_gpus_per_node=8))
-    executor = run.SlurmExecutor(account="acct", partition="gpu", nodes=2, ntasks_per_node=1,
-                                 gpus_per_node=8,
-                                 tunnel=run.LocalTunnel(job_dir=str(tmp_path / "jobs")),
-                                 launcher=NclLaunch(nproc_per_node=8, spares=1))
-    executor.assign("exp", str(tmp_path / "jobs" / "exp"), "tiny", "tiny")
-    app = package("tiny", recipe, executor, serialize_to_file=True)
-    sbatch = SlurmTunnelScheduler(session_name="t")._submit_dryrun(app, executor)\
-        .request.materialize()
     assert "#SBATCH --nodes=2" in sbatch and "#SBATCH --ntasks-per-node=1" in sbatch
-    assert "bash " + str(tmp_path / "jobs" / "exp" / "tiny" / "scripts" / "tiny.sh") in sbatch
-    node = (tmp_path / "jobs" / "exp" / "tiny" / "scripts" / "tiny.sh").read_text()
+    node_script = tmp_path / "jobs" / "exp" / "tiny" / "scripts" / "tiny.sh"
+    assert f"bash {node_script}" in sbatch
+    node = node_script.read_text()
     for key, value in AGENT_ENV.items():
         assert f"export {key}={value}" in node
     assert "import nemo_checkpointless.nemo.run as m" in node
-    launch = node.splitlines()[-1]
+    launch = node.strip().splitlines()[-1]
     assert launch.startswith("exec python -m nemo_checkpointless.launch.agent --nnodes "
                              '"${SLURM_NNODES:-1}" --nproc-per-node 8 --spares 1 '
-                             '--rdzv-endpoint "${head_node_ip:-127.0.0.1}:29400"')
-    config = launch.split()[-1]
+                             '--rdzv-endpoint "${head_node_ip:-127.0.0.1}:29400"'), launch
     assert launch.split()[-4:-1] == ['"$runner"', "-n", "tiny"]
-    # the serialized recipe the ranks load is the recipe, checkpointless fields and all
-    from nemo_checkpointless.nemo.run import load
+    # the ranks load the recipe object itself, checkpointless fields and all
+    from nemo_checkpointless.nemo import apply_checkpointless, tiny_llama
 
-    loaded = load(config)
-    assert loaded == recipe
+    assert load(launch.split()[-1]) == apply_checkpointless(
+        tiny_llama.pretrain_recipe(num_nodes=2, num_gpus_per_node=8))
 
 
 def test_runner_loads_module_function_and_serialized_forms():
