@@ -23,6 +23,7 @@ _EXPORTS = {
     "pretraining_data": "recipe",
     "run_recipe": "run",
     "NclLaunch": "nemo_run",
+    "NclLocalExecutor": "nemo_run",
     "ncl_executor": "nemo_run",
 }
 

@@ -14,8 +14,8 @@ that command into one ``ncl-launch`` agent per node whose ranks run the same ser
 recipe through :mod:`nemo_checkpointless.nemo.run` (which opens each rank's recovery
 session before building the recipe, then runs it as NeMo-Run's runner would). NeMo-Run's
 Slurm executor applies such a launcher as it applies its own ``SlurmTemplate`` launchers
-(the agent runs once per node: ``ntasks_per_node=1``); :func:`ncl_executor` gives a local
-executor the same ability.
+(the agent runs once per node: ``ntasks_per_node=1``); :func:`ncl_executor` makes a local
+executor that does too (:class:`NclLocalExecutor`).
 
 Nodes: the agents find each other through ``--rdzv-endpoint`` on the first node (NeMo-Run's
 sbatch script exports its address as ``head_node_ip``); a lost rank is replaced by a warm
@@ -26,6 +26,8 @@ supervises; NeMo-Run's single ``srun`` step does not.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -35,6 +37,7 @@ from nemo_run.config import Script
 from nemo_run.core.execution.launcher import SlurmTemplate
 from nemo_run.core.execution.local import LocalExecutor
 
+from ..compat.nemo_run_executors import register_like
 from .launch_env import AGENT_ENV
 
 FDL_RUNNER = "nemo_run.core.runners.fdl_runner"
@@ -101,20 +104,30 @@ def _quote(arg: str) -> str:
     return shlex.quote(arg)
 
 
+@dataclass(kw_only=True)
+class NclLocalExecutor(LocalExecutor):
+    """NeMo-Run's local executor applying its :class:`NclLaunch` (NeMo-Run applies a
+    launcher's ``transform`` only where the executor says it supports it; its Slurm
+    executor does for template launchers, its local one does not)."""
+
+    def supports_launcher_transform(self) -> bool:
+        return isinstance(self.get_launcher(), NclLaunch)
+
+
+register_like(NclLocalExecutor, LocalExecutor)
+
+
 def ncl_executor(executor: LocalExecutor, spares: int = 1,
-                 **launch: object) -> LocalExecutor:
-    """A copy of ``executor`` (NeMo-Run's local executor) with ``ncl-launch`` as its
-    launcher: its ``ntasks_per_node`` ranks per node, ``spares`` warm spares, this
-    interpreter. NeMo-Run applies a launcher's ``transform`` only where the executor says
-    it supports it (its Slurm executor does, for template launchers); this copy says so.
-    It stays a ``LocalExecutor``: NeMo-Run picks schedulers by the executor's exact class."""
+                 **launch: object) -> NclLocalExecutor:
+    """``executor`` (NeMo-Run's local executor) as an :class:`NclLocalExecutor`: its
+    ``ntasks_per_node`` ranks per node under ``ncl-launch``, ``spares`` warm spares, this
+    interpreter."""
     if not isinstance(executor, LocalExecutor):
         raise TypeError(f"ncl_executor takes a run.LocalExecutor; for {type(executor).__name__} "
                         "set launcher=NclLaunch(...) (Slurm: with ntasks_per_node=1)")
-    local = executor.clone()
-    local.launcher = NclLaunch(nproc_per_node=executor.ntasks_per_node, nnodes=executor.nodes,
-                               spares=spares, python=sys.executable,
-                               **launch)  # type: ignore[arg-type]
-    local.ntasks_per_node = 1  # one agent per node; it starts the ranks
-    local.supports_launcher_transform = lambda: True  # type: ignore[method-assign]
-    return local
+    fields = {f.name: copy.deepcopy(getattr(executor, f.name))
+              for f in dataclasses.fields(LocalExecutor) if f.init and f.name != "launcher"}
+    fields["ntasks_per_node"] = 1  # one agent per node; it starts the ranks
+    launcher = NclLaunch(nproc_per_node=executor.ntasks_per_node, nnodes=executor.nodes,
+                         spares=spares, python=sys.executable, **launch)  # type: ignore[arg-type]
+    return NclLocalExecutor(launcher=launcher, **fields)

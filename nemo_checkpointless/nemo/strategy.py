@@ -75,6 +75,10 @@ class CheckpointlessMegatronStrategy(MegatronStrategy):
             # builds (and rebuilds) the same groups without them
             self.use_gloo_process_groups = False
         self.rehearsal = cpu.enable()
+        if self.rehearsal:
+            from ..compat import nemo_cpu
+
+            nemo_cpu.enable()
         super().setup_distributed()  # NeMo returns early when the world exists
         if self.session is not None:
             self.session.layout.build(self.model)  # NeMo's set-up, arguments recorded
