@@ -52,6 +52,10 @@ def split_args(argv: list[str]) -> tuple[dict[str, str], list[str], bool]:
     if own.get("data", "mock") not in DATA_MODULES:
         raise SystemExit(f"error: data={own['data']!r}: use one of {', '.join(DATA_MODULES)} "
                          "(data.<arg>=<value> sets an argument of the data module)")
+    if own.get("data") == "pretraining" and not any(a.startswith("data.paths=") for a in rest):
+        raise SystemExit("error: data=pretraining needs data.paths=[PREFIX,...] (a Megatron "
+                         "indexed dataset: scripts/data/build_dataset.py writes PREFIX.bin "
+                         "and PREFIX.idx)")
     return own, rest, dryrun
 
 
@@ -95,10 +99,6 @@ def build(argv: list[str]) -> tuple[Any, dict[str, str], bool]:
         recipe = apply_overrides(recipe, overrides)
     except ConfigError as err:
         raise SystemExit(f"error: {err}") from None
-    if own.get("data") == "pretraining" and not recipe.data.paths:
-        raise SystemExit("error: data=pretraining needs data.paths=[PREFIX,...] (a Megatron "
-                         "indexed dataset: scripts/data/build_dataset.py writes PREFIX.bin "
-                         "and PREFIX.idx)")
     return recipe, own, dryrun
 
 

@@ -192,6 +192,15 @@ class CheckpointlessMegatronStrategy(MegatronStrategy):
             make_state_contiguous(getattr(optimizer, "mcore_optimizer", optimizer))
         return super().load_checkpoint(checkpoint_path, selective_restore)
 
+    def load_optimizer_state_dict(self, checkpoint: Any, selective_restore: bool = False) -> None:
+        """NeMo's, without autograd: with fp32 parameters megatron's main params are views of
+        the model's (leaves that require grad), and megatron-core 0.16 copies the loaded
+        state into them in place."""
+        import torch
+
+        with torch.no_grad():
+            super().load_optimizer_state_dict(checkpoint, selective_restore)
+
     def on_exception(self, exception: BaseException) -> None:
         """Under ncl-launch an error that escaped recovery ends this process at once, as a
         failed rank (Lightning's teardown could wait on peers); the agent replaces it."""
