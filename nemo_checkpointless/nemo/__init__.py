@@ -22,9 +22,9 @@ _EXPORTS = {
     "MaskedMockDataModule": "data",
     "pretraining_data": "recipe",
     "run_recipe": "run",
-    "NclLaunch": "nemo_run",
-    "NclLocalExecutor": "nemo_run",
-    "ncl_executor": "nemo_run",
+    "NclLaunch": "launcher",
+    "NclLocalExecutor": "launcher",
+    "ncl_executor": "launcher",
 }
 
 __all__ = sorted(_EXPORTS)

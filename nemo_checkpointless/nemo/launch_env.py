@@ -11,7 +11,7 @@ imports on a busy CPU). Two settings make that work:
   threads (it then starts every process with ``exec``, each importing NeMo again).
 
 ``recipes/nemo_pretrain.py``'s documentation, the NeMo-Run launcher
-(:class:`~nemo_checkpointless.nemo.nemo_run.NclLaunch`) and the tests use :data:`AGENT_ENV`.
+(:class:`~nemo_checkpointless.nemo.launcher.NclLaunch`) and the tests use :data:`AGENT_ENV`.
 """
 
 from __future__ import annotations

@@ -8,10 +8,10 @@ it builds and calls the recipe as NeMo-Run would (torchrun: no recovery).
 From the command line (``ncl-launch`` runs this file on each rank), the recipe is
 
 * NeMo-Run's serialized form (what ``nemo_run.core.runners.fdl_runner`` receives: the
-  string, or a file holding it), e.g. from the :class:`~.nemo_run.NclLaunch` launcher;
+  string, or a file holding it), e.g. from the :class:`~.launcher.NclLaunch` launcher;
 * ``module:function``: a function returning the recipe (``my_recipes:llama_70b``);
 
-    ncl-launch --nproc-per-node 8 --spares 1 nemo_checkpointless/nemo/run.py \\
+    ncl-launch --nproc-per-node 8 --spares 1 nemo_checkpointless/nemo/scripts/run_recipe.py \\
         my_recipes:llama_70b [--run-dir DIR]
 """
 

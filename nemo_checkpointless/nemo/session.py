@@ -200,8 +200,12 @@ class CheckpointlessSession:
         if self._pending_metrics is not None:  # a replacement: metrics of its peers
             lightning_fit.set_callback_metrics(trainer, self._pending_metrics)
             self._pending_metrics = None
-        if self._init_global_step is not None:  # NeMo logs consumed samples from here
+        if self._init_global_step is not None:
+            # the data position is the committed step's: NeMo counts consumed samples (its
+            # log, the data module's checkpoint state) from the step its loader was made at
             trainer.strategy.data_sampler.init_global_step = self._init_global_step
+            if hasattr(trainer.datamodule, "init_global_step"):
+                trainer.datamodule.init_global_step = self._init_global_step
             self._init_global_step = None
         self._begin(0)
 

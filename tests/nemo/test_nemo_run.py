@@ -82,7 +82,7 @@ def test_slurm_executor_script_starts_ncl_launch(tmp_path):
     node = node_script.read_text()
     for key, value in AGENT_ENV.items():
         assert f"export {key}={value}" in node
-    assert "import nemo_checkpointless.nemo.run as m" in node
+    assert "import nemo_checkpointless.nemo.scripts.run_recipe as m" in node
     launch = node.strip().splitlines()[-1]
     assert launch.startswith("exec python -m nemo_checkpointless.launch.agent --nnodes "
                              '"${SLURM_NNODES:-1}" --nproc-per-node 8 --spares 1 '

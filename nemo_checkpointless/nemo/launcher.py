@@ -41,7 +41,7 @@ from ..compat.nemo_run_executors import register_like
 from .launch_env import AGENT_ENV
 
 FDL_RUNNER = "nemo_run.core.runners.fdl_runner"
-RUNNER_MODULE = "nemo_checkpointless.nemo.run"
+RUNNER_MODULE = "nemo_checkpointless.nemo.scripts.run_recipe"
 
 
 @dataclass(kw_only=True)
