@@ -193,13 +193,25 @@ class CheckpointlessMegatronStrategy(MegatronStrategy):
         return super().load_checkpoint(checkpoint_path, selective_restore)
 
     def load_optimizer_state_dict(self, checkpoint: Any, selective_restore: bool = False) -> None:
-        """NeMo's, without autograd: with fp32 parameters megatron's main params are views of
-        the model's (leaves that require grad), and megatron-core 0.16 copies the loaded
-        state into them in place."""
+        """NeMo's, made exact for torch's Adam (no Transformer Engine / Apex):
+
+        * without autograd: with fp32 parameters megatron's main params are views of the
+          model's (leaves that require grad), and megatron-core 0.16 copies the loaded
+          state into them in place;
+        * one ``step`` tensor per parameter: megatron-core 0.16 gives every parameter's
+          state the *same* step tensor, which torch's Adam then advances once per
+          parameter at every step (a wrong bias correction from the first step on)."""
         import torch
+
+        from ..megatron.optimizer import leaf_optimizers
 
         with torch.no_grad():
             super().load_optimizer_state_dict(checkpoint, selective_restore)
+            for optimizer in self.optimizers:
+                for leaf in leaf_optimizers(getattr(optimizer, "mcore_optimizer", optimizer)):
+                    for state in leaf.optimizer.state.values():
+                        if isinstance(state.get("step"), torch.Tensor):
+                            state["step"] = state["step"].clone()
 
     def on_exception(self, exception: BaseException) -> None:
         """Under ncl-launch an error that escaped recovery ends this process at once, as a
