@@ -198,9 +198,11 @@ class CheckpointlessMegatronStrategy(MegatronStrategy):
         * without autograd: with fp32 parameters megatron's main params are views of the
           model's (leaves that require grad), and megatron-core 0.16 copies the loaded
           state into them in place;
-        * one ``step`` tensor per parameter: megatron-core 0.16 gives every parameter's
-          state the *same* step tensor, which torch's Adam then advances once per
-          parameter at every step (a wrong bias correction from the first step on)."""
+        * Adam's step count, one tensor per parameter: megatron-core 0.16 keeps the step in
+          the param groups of its checkpoint, gives every parameter's state one *shared*
+          step tensor (which torch's Adam then advances once per parameter at every step),
+          and copies over it a per-parameter step the checkpoint does not hold (the value
+          of the state it loaded into). Each parameter's step is set from its group."""
         import torch
 
         from ..megatron.optimizer import leaf_optimizers
@@ -209,9 +211,15 @@ class CheckpointlessMegatronStrategy(MegatronStrategy):
             super().load_optimizer_state_dict(checkpoint, selective_restore)
             for optimizer in self.optimizers:
                 for leaf in leaf_optimizers(getattr(optimizer, "mcore_optimizer", optimizer)):
-                    for state in leaf.optimizer.state.values():
-                        if isinstance(state.get("step"), torch.Tensor):
-                            state["step"] = state["step"].clone()
+                    inner = leaf.optimizer
+                    for group in inner.param_groups:
+                        if "step" not in group:
+                            continue
+                        for param in group["params"]:
+                            state = inner.state.get(param)
+                            if state is not None and "step" in state:
+                                state["step"] = torch.tensor(float(group["step"]),
+                                                             dtype=torch.float32)
 
     def on_exception(self, exception: BaseException) -> None:
         """Under ncl-launch an error that escaped recovery ends this process at once, as a
