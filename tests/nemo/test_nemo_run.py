@@ -19,7 +19,12 @@ from nemo_jobs import ENTRY, REPO, Job, assert_same_run, nemo_env  # noqa: E402
 pytestmark = [pytest.mark.timeout(1800)]
 
 
-def test_local_executor_runs_the_recipe_object_with_recovery(dataset, reference, tmp_path):
+def test_local_executor_resumes_the_recovered_jobs_checkpoint(dataset, chaos, reference,
+                                                               tmp_path):
+    """The user's recipe object as is, run by NeMo-Run's local executor through ncl-launch:
+    a new job that resumes (NeMo's AutoResume) from the step-4 checkpoint the recovered job
+    wrote, loses rank 1 in step 6, and ends as the fault-free job did."""
+    (ckpt,) = [p for p in chaos.checkpoints() if "step=3" in p.name]
     run_dir = tmp_path / "run"
     script = tmp_path / "user.py"
     script.write_text(textwrap.dedent(f"""
@@ -29,21 +34,22 @@ def test_local_executor_runs_the_recipe_object_with_recovery(dataset, reference,
 
         recipe = tiny_llama.pretrain_recipe(max_steps=8, dir="{run_dir}/log")
         recipe = pretraining_data(recipe, paths=["{dataset}"])
+        recipe.resume.resume_from_path = "{ckpt}"
         recipe = apply_checkpointless(
             recipe, run_dir="{run_dir}",
-            fault_plan=[dict(rank=1, step=3, phase="grad_sync", kind="kill")])
+            fault_plan=[dict(rank=1, step=6, phase="grad_sync", kind="kill")])
         executor = ncl_executor(run.LocalExecutor(ntasks_per_node=2), spares=1)
         run.run(recipe, executor=executor, name="tiny", tail_logs=False)
     """))
     env = nemo_env(NEMORUN_HOME=str(tmp_path / "nemo_run"))
     out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
                          text=True, timeout=1500, env=env)
-    logs = "".join(p.read_text() for p in (tmp_path / "nemo_run").rglob("log*.out"))
+    logs = "".join(p.read_text() for p in (tmp_path / "nemo_run").rglob("*.log"))
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:] + logs[-6000:]
     job = Job(0, logs, run_dir)
-    assert_same_run(job, reference)
+    assert_same_run(job, reference, first_step=5)
     assert len(job.summary["recoveries"]) == 1, logs[-6000:]
-    assert [e["step"] for e in job.events if e["event"] == "fault"] == [3]
+    assert [e["step"] for e in job.events if e["event"] == "fault"] == [6]
 
 
 def test_slurm_executor_script_starts_ncl_launch(tmp_path):
