@@ -37,18 +37,19 @@ def reference(tmp_path_factory, real_data):
 
 @pytest.fixture(scope="session")
 def chaos(tmp_path_factory, real_data):
-    """Two nodes (one ncl-launch agent and one rank each, a warm spare each). Rank 1 is
-    SIGKILLed in step 2 at its update (its node's spare takes its place); rank 0, which
-    writes the logs, is SIGKILLed after step 4's update, so that its replacement catches up
-    into step 4's checkpoint save, before step 4's validation; then node 1 as a whole (agent,
-    rank and spare) is killed and a new agent for it is started, as a scheduler would."""
+    """Two nodes (one ncl-launch agent and one rank each, a warm spare each) and a warm
+    standby node. Rank 1 is SIGKILLed in step 2 at its update (its node's spare takes its
+    place); rank 0, which writes the logs, is SIGKILLed after step 4's update, so that its
+    replacement catches up into step 4's checkpoint save, before step 4's validation; then
+    node 1 as a whole (agent, rank, spare, store server) is killed and the standby node
+    takes it over (its store shard from another address)."""
     from nemo_jobs import Agents, plan
 
     faults = plan((1, 2, "optimizer", "kill"), (0, 4, "after_step", "kill"))
     agents = Agents(2, 1, tmp_path_factory.mktemp("chaos") / "run", *real_data, faults)
     agents.start(0, spares=1)
     agents.start(1, spares=1)
+    agents.start_standby()
     agents.wait_for_step(5)
     agents.kill_node(1)
-    agents.start(1, spares=1)
     return agents.wait().check()

@@ -31,7 +31,7 @@ def test_killed_ranks_and_node_recover_exactly(chaos, reference):
     assert fired == [(1, 2, "optimizer"), (0, 4, "after_step")]
     # the second recovery met inside step 4, after its update: at the checkpoint's barrier
     assert "catching up with the job at step 4, point 1 (committed step 4)" in chaos.output
-    assert "rejoins the job as a replacement" in chaos.output
+    assert "node 1 lost: this standby takes it over" in chaos.output
 
 
 def test_logger_has_one_row_per_step_with_the_same_values(chaos, reference):
