@@ -1,0 +1,1 @@
+"""nemo-checkpointless: NeMo / Megatron-core pretraining that survives failures without a storage restart."""

@@ -2,21 +2,10 @@
 
 In CPU rehearsal every activation, gradient and gloo buffer is host memory, and glibc's
 malloc handles that churn badly: it keeps freed blocks in its heaps and hands pages back and
-forth with the kernel. Measured on this project's 2-core machine (tiny_gpt_2opt, 4 ranks under
-torchrun, 120 steps, ``checkpointless=off``):
-
-=========================  ==============================  ===================  ==========
-allocator                  resident memory per rank        time between steps   120 steps
-=========================  ==============================  ===================  ==========
-glibc malloc               0.3 GB growing to 1.4-2.5 GB    0.31 s, then 0.54 s  52.0 s
-glibc, arena/trim tuned    0.3 GB growing to 0.8-2.1 GB    0.31 s               38.6 s
-jemalloc 5.3 (preloaded)   0.5 GB flat                     0.35 s               41.6 s
-tcmalloc 2.10 (preloaded)  0.5 GB flat                     0.29 s               34.8 s
-=========================  ==============================  ===================  ==========
-
-With glibc the kernel spent 35-50% of the machine zeroing pages while the heaps grew. The
-final state hash is the same with every allocator: the allocator changes where bytes live,
-never what is computed.
+forth with the kernel: ranks grew from 0.3 GB to over 2 GB and their steps slowed by
+half, while tcmalloc and jemalloc stayed flat (measurements: ``docs/benchmarks.md``,
+"Host memory allocator"). The allocator changes where bytes live, never what is computed: the
+final state hash is the same with every one.
 
 So rehearsal processes run with tcmalloc (else jemalloc) preloaded when the library is on
 the machine. ``NCL_ALLOCATOR`` chooses:

@@ -14,8 +14,20 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Optional
 
 TIERS = ("off", "tier1", "tier2", "tier3", "tier4")
+RECOVERY_SOURCES = ("none", "disk", "peers")
 FALLBACKS = ("none", "disk")
 RESUME_MODES = ("auto", "never")
+# Where a fault can fire: the phases of a step (``steps.Phase``, in order); ``recovery``
+# (while the job recovers from an earlier failure whose committed step is ``step``); and
+# the edges of a job: ``startup`` (a rank's set-up in the job's first generation, after the
+# world formed; step 1), ``checkpoint`` (while the durable save after ``step`` is being
+# written), ``finish`` (the final state hash and summary; step = trainer.max_steps) and
+# ``shutdown`` (after the job finished, while the rank exits; step = trainer.max_steps).
+STEP_PHASES = ("data", "forward", "backward", "grad_sync", "optimizer", "param_sync",
+               "after_step")
+EDGE_PHASES = ("startup", "checkpoint", "finish", "shutdown")
+FAULT_PHASES = (*STEP_PHASES, "recovery", *EDGE_PHASES)
+FAULT_KINDS = ("kill", "exception", "hang", "segfault")
 
 
 class ConfigError(ValueError):
@@ -120,20 +132,100 @@ class DataCacheConfig:
 
 @dataclass(kw_only=True)
 class CheckpointlessConfig:
-    """Which recovery tier is on (``off`` or ``tier1``..``tier4``) and its fallback."""
+    """Which parts of checkpointless training are on. The tiers are presets of these parts
+    (``conf/checkpointless/<tier>.yaml``), each tier adding to the one before:
 
-    tier: str = "off"
+    ====== ================= ========== ========= =========
+    tier   rootless_startup  data_cache recovery  fallback
+    ====== ================= ========== ========= =========
+    off    no                no         none      none
+    tier1  yes               no         none      none
+    tier2  yes               yes        none      none
+    tier3  yes               yes        disk      disk
+    tier4  yes               yes        peers     none
+    ====== ================= ========== ========= =========
+
+    Every part can be set on its own (``checkpointless.fallback=disk`` on tier 4).
+    """
+
+    tier: str = "off"  # the preset the parts came from (logs and summaries)
+    # form the world and megatron's groups from a sharded store without a root (under
+    # ncl-launch the agents serve it whatever this says)
+    rootless_startup: bool = False
+    # in-process recovery (under ncl-launch): none (a failure ends the job), disk (every
+    # rank rolls back to the latest disk checkpoint), peers (lost state from replicas)
+    recovery: str = "none"
+    # where shards no live peer holds come from: none (the job stops) or disk (the
+    # latest durable checkpoint, ``checkpoint.*``, every rank rolling back to it)
     fallback: str = "none"
-    # disk checkpoints (tier3, and fallback=disk): every N steps, asynchronous
-    checkpoint_interval: int = 5
-    checkpoint_dir: Optional[str] = None  # None: <run dir>/checkpoints
-    checkpoint_keep: int = 2
+    # stop forward/backward at the next module when a failure is announced: auto (on gloo,
+    # whose CPU compute an abort does not interrupt; off on NCCL, where the abort fails the
+    # next collective and kernels are asynchronous), on, off
+    interrupt: str = "auto"
+    # a warm spare builds its model and DDP while it waits (DP-only layouts, CPU rehearsal)
+    spare_prebuild: bool = True
     data_cache: DataCacheConfig = field(default_factory=DataCacheConfig)
+
+    @classmethod
+    def preset(cls, tier: str, **parts: Any) -> "CheckpointlessConfig":
+        """The parts of ``tier`` (as ``conf/checkpointless/<tier>.yaml`` sets them), with
+        ``parts`` overriding single fields (e.g. ``fallback="disk"``)."""
+        if tier not in TIERS:
+            raise ConfigError(f"checkpointless tier {tier!r}: use one of {', '.join(TIERS)}")
+        level = TIERS.index(tier)
+        values: dict[str, Any] = dict(
+            tier=tier, rootless_startup=level >= 1,
+            recovery={3: "disk", 4: "peers"}.get(level, "none"),
+            fallback="disk" if level == 3 else "none",
+            data_cache=DataCacheConfig(enabled=level >= 2))
+        values.update(parts)
+        return cls(**values)
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """Durable checkpoints in megatron-core's ``dist_checkpointing`` format (torch_dist),
+    written under any tier; tier 3 and ``fallback=disk`` roll back to them in process.
+
+    ``interval``: steps between saves; None: 100 under ncl-launch, off under torchrun;
+    0: off. ``interval_minutes``: also save when this much time has passed since the last
+    save. ``dir``: None: ``<hydra run dir>/checkpoints``. ``resume``: ``auto`` loads the
+    newest complete, verified checkpoint when a job starts; ``never`` starts at step 0.
+    ``keep``: complete checkpoints kept. ``verify``: check every file's SHA-256 before
+    loading (otherwise only the manifest). ``finalize_timeout_s``: how long rank 0 waits
+    for every rank's files before leaving a checkpoint incomplete.
+    """
+
+    interval: Optional[int] = None
+    interval_minutes: Optional[float] = None
+    dir: Optional[str] = None
+    resume: str = "auto"
+    keep: int = 2
+    verify: bool = True
+    finalize_timeout_s: float = 600.0
+
+
+def validate_checkpoint(cfg: CheckpointConfig) -> None:
+    """Raise ConfigError naming the ``checkpoint.*`` key and the fix."""
+    if cfg.interval is not None and cfg.interval < 0:
+        raise ConfigError(f"checkpoint.interval={cfg.interval}: a number of steps (0 turns "
+                          "durable checkpoints off; leave unset for the default)")
+    if cfg.interval_minutes is not None and cfg.interval_minutes <= 0:
+        raise ConfigError(f"checkpoint.interval_minutes={cfg.interval_minutes}: a positive "
+                          "number of minutes, or null")
+    if cfg.resume not in RESUME_MODES:
+        raise ConfigError(f"checkpoint.resume={cfg.resume!r}: use one of "
+                          f"{', '.join(RESUME_MODES)}")
+    if cfg.keep < 1:
+        raise ConfigError(f"checkpoint.keep={cfg.keep}: keep at least 1 checkpoint (2 or "
+                          "more lets a damaged newest one fall back to the previous)")
+    if cfg.finalize_timeout_s <= 0:
+        raise ConfigError(f"checkpoint.finalize_timeout_s={cfg.finalize_timeout_s}: positive")
 
 
 @dataclass(kw_only=True)
 class RestartConfig:
-    """Stock checkpoint-restart, the baseline (``nemo_checkpointless/train/restart.py``).
+    """Stock checkpoint-restart, the baseline (``nemo_checkpointless/lab/restart.py``).
 
     With ``checkpointless=off`` and ``enabled``, every rank saves its state every
     ``checkpoint_interval`` steps, and a rank (re)started by ``torchrun --max-restarts N``
@@ -149,10 +241,23 @@ class RestartConfig:
 
 
 @dataclass(kw_only=True)
+class FaultSpec:
+    """One planned fault: ``kind`` fires on ``rank`` at ``phase`` of ``step``, once a job.
+
+    Kinds: ``kill`` (SIGKILL), ``exception`` (an uncaught error), ``hang`` (SIGSTOP),
+    ``segfault`` (a real SIGSEGV); phases: :data:`FAULT_PHASES`."""
+
+    rank: Optional[int] = None
+    step: Optional[int] = None
+    phase: Optional[str] = None
+    kind: Optional[str] = None
+
+
+@dataclass(kw_only=True)
 class FaultConfig:
     """Faults to inject: ``[{rank: 3, step: 7, phase: optimizer, kind: kill}]``."""
 
-    plan: list[Any] = field(default_factory=list)
+    plan: list[FaultSpec] = field(default_factory=list)
 
 
 @dataclass(kw_only=True)
@@ -166,6 +271,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpointless: CheckpointlessConfig = field(default_factory=CheckpointlessConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     restart: RestartConfig = field(default_factory=RestartConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
 
@@ -224,6 +330,99 @@ def _require(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def check_layout(*, world_size: int, tp: int, pp: int, cp: int = 1, vp: Optional[int] = None,
+                 instances: int = 1, distributed_optimizer: bool = True,
+                 num_layers: Optional[int] = None, heads: Optional[int] = None,
+                 query_groups: Optional[int] = None, ffn: Optional[int] = None,
+                 ranks_per_node: Optional[int] = None, error: type = None) -> None:  # type: ignore[assignment]
+    """The one parallel-layout check (recipes, the planner, the NeMo and Bridge adapters):
+    raise ``error`` (ConfigError) naming the fix if megatron-core would refuse the layout."""
+    error = error or ConfigError
+
+    def need(cond: bool, message: str) -> None:
+        if not cond:
+            raise error(message)
+
+    for key, value in (("strategy.tensor_model_parallel_size", tp),
+                       ("strategy.pipeline_model_parallel_size", pp),
+                       ("strategy.context_parallel_size", cp),
+                       ("strategy.num_distributed_optimizer_instances", instances),
+                       ("world size", world_size)):
+        need(value >= 1, f"{key}={value}: must be a positive integer.")
+    w, r = world_size, ranks_per_node
+    where = f"the world size {w}"
+    if r is not None:
+        need(r >= 1 and w % r == 0,
+             f"world size {w} is not a whole number of nodes of {r} ranks; set "
+             f"trainer.num_nodes * trainer.devices = world size, or pass a world size that "
+             f"is a multiple of {r}.")
+        where += f" ({w // r} nodes x {r} ranks)"
+    mp = tp * pp * cp
+    hint = ""
+    if r is not None and w % mp:
+        hint = f" (trainer.num_nodes a multiple of {mp // math.gcd(mp, r)})"
+    need(w % mp == 0,
+         f"strategy.tensor_model_parallel_size * pipeline_model_parallel_size * "
+         f"context_parallel_size = {tp}*{pp}*{cp} = {mp} does not divide {where}; choose "
+         f"sizes whose product divides {w} (or launch a multiple of {mp} ranks{hint}).")
+    need(instances == 1 or distributed_optimizer,
+         f"strategy.num_distributed_optimizer_instances={instances} needs "
+         "strategy.use_distributed_optimizer=true.")
+    dp = w // mp
+    dp_cp = dp * cp
+    divisors = [d for d in range(1, dp_cp + 1) if dp_cp % d == 0]
+    need(dp_cp % instances == 0,
+         f"strategy.num_distributed_optimizer_instances={instances} must divide data-parallel "
+         f"x context-parallel size {dp}*{cp} = {dp_cp} (world {w} / TP*PP {tp * pp}); set it to "
+         f"a divisor of {dp_cp} (use one of {divisors}), or change the world size.")
+    need(vp is None or pp > 1, "strategy.virtual_pipeline_model_parallel_size needs "
+         "strategy.pipeline_model_parallel_size > 1; set it to null.")
+    if num_layers is not None:
+        need(num_layers % (pp * (vp or 1)) == 0,
+             f"model.num_layers={num_layers} is not divisible by "
+             f"strategy.pipeline_model_parallel_size * virtual_pipeline_model_parallel_size "
+             f"= {pp}*{vp or 1}.")
+    sizes = {"model.num_attention_heads": heads, "model.num_query_groups": query_groups,
+             "the FFN size": ffn}
+    bad = {k: v for k, v in sizes.items() if v is not None and v % tp}
+    need(not bad, f"strategy.tensor_model_parallel_size={tp} must divide "
+         + ", ".join(f"{k}={v}" for k, v in sizes.items() if v is not None)
+         + "; pick a TP size that divides them.")
+
+
+def _field(item: Any, key: str) -> Any:
+    """A fault plan entry's field, whether the entry is a FaultSpec or a mapping."""
+    return item.get(key) if hasattr(item, "get") else getattr(item, key, None)
+
+
+def validate_fault_plan(plan: Any, world_size: int, max_steps: int) -> None:
+    """Raise ConfigError saying what is wrong with a fault plan for this job."""
+    for i, item in enumerate(plan or []):
+        def get(key: str, _item: Any = item) -> Any:
+            return _field(_item, key)
+
+        if not (hasattr(item, "get") or isinstance(item, FaultSpec)):
+            raise ConfigError(f"fault.plan[{i}]={item!r}: expected a mapping like "
+                              "{rank: 3, step: 7, phase: optimizer, kind: kill}")
+        missing = [k for k in ("rank", "step", "phase", "kind") if get(k) is None]
+        if missing:
+            raise ConfigError(f"fault.plan[{i}] lacks {', '.join(missing)}")
+        rank, step, phase, kind = int(get("rank")), int(get("step")), str(get("phase")), \
+            str(get("kind"))
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"fault.plan[{i}]: rank {rank} does not exist "
+                              f"(world size {world_size}: ranks 0..{world_size - 1})")
+        if not 1 <= step <= max_steps:
+            raise ConfigError(f"fault.plan[{i}]: step {step} is outside 1..{max_steps} "
+                              "(trainer.max_steps)")
+        if phase not in FAULT_PHASES:
+            raise ConfigError(f"fault.plan[{i}]: phase {phase!r} does not exist; "
+                              f"use one of {', '.join(FAULT_PHASES)}")
+        if kind not in FAULT_KINDS:
+            raise ConfigError(f"fault.plan[{i}]: kind {kind!r} does not exist; "
+                              f"use one of {', '.join(FAULT_KINDS)}")
+
+
 def validate(cfg: RunConfig, world_size: int, *, cpu_mode: bool = False) -> None:
     """Check that ``cfg`` can run on ``world_size`` ranks; raise ConfigError naming the fix.
 
@@ -231,10 +430,6 @@ def validate(cfg: RunConfig, world_size: int, *, cpu_mode: bool = False) -> None
     """
     s, d, m, t = cfg.strategy, cfg.data, cfg.model, cfg.trainer
     for key, value in (
-        ("strategy.tensor_model_parallel_size", s.tensor_model_parallel_size),
-        ("strategy.pipeline_model_parallel_size", s.pipeline_model_parallel_size),
-        ("strategy.context_parallel_size", s.context_parallel_size),
-        ("strategy.num_distributed_optimizer_instances", s.num_distributed_optimizer_instances),
         ("data.global_batch_size", d.global_batch_size),
         ("data.micro_batch_size", d.micro_batch_size),
         ("data.seq_length", d.seq_length),
@@ -242,29 +437,15 @@ def validate(cfg: RunConfig, world_size: int, *, cpu_mode: bool = False) -> None
         ("data.num_samples", d.num_samples),
     ):
         _require(value >= 1, f"{key}={value}: must be a positive integer.")
+    check_layout(world_size=world_size, tp=s.tensor_model_parallel_size,
+                 pp=s.pipeline_model_parallel_size, cp=s.context_parallel_size,
+                 vp=s.virtual_pipeline_model_parallel_size,
+                 instances=s.num_distributed_optimizer_instances,
+                 distributed_optimizer=s.use_distributed_optimizer,
+                 num_layers=m.num_layers, heads=m.num_attention_heads,
+                 query_groups=m.num_query_groups or m.num_attention_heads)
     mp = s.tensor_model_parallel_size * s.pipeline_model_parallel_size * s.context_parallel_size
-    _require(
-        world_size % mp == 0,
-        f"strategy.tensor_model_parallel_size * pipeline_model_parallel_size * "
-        f"context_parallel_size = {s.tensor_model_parallel_size}*"
-        f"{s.pipeline_model_parallel_size}*{s.context_parallel_size} = {mp} does not divide "
-        f"the world size {world_size}; choose sizes whose product divides {world_size} "
-        f"(or launch a multiple of {mp} ranks).",
-    )
     dp = world_size // mp
-    dp_cp = dp * s.context_parallel_size
-    k = s.num_distributed_optimizer_instances
-    _require(
-        dp_cp % k == 0,
-        f"strategy.num_distributed_optimizer_instances={k} must divide data-parallel x "
-        f"context-parallel size {dp_cp} (world {world_size} / TP*PP {mp // s.context_parallel_size}); "
-        f"set it to a divisor of {dp_cp}.",
-    )
-    _require(
-        k == 1 or s.use_distributed_optimizer,
-        f"strategy.num_distributed_optimizer_instances={k} needs "
-        "strategy.use_distributed_optimizer=true.",
-    )
     _require(
         d.global_batch_size % (d.micro_batch_size * dp) == 0,
         f"data.global_batch_size={d.global_batch_size} is not divisible by "
@@ -272,21 +453,9 @@ def validate(cfg: RunConfig, world_size: int, *, cpu_mode: bool = False) -> None
         f"set data.global_batch_size to a multiple of {d.micro_batch_size * dp}.",
     )
     _require(
-        m.num_layers % s.pipeline_model_parallel_size == 0,
-        f"model.num_layers={m.num_layers} is not divisible by "
-        f"strategy.pipeline_model_parallel_size={s.pipeline_model_parallel_size}.",
-    )
-    _require(
         t.max_steps * d.global_batch_size <= d.num_samples,
         f"trainer.max_steps * data.global_batch_size = {t.max_steps * d.global_batch_size} "
         f"exceeds data.num_samples={d.num_samples}; raise data.num_samples.",
-    )
-    heads = m.num_attention_heads
-    groups = m.num_query_groups or heads
-    _require(
-        heads % s.tensor_model_parallel_size == 0 and groups % s.tensor_model_parallel_size == 0,
-        f"strategy.tensor_model_parallel_size={s.tensor_model_parallel_size} must divide "
-        f"model.num_attention_heads={heads} and model.num_query_groups={groups}.",
     )
     _require(
         d.seq_length <= m.max_position_embeddings,
@@ -311,34 +480,41 @@ def validate(cfg: RunConfig, world_size: int, *, cpu_mode: bool = False) -> None
              f"model.normalization={m.normalization!r}: use 'RMSNorm' or 'LayerNorm'.")
     _require(s.backend in ("auto", "gloo", "nccl"),
              f"strategy.backend={s.backend!r}: use 'auto', 'gloo' or 'nccl'.")
-    _require(cfg.checkpointless.tier in TIERS,
-             f"checkpointless.tier={cfg.checkpointless.tier!r}: use one of {', '.join(TIERS)} "
+    ck = cfg.checkpointless
+    _require(ck.tier in TIERS,
+             f"checkpointless.tier={ck.tier!r}: use one of {', '.join(TIERS)} "
              "(select with checkpointless=<tier>).")
-    from .recovery.faults import parse_plan
-
-    try:
-        parse_plan(cfg.fault.plan, world_size, t.max_steps)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
+    _require(ck.interrupt in ("auto", "on", "off"),
+             f"checkpointless.interrupt={ck.interrupt!r}: use auto, on or off.")
+    _require(ck.recovery in RECOVERY_SOURCES,
+             f"checkpointless.recovery={ck.recovery!r}: use one of "
+             f"{', '.join(RECOVERY_SOURCES)}.")
+    validate_fault_plan(cfg.fault.plan, world_size, t.max_steps)
     _validate_restart(cfg)
     restart_faults = cfg.restart.enabled and all(
-        str(f.get("kind")) == "kill" and str(f.get("phase")) != "recovery"
+        str(_field(f, "kind")) == "kill" and str(_field(f, "phase")) != "recovery"
         for f in cfg.fault.plan)
-    _require(not cfg.fault.plan or cfg.checkpointless.tier in ("tier3", "tier4")
-             or restart_faults,
+    _require(not cfg.fault.plan or ck.recovery != "none" or restart_faults,
              "fault.plan injects failures that only checkpointless=tier3 or tier4 recovers "
              "from; select one (and launch with ncl-launch), or, for the checkpoint-restart "
              "baseline, use kind: kill faults (no phase: recovery) with checkpointless=off "
              "restart.enabled=true under torchrun --max-restarts N.")
-    _require(cfg.checkpointless.fallback in FALLBACKS,
-             f"checkpointless.fallback={cfg.checkpointless.fallback!r}: use 'none' or 'disk'.")
+    _require(ck.fallback in FALLBACKS,
+             f"checkpointless.fallback={ck.fallback!r}: use 'none' or 'disk'.")
+    validate_checkpoint(cfg.checkpoint)
+    c = cfg.checkpoint
+    _require(not (ck.recovery == "disk" or ck.fallback == "disk")
+             or c.interval != 0 or c.interval_minutes is not None,
+             f"checkpointless.recovery={ck.recovery} fallback={ck.fallback} rolls back to the "
+             "latest durable checkpoint, but checkpoint.interval=0 turns them off: set "
+             "checkpoint.interval (steps) or checkpoint.interval_minutes.")
 
 
 def _validate_restart(cfg: RunConfig) -> None:
     r = cfg.restart
     if not r.enabled:
         return
-    _require(cfg.checkpointless.tier == "off",
+    _require(cfg.checkpointless.recovery == "none",
              f"restart.enabled=true is the stock checkpoint-restart baseline; it needs "
              f"checkpointless=off (now checkpointless={cfg.checkpointless.tier}, which "
              "recovers in process: drop restart.enabled).")

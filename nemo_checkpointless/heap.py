@@ -1,11 +1,10 @@
 """Keep full passes of Python's cyclic garbage collector off the step and recovery paths.
 
-A full (generation 2) collection walks every object the collector tracks. A rank that has
-imported torch and megatron-core holds about 410,000 of them, and one pass took ~217 ms on
-the development machine. Python starts one whenever the objects that survived into the
-oldest generation grow by a quarter, which is what happens while a replacement builds its
-optimizer, scheduler and data: measured inside a recovery, a pass landed in the warm
-spare's set-up and stood 0.26 s of the 0.84 s kill-to-first-step on the critical path.
+A full (generation 2) collection walks every object the collector tracks, and a rank that
+has imported torch and megatron-core holds hundreds of thousands; Python starts one
+whenever the oldest generation grows by a quarter, which is what happens while a
+replacement builds its optimizer, scheduler and data, on the recovery's critical path
+(measured: ``docs/benchmarks.md``, "Recovery time").
 
 :func:`freeze` moves every object alive now into the collector's permanent generation
 (``gc.freeze``, O(1)), which later passes skip; they then walk only what was created since.

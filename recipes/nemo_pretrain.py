@@ -107,9 +107,14 @@ def main(argv: list[str]) -> int:
     if dryrun:
         print(recipe)
         return 0
+    from nemo_checkpointless.config import ConfigError
     from nemo_checkpointless.nemo.run import run_recipe
 
-    run_recipe(recipe, own.get("run_dir"))
+    try:
+        run_recipe(recipe, own.get("run_dir"))
+    except ConfigError as err:  # found once the job's world is known: exit 2 (bad config)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -31,7 +31,7 @@ def _hydra_subdir() -> str | None:
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from nemo_checkpointless.train.entry import run_pretrain
+    from nemo_checkpointless.runtime import run_pretrain
 
     run_pretrain(cfg, run_dir=HydraConfig.get().runtime.output_dir)
     if os.environ.get("NCL_AGENT_FD") is not None:

@@ -1,7 +1,7 @@
 """Communicator start-up, teardown and rebuild.
 
 ``init()`` is Tier 1: the world formed over a store sharded across the node agents (or the
-ranks themselves), with no root; see ``docs/tier1.md``.
+ranks themselves), with no root; see ``docs/architecture.md`` ("Tier 1").
 """
 
 from .init import Tier1World, init

@@ -1,26 +1,50 @@
 """Abort every communicator of this process so no collective stays blocked.
 
-NCCL: ``ProcessGroup.abort()`` (ncclCommAbort) on every group. Gloo: ``abort()`` does not
-wake a thread blocked in a collective (measured on torch 2.13), so the connections
-themselves are shut down: every connected TCP socket of the process except those to the
-job store. A blocked collective then fails at once with "connection closed", and peers
-blocked on this rank see the same, so the whole job unwinds within milliseconds. The
-file descriptors stay open (``shutdown``, not ``close``) and are closed by gloo when the
-old groups are destroyed, so no descriptor is reused under gloo's feet.
+NCCL (a GPU job): every group is aborted inside one ncclGroupStart/End bracket, newest
+first, the way torch's ``_abort_process_group`` does (``compat/c10d.py`` says why not that
+function itself): NCCL aborts then cannot wait on one another. No socket is touched: the
+process's TCP connections are NCCL's bootstrap and proxy sockets, the W&B service, S3 or
+HTTP data clients, none of them ours to cut.
+
+Gloo (CPU rehearsal): ``abort()`` does not wake a thread blocked in a collective (measured
+on torch 2.13), so the connections themselves are shut down: every connected TCP socket
+of the process except those to the job store. A blocked collective then fails at once with
+"connection closed", and peers blocked on this rank see the same, so the whole job unwinds
+within milliseconds. The file descriptors stay open (``shutdown``, not ``close``) and are
+closed by gloo when the old groups are destroyed, so no descriptor is reused under gloo's
+feet. Why every socket and not gloo's alone: gloo's pairs connect ephemeral port to
+ephemeral port, published only as opaque address blobs inside each group's store keys;
+with ``TORCH_GLOO_LAZY_INIT`` they connect later, on gloo's own threads. No property of a
+socket seen from ``/proc/self/fd`` says "gloo" reliably, and a gloo socket left open is a
+collective that waits for the whole gloo timeout. In rehearsal the process holds no other
+long-lived TCP connection than the store's (kept) and gloo's.
+
+Either way the abort runs under a watchdog (:func:`abort_communicators`): an abort that
+has not returned after ``timeout_s`` means a wedged driver or NCCL, and the rank exits
+with :data:`~nemo_checkpointless.gpu.health.EXIT_GPU_SUSPECT` so that its agent checks the
+GPU before a spare takes the local rank.
 """
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import logging
 import os
 import socket
 import threading
 import time
-from typing import Iterable
+from typing import Iterable, Iterator, Optional
 
 import torch.distributed as dist
 
+from .. import device
+from ..compat import c10d
+from ..gpu.health import EXIT_GPU_SUSPECT
+
 log = logging.getLogger(__name__)
+
+ABORT_TIMEOUT_S = 60.0  # ncclCommAbort takes milliseconds; minutes mean a wedged GPU
 
 
 def _store_peers(endpoints: Iterable[tuple[str, int]]) -> set[int]:
@@ -57,16 +81,51 @@ def shutdown_tcp_connections(keep_ports: set[int]) -> int:
     return count
 
 
-def abort_communicators(store_endpoints: Iterable[tuple[str, int]]) -> int:
-    """Abort all process groups of this process; returns the connections shut down."""
+def job_backend() -> str:
+    """The world's backend, or (no world now) the one the rank's device implies."""
     if dist.is_initialized():
-        for group in list(dist.distributed_c10d._world.pg_map):
-            try:
-                if dist.get_backend(group) == "nccl":
-                    group.abort()
-            except Exception as err:  # abort is best effort by nature
-                log.debug("abort of %r failed: %s", group, err)
-    return shutdown_tcp_connections(_store_peers(store_endpoints))
+        with contextlib.suppress(Exception):
+            return str(dist.get_backend()).lower()
+    return "nccl" if device.is_cuda() else "gloo"
+
+
+def _exit_hung(what: str, seconds: float) -> None:
+    log.critical("%s has not returned after %.1fs: exiting (code %d) so that the agent "
+                 "replaces this rank and checks its GPU; stacks follow", what, seconds,
+                 EXIT_GPU_SUSPECT)
+    with contextlib.suppress(Exception):
+        faulthandler.dump_traceback(all_threads=True)
+    os._exit(EXIT_GPU_SUSPECT)
+
+
+@contextlib.contextmanager
+def deadline(seconds: float, what: str) -> Iterator[None]:
+    """Exit the process if the block has not finished within ``seconds`` (a daemon timer;
+    an abort that hangs cannot be interrupted from Python)."""
+    timer = threading.Timer(seconds, _exit_hung, args=(what, seconds))
+    timer.daemon = True
+    timer.name = "ncl-abort-watchdog"
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def abort_communicators(store_endpoints: Iterable[tuple[str, int]],
+                        backend: Optional[str] = None,
+                        timeout_s: float = ABORT_TIMEOUT_S) -> int:
+    """Abort all process groups of this process; returns the connections shut down
+    (always 0 on NCCL). ``backend``: the job's (default: :func:`job_backend`)."""
+    backend = (backend or job_backend()).lower()
+    with deadline(timeout_s, f"the {backend} abort"):
+        if backend == "nccl":
+            t0 = time.perf_counter()
+            groups = c10d.abort_all_groups()
+            log.info("aborted %d process groups in one NCCL group call in %.3fs",
+                     len(groups), time.perf_counter() - t0)
+            return 0
+        return shutdown_tcp_connections(_store_peers(store_endpoints))
 
 
 _GRAVEYARD: list = []
@@ -86,18 +145,7 @@ def forget_all_groups() -> None:
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
-    if not dist.is_initialized():
-        return
-    c10d = dist.distributed_c10d
-    world = c10d._world
-    _GRAVEYARD.extend(world.pg_map.keys())
-    c10d._update_default_pg(None)
-    for table in (world.pg_map, world.pg_names, world.pg_group_ranks,
-                  world.pg_backend_config, world.pg_to_tag, world.tags_to_pg,
-                  world.pg_coalesce_state):
-        table.clear()
-    c10d._unregister_all_process_groups()
-    world.group_count = 0
+    _GRAVEYARD.extend(c10d.forget_all())
 
 
 def release_forgotten_groups_in_background() -> int:

@@ -1,7 +1,7 @@
 """Tier 1: form the world with no root store, from the launcher's environment alone.
 
     world = nemo_checkpointless.comm.init()          # torchrun, srun, ncl-launch, Kubernetes
-    parallel.initialize(strategy)                    # megatron groups, members-only on gloo
+    parallel.initialize(strategy)                    # megatron groups, members-only
     world.report_store_ops("start-up")
 
 Where the store servers come from (first match wins):
@@ -25,9 +25,9 @@ without a peer list the first start needs torchrun's rendezvous host once (re-fo
 not). Without ``NCL_JOB_SECRET`` the secret is derived from the job's rendezvous address:
 it keeps jobs apart by accident, not against a hostile process.
 
-Timeouts: ``timeout`` bounds every collective (``NCL_PG_TIMEOUT_S``, 600 s);
-``store_timeout`` bounds every store wait and the wait for unreachable servers
-(``NCL_STORE_TIMEOUT_S``, 120 s).
+Timeouts (``timeouts.py``): ``timeout`` bounds every collective (``pg_s``: 60 s on gloo,
+600 s on NCCL); ``store_timeout`` bounds every store wait and the wait for unreachable
+servers (``store_s``, 120 s).
 """
 
 from __future__ import annotations
@@ -271,7 +271,10 @@ def _bootstrap_hosts(le: LaunchEnv, identity: JobIdentity, timeout: datetime.tim
 
 
 def store_timeout_default() -> datetime.timedelta:
-    return datetime.timedelta(seconds=float(os.environ.get("NCL_STORE_TIMEOUT_S", "120")))
+    """``timeouts.store_s`` (resolved by the agent, or from the environment)."""
+    from ..timeouts import Timeouts
+
+    return Timeouts.from_env().delta("store_s")
 
 
 def pg_prefix(generation: int) -> str:
@@ -284,8 +287,9 @@ def form_world(store: dist.Store, rank: int, world_size: int, generation: int,
                backend: str = "auto", timeout: Optional[datetime.timedelta] = None) -> None:
     """``init_process_group`` for ``generation`` over ``store`` (keys under ``pg/<G>/``).
 
-    On NCCL the local device is bound (``device_id``), so every later group is split from
-    the world communicator instead of exchanging a unique id through the store.
+    On NCCL the rank's device is selected but not bound to the world (``comm/world.py``
+    ``group_rebuild="members"``): each later group's communicator is created by its
+    members from a unique id in the store, not split from the world's (docs/gpu.md).
     """
     backend = backend_for(backend)
     hint = (store.rendezvous_hint(world_size) if backend == "gloo" and
@@ -367,7 +371,7 @@ def init(backend: str = "auto", timeout: Optional[datetime.timedelta] = None, *,
 
     ``generation`` (default: ``NCL_GENERATION``, else the store's replicated ``gen``) picks
     the key prefix. ``local_group_sync`` patches megatron's group creation (members-only
-    on gloo; see :mod:`nemo_checkpointless.megatron.groups`).
+    on gloo and on NCCL; see :mod:`nemo_checkpointless.megatron.groups`).
     """
     if dist.is_initialized():
         raise RuntimeError("comm.init(): the world is already initialized in this process; "

@@ -1,9 +1,9 @@
 """Generation-scoped rendezvous: every rank of generation G meets, then forms the world.
 
 Keys live under ``rdzv/<G>/`` and ``pg/<G>/``, so a stale generation's keys are never
-read by a newer one. The world itself is formed by :func:`comm.init.form_world` (device
-bound on NCCL, batched address exchange on gloo). The wait is cancellable: a rank that learns of a newer generation
-while waiting leaves at once (``GenerationChanged``).
+read by a newer one. The world itself is formed by :func:`comm.init.form_world` (groups
+built by their members only, batched address exchange on gloo). The wait is cancellable: a
+rank that learns of a newer generation while waiting leaves at once (``GenerationChanged``).
 """
 
 from __future__ import annotations

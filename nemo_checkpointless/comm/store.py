@@ -6,7 +6,7 @@ Interface (stable):
 * :class:`StoreServer` — one per agent: ``start()``, ``stop()``, ``port``, ``op_counts()``.
 * :func:`connect` — a ``torch.distributed.Store`` over all agents' endpoints.
 
-Design (details in ``docs/tier1.md``):
+Design (details in ``docs/architecture.md``, "Tier 1"):
 
 * **Sharding.** A key lives on server ``crc32(key) % n``, so store traffic spreads over the
   agents instead of converging on one host. A lost server takes its keys with it; that is

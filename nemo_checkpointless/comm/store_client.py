@@ -19,7 +19,6 @@ import contextlib
 import datetime
 import json
 import logging
-import os
 import re
 import secrets
 import socket
@@ -39,8 +38,10 @@ log = logging.getLogger(__name__)
 
 
 def connect_timeout() -> float:
-    """Seconds for one TCP connect attempt (``NCL_STORE_CONNECT_TIMEOUT_S``, default 2)."""
-    return float(os.environ.get("NCL_STORE_CONNECT_TIMEOUT_S", "2"))
+    """Seconds for one TCP connect attempt (``timeouts.store_connect_s``)."""
+    from ..timeouts import Timeouts
+
+    return Timeouts.from_env().store_connect_s
 
 
 def _open(endpoint: Endpoint, timeout: float) -> socket.socket:
@@ -84,7 +85,7 @@ class _Link:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             status, hello = self._frame()
             if status != wire.OK or not hello.startswith(wire.MAGIC):
-                raise AdmissionError(f"{host}:{port} is not an ncl store server "
+                raise AdmissionError(f"{endpoint[0]}:{endpoint[1]} is not an ncl store server "
                                      f"(greeting {hello[:16]!r})")
             nonce, mine = hello[len(wire.MAGIC):], secrets.token_bytes(16)
             tag = identity.mac(b"client", nonce, mine)

@@ -1,6 +1,15 @@
 """The world process group: created from the launcher's environment (torchrun-compatible).
 
 Timeouts are explicit: ``NCL_PG_TIMEOUT_S`` (default 600 s) bounds every collective.
+
+How megatron's groups are built on NCCL (``group_rebuild``): ``members`` (the default,
+:data:`GROUP_REBUILD_DEFAULT`) leaves the world's device unbound, so every group's
+communicator is created by that group's members alone (a unique id through the store,
+``ncclCommInitRank`` of the members), as gloo's groups are; ``split`` binds the device at
+``init_process_group`` (``device_id``), which makes torch split every new group from the
+world communicator (``ncclCommSplit``): one collective of the whole world per group,
+which ``python -m nemo_checkpointless.simulate`` puts at minutes per recovery at 2,304
+GPUs. docs/gpu.md argues both against torch's and NCCL's source.
 """
 
 from __future__ import annotations
@@ -8,10 +17,13 @@ from __future__ import annotations
 import datetime
 import os
 
-import torch
 import torch.distributed as dist
 
-from .. import cpu
+from .. import cpu, device
+from ..compat import c10d
+
+GROUP_REBUILD_MODES = ("members", "split")
+GROUP_REBUILD_DEFAULT = "members"  # the simulator's default follows this
 
 
 def backend_for(requested: str) -> str:
@@ -22,20 +34,23 @@ def backend_for(requested: str) -> str:
 
 
 def default_timeout(backend: str = "nccl") -> datetime.timedelta:
-    """Bound on every collective: ``NCL_PG_TIMEOUT_S``, else 600 s on NCCL and 60 s on gloo.
+    """Bound on every collective (``timeouts.pg_s``: 600 s on NCCL and 60 s on gloo by
+    default, resolved by the agent and exported to the ranks).
 
     On gloo the bound is short because it is also the last resort of an abort: a gloo wait
     that the shut-down connections did not wake ends here, and the rank then recovers.
     """
-    default = "60" if backend == "gloo" else "600"
-    return datetime.timedelta(seconds=float(os.environ.get("NCL_PG_TIMEOUT_S", default)))
+    from ..timeouts import Timeouts
+
+    return Timeouts.from_env().pg(backend)
 
 
-def init_world(backend: str = "auto", timeout: datetime.timedelta | None = None) -> None:
+def init_world(backend: str = "auto", timeout: datetime.timedelta | None = None,
+               group_rebuild: str = GROUP_REBUILD_DEFAULT) -> None:
     """Create the default process group from RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT.
 
-    On GPUs the local device is bound at init (``device_id``) so that megatron's groups
-    are split from the world communicator instead of each exchanging a fresh unique id.
+    On NCCL the rank's device is selected (``device.select``) before the world exists;
+    ``group_rebuild`` says whether it is also bound to the world (see the module docstring).
     """
     if dist.is_initialized():
         return
@@ -43,26 +58,26 @@ def init_world(backend: str = "auto", timeout: datetime.timedelta | None = None)
         _single_process_env()
     backend = backend_for(backend)
     dist.init_process_group(backend=backend, timeout=timeout or default_timeout(),
-                            **device_kwargs(backend))
+                            **device_kwargs(backend, group_rebuild))
 
 
-def device_kwargs(backend: str) -> dict:
-    """``device_id`` for NCCL (binds LOCAL_RANK's GPU, which makes later groups splits)."""
-    if backend != "nccl":
+def device_kwargs(backend: str, group_rebuild: str = GROUP_REBUILD_DEFAULT) -> dict:
+    """Select the rank's device for ``backend``; on NCCL with ``group_rebuild="split"``
+    also return ``device_id`` (bound: torch splits later groups from the world's)."""
+    if group_rebuild not in GROUP_REBUILD_MODES:
+        raise ValueError(f"group_rebuild={group_rebuild!r}: choose one of "
+                         f"{', '.join(GROUP_REBUILD_MODES)}")
+    chosen = device.select(backend)
+    if backend != "nccl" or group_rebuild != "split":
         return {}
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    torch.cuda.set_device(local_rank)
-    return {"device_id": torch.device("cuda", local_rank)}
+    return {"device_id": chosen}
 
 
 def fake_world(rank: int, world_size: int) -> None:
     """A world whose collectives do nothing (torch's ``fake`` backend): objects that need
     parallel state to be built (NeMo's, a warm spare's model) are built in it, and their
     group handles are rebound to the real world's later (``megatron/rebind.py``)."""
-    import torch.testing._internal.distributed.fake_pg as fake_pg  # registers "fake"
-
-    dist.init_process_group("fake", store=fake_pg.FakeStore(), rank=rank,
-                            world_size=world_size)
+    c10d.init_fake_world(rank, world_size)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

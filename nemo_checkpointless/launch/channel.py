@@ -1,23 +1,27 @@
 """The local channel between a node agent and one of its rank processes.
 
 A Unix socket pair created by the agent; the rank finds its end in ``NCL_AGENT_FD``.
-Messages are JSON objects, one per line:
-
-rank -> agent: ``{"t": "hb"}`` heartbeat (from the rank's monitor thread),
-               ``{"t": "step", "step": N}`` progress.
-agent -> rank: ``{"t": "gen", "gen": G}`` the job moved to generation G (abort, re-form),
-               ``{"t": "assign", "rank": R, "local_rank": L, "gen": G}`` a spare takes rank R.
+Messages are JSON objects, one per line. What they mean is ``protocol.py``: send a
+protocol dataclass (encoded here) and read typed messages with :meth:`Channel.receive`;
+:meth:`Channel.send` also takes a plain dict and :meth:`Channel.recv` returns the raw
+objects, for tests and callers that speak the wire form directly.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import threading
-from typing import Any, Optional
+from typing import Any, Optional, Union
+
+from . import protocol
+from .protocol import Message
 
 ENV_FD = "NCL_AGENT_FD"
+
+log = logging.getLogger(__name__)
 
 
 class Channel:
@@ -46,8 +50,10 @@ class Channel:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def send(self, message: dict[str, Any]) -> bool:
-        data = (json.dumps(message) + "\n").encode()
+    def send(self, message: Union[Message, dict[str, Any]]) -> bool:
+        """Send one message; False when the peer is gone."""
+        obj = message if isinstance(message, dict) else protocol.encode(message)
+        data = (json.dumps(obj) + "\n").encode()
         with self._send_lock:
             try:
                 self.sock.sendall(data)
@@ -56,7 +62,7 @@ class Channel:
                 return False
 
     def recv(self, timeout: Optional[float] = None) -> Optional[list[dict[str, Any]]]:
-        """Messages available within ``timeout``; [] on timeout; None when the peer closed."""
+        """Objects available within ``timeout``; [] on timeout; None when the peer closed."""
         self.sock.settimeout(timeout)
         try:
             chunk = self.sock.recv(65536)
@@ -69,6 +75,20 @@ class Channel:
         self._buf += chunk
         *lines, self._buf = self._buf.split(b"\n")
         return [json.loads(line) for line in lines if line.strip()]
+
+    def receive(self, timeout: Optional[float] = None) -> Optional[list[Message]]:
+        """Typed messages available within ``timeout``; [] on timeout; None when the peer
+        closed. A message of an unknown kind is logged and skipped."""
+        objs = self.recv(timeout)
+        if objs is None:
+            return None
+        out = []
+        for obj in objs:
+            try:
+                out.append(protocol.decode(obj))
+            except protocol.ProtocolError as err:
+                log.warning("agent channel: %s", err)
+        return out
 
     def close(self) -> None:
         try:

@@ -67,8 +67,8 @@ PRELOAD = (
     "megatron.core", "megatron.core.models.gpt", "megatron.core.optimizer",
     "megatron.core.datasets.gpt_dataset",
     "nemo_checkpointless.config", "nemo_checkpointless.cpu", "nemo_checkpointless.comm",
-    "nemo_checkpointless.train.entry", "nemo_checkpointless.train.loop",
-    "nemo_checkpointless.train.data", "nemo_checkpointless.recovery.manager",
+    "nemo_checkpointless.runtime", "nemo_checkpointless.train.loop",
+    "nemo_checkpointless.train.data", "nemo_checkpointless.recovery.generation",
     "nemo_checkpointless.megatron.model", "nemo_checkpointless.data.dataset",
 )
 ENV_PRELOAD = "NCL_ZYGOTE_PRELOAD"  # comma-separated module names instead of PRELOAD

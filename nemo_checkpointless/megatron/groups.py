@@ -13,11 +13,15 @@ needs is different:
   different store keys. We give each such group a name that every member computes alike:
   ``ncl/<desc>/<hash of ranks>/<n-th group with that desc and ranks in this world>``.
   Non-members then do nothing at all.
-* **NCCL with a bound device** (``device_id`` at ``init_process_group``) splits every new
-  communicator from the world's (``ncclCommSplit``, no store traffic), and a split is
-  collective over the whole world: non-members must take part (NOCOLOR split). Those
-  groups keep megatron's world-wide path. NCCL without a bound device exchanges a unique
-  id among members through the store, so members-only creation is used there too.
+* **NCCL without a bound device** (the default, ``comm/world.py`` ``group_rebuild=
+  "members"``): each group's communicator is created by its members only, from a unique
+  id its first member publishes in the group's store keys, so members-only creation is
+  used as on gloo. Cost per recovery: each rank initialises its own groups, concurrently
+  with every other group; nothing grows with the world.
+* **NCCL with a bound device** (``device_id`` at ``init_process_group``, ``group_rebuild=
+  "split"``) splits every new communicator from the world's (``ncclCommSplit``), and a
+  split is collective over the whole world: non-members must take part (NOCOLOR split).
+  Those groups keep megatron's world-wide path.
 
 Correctness condition (torch's note on ``use_local_synchronization``): the members of a
 group must create their overlapping groups in the same order. megatron creates groups in
@@ -30,15 +34,14 @@ call it before ``initialize_model_parallel``. :func:`disable_local_group_sync` u
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
-import inspect
 import threading
 from collections import Counter
 from typing import Any, Optional
 
 import torch.distributed as dist
-from torch.distributed import distributed_c10d as c10d
+
+from ..compat import c10d
 
 _lock = threading.Lock()
 _original_create_group = None
@@ -52,7 +55,7 @@ class _WorldCounters:
         self.counts: Counter = Counter()
 
     def next_name(self, desc: Optional[str], ranks: list[int]) -> str:
-        world = c10d._get_default_group()
+        world = c10d.default_group()
         if world is not self.owner:
             self.owner, self.counts = world, Counter()
         desc = desc or "group"
@@ -66,35 +69,22 @@ class _WorldCounters:
 _counters = _WorldCounters()
 
 
-@functools.lru_cache(maxsize=None)
 def supported() -> bool:
     """Whether this torch has what the shim relies on (checked, not assumed)."""
-    return (hasattr(c10d, "_process_group_name") and hasattr(c10d, "GroupName")
-            and "use_local_synchronization" in inspect.signature(dist.new_group).parameters)
+    return c10d.supports_named_local_groups()
 
 
 def members_only(backend: Optional[str]) -> bool:
     """Whether a group of ``backend`` (None: the world's) may be created by its members only."""
-    if not supported() or (hasattr(c10d, "_use_torchcomms_enabled")
-                           and c10d._use_torchcomms_enabled()):
+    if not supported() or c10d.torchcomms_enabled():
         return False
-    world = c10d._get_default_group()
+    world = c10d.default_group()
     effective = str(backend or dist.get_backend(world)).lower()
     if effective == "gloo":
         return True
     if effective == "nccl":
-        return world.bound_device_id is None  # bound: ncclCommSplit needs every rank
+        return c10d.bound_device(world) is None  # bound: ncclCommSplit needs every rank
     return False
-
-
-@contextlib.contextmanager
-def _group_name(name: str):
-    original = c10d._process_group_name
-    c10d._process_group_name = lambda ranks, use_hashed_name: c10d.GroupName(name)
-    try:
-        yield
-    finally:
-        c10d._process_group_name = original
 
 
 def _create_group(ranks=None, timeout=None, backend=None, pg_options=None,
@@ -112,7 +102,7 @@ def _create_group(ranks=None, timeout=None, backend=None, pg_options=None,
     hint = store.rendezvous_hint(len(ranks)) if store is not None else contextlib.nullcontext()
     with _lock, hint:
         name = _counters.next_name(group_desc, ranks)
-        with _group_name(name):
+        with c10d.group_named(name):
             return _original_create_group(ranks, timeout=timeout, backend=backend,
                                           pg_options=pg_options, use_local_synchronization=True,
                                           group_desc=group_desc)
@@ -120,7 +110,7 @@ def _create_group(ranks=None, timeout=None, backend=None, pg_options=None,
 
 def _sharded_store():
     """The world's store if it is ours (it can batch a gloo rendezvous), else None."""
-    store = c10d._world.pg_map[c10d._get_default_group()][1]
+    store = c10d.group_store(c10d.default_group())
     while isinstance(store, dist.PrefixStore):
         store = store.underlying_store
     return store if hasattr(store, "rendezvous_hint") else None

@@ -7,12 +7,12 @@ step) and ``gather_params`` (param all-gather: can be redone from main params).
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from ..compat import megatron as compat
 from ..config import OptimConfig, StrategyConfig
 
 
@@ -76,23 +76,8 @@ def build_optimizer(chunks: list[torch.nn.Module], optim: OptimConfig, strategy:
     )
     if collective:
         return get_megatron_optimizer(config, chunks)
-    with _local_all_gather_object():
+    with compat.local_all_gather_object():
         return get_megatron_optimizer(config, chunks)
-
-
-@contextlib.contextmanager
-def _local_all_gather_object():
-    original = torch.distributed.all_gather_object
-
-    def local(object_list: list, obj: Any, group: Any = None) -> None:
-        for i in range(len(object_list)):
-            object_list[i] = obj
-
-    torch.distributed.all_gather_object = local
-    try:
-        yield
-    finally:
-        torch.distributed.all_gather_object = original
 
 
 def build_scheduler(optimizer: Any, optim: OptimConfig, max_steps: int):
@@ -135,13 +120,8 @@ def apply_update(optimizer: Any) -> None:
     dies; the param all-gather that DistributedOptimizer normally appends is left to
     :func:`gather_params`.
     """
-    from megatron.core.optimizer.optimizer import MixedPrecisionOptimizer
-
     for opt in leaf_optimizers(optimizer):
-        if isinstance(opt, MixedPrecisionOptimizer):
-            MixedPrecisionOptimizer.step_with_ready_grads(opt)
-        else:
-            opt.step_with_ready_grads()
+        compat.step_with_ready_grads(opt)
 
 
 def gather_params(model_chunks: list[torch.nn.Module], optimizer: Any) -> None:
@@ -153,5 +133,5 @@ def gather_params(model_chunks: list[torch.nn.Module], optimizer: Any) -> None:
         if ddp_config.overlap_param_gather:
             continue
         for chunk in model_chunks:
-            chunk.start_param_sync(force_sync=True)
+            compat.start_param_sync(chunk)
         return

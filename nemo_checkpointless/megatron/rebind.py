@@ -19,6 +19,8 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 import torch.distributed as dist
 
+from ..compat import c10d
+
 ProcessGroup = dist.ProcessGroup
 
 _SKIP_TYPES = (torch.Tensor, str, bytes, int, float, bool, type(None), torch.dtype,
@@ -30,7 +32,7 @@ def _named_groups() -> Iterator[tuple[str, ProcessGroup]]:
     from megatron.core import parallel_state as ps
 
     if dist.is_initialized():
-        yield "WORLD", dist.distributed_c10d._get_default_group()
+        yield "WORLD", c10d.default_group()
     for name, value in sorted(vars(ps).items()):
         if not name.startswith("_"):
             continue
@@ -164,7 +166,7 @@ def live_groups() -> set[int]:
     """ids of the process groups torch.distributed knows now."""
     if not dist.is_initialized():
         return set()
-    return {id(g) for g in dist.distributed_c10d._world.pg_map}
+    return c10d.group_ids()
 
 
 def stale_group_references(roots: Iterable[Any]) -> list[str]:

@@ -21,7 +21,7 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 
 from ..metrics.writer import JsonlWriter, write_json
-from ..train.hooks import Phase
+from ..steps import Phase
 from . import session as sessions
 
 LEAN_KEYS = ("step", "loss", "loss_hex", "consumed_samples", "step_time_s", "grad_norm", "lr",

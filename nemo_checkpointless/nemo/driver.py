@@ -1,12 +1,13 @@
-"""NeMo's objects behind the core's step-driver surface (what the recovery manager reads).
+"""NeMo's objects behind the core's step-driver contract (what the recovery loop reads).
 
-Lightning runs the loop; :class:`NemoStepDriver` exposes to
-:class:`~nemo_checkpointless.recovery.manager.RecoveryManager` what it needs to settle a
-generation: the committed step and data position, megatron's DDP chunks and optimizer,
-the pending (prepared, not applied) update, the commit (used to roll a step forward),
-the LR of the running step, the parallel state's rebuild (NeMo's recorded arguments,
-``nemo/parallel.py``) and the objects whose group handles are rebound. ``train_step`` is
-not used: steps run inside Lightning (``nemo/session.py``).
+Lightning runs the loop; :class:`NemoStepDriver` exposes to the core's
+:class:`~nemo_checkpointless.recovery.generation.RecoveryLoop` what it needs to settle a
+generation (:class:`~nemo_checkpointless.steps.StepDriver`): the committed step and data
+position, megatron's DDP chunks and optimizer, the pending (prepared, not applied) update,
+the commit (used to roll a step forward), the LR of the running step, the parallel
+state's rebuild (NeMo's recorded arguments, ``nemo/parallel.py``) and the objects whose
+group handles are rebound. ``train_step`` is not used: steps run inside Lightning
+(``nemo/session.py``).
 """
 
 from __future__ import annotations
@@ -18,19 +19,19 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from .. import device
 from ..megatron import optimizer as mopt
 from ..megatron import parallel
 from ..megatron.shards import make_state_contiguous
 from ..megatron.state import job_digest
-from ..metrics.writer import write_json
+from ..steps import HookList
 from ..train.data import local_batch_digest
-from ..train.hooks import HookList
 from ..train.loop import PendingCommit, StepMetrics
 from .parallel import ParallelLayout
 
 
 class _NoRows:
-    """The manager writes a ``metrics.jsonl`` row only from ``last_record`` (None here):
+    """The loop writes a ``metrics.jsonl`` row only from ``last_record`` (None here):
     rows are written by the callback, from the journal (``nemo/callbacks.py``)."""
 
     def write(self, record: dict[str, Any]) -> None:
@@ -41,7 +42,7 @@ class _NoRows:
 
 
 class NemoStepDriver:
-    """One rank's NeMo objects, read and set by the recovery manager."""
+    """One rank's NeMo objects, read and set by the recovery loop."""
 
     def __init__(self, trainer: Any, hooks: HookList, layout: ParallelLayout,
                  run_dir: Path) -> None:
@@ -84,14 +85,20 @@ class NemoStepDriver:
         modules = [m for chunk in self.model for m in chunk.modules()]
         return [*modules, self.optimizer]
 
-    def schedule_state(self) -> Any:
-        """The LR the running step uses (Lightning steps NeMo's scheduler after the step;
-        its own state travels with Lightning's, ``nemo/session.py``)."""
-        return {"lr": [g["lr"] for g in self.optimizer.param_groups]}
+    def state_dict(self) -> dict[str, Any]:
+        """Counters, data position, the LR the running step uses and the last record (not
+        the optimizer shard). Lightning steps NeMo's scheduler after the step; the
+        scheduler's own state travels with Lightning's (``nemo/session.py``)."""
+        return {"step": self.step, "data": {"consumed_samples": self.consumed_samples},
+                "schedule": {"lr": [g["lr"] for g in self.optimizer.param_groups]},
+                "record": self.last_record}
 
-    def load_schedule_state(self, state: Any) -> None:
-        for group, lr in zip(self.optimizer.param_groups, state["lr"]):
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.consumed_samples = int(state["data"]["consumed_samples"])
+        for group, lr in zip(self.optimizer.param_groups, state["schedule"]["lr"]):
             group["lr"] = lr
+        self.last_record = state["record"]
 
     def reset_step_marks(self) -> None:
         return None
@@ -116,16 +123,13 @@ class NemoStepDriver:
         return metrics
 
     def finish(self) -> dict[str, Any]:
+        """The summary (the loop writes ``summary.json``): the state hash is collective."""
         assert self.coords is not None
         c = self.coords
-        summary = {"final_step": self.step, "consumed_samples": self.consumed_samples,
-                   "state_sha256": job_digest(self.model, self.optimizer),
-                   "world_size": c.world_size,
-                   "layout": {"tp": c.tp_size, "pp": c.pp_size, "dp": c.dp_size,
-                              "cp": c.cp_size}}
-        if c.rank == 0:
-            write_json(self.run_dir / "summary.json", summary)
-        return summary
+        return {"final_step": self.step, "consumed_samples": self.consumed_samples,
+                "state_sha256": job_digest(self.model, self.optimizer),
+                "world_size": c.world_size,
+                "layout": {"tp": c.tp_size, "pp": c.pp_size, "dp": c.dp_size, "cp": c.cp_size}}
 
 
 def batch_hash(micro_batches: list[dict[str, torch.Tensor]]) -> str:
@@ -133,7 +137,7 @@ def batch_hash(micro_batches: list[dict[str, torch.Tensor]]) -> str:
     (collective over the world)."""
     from megatron.core import parallel_state as ps
 
-    value = torch.zeros(1, dtype=torch.int64)
+    value = device.zeros(1, torch.int64)
     if ps.is_pipeline_first_stage() and ps.get_tensor_model_parallel_rank() == 0 and \
             ps.get_context_parallel_rank() == 0 and micro_batches:
         value += local_batch_digest(micro_batches, dp_rank=ps.get_data_parallel_rank())

@@ -19,7 +19,7 @@ from __future__ import annotations
 PRELOAD = (
     "torch", "torch.distributed", "numpy", "megatron.core", "megatron.core.optimizer",
     "lightning.pytorch", "nemo_run", "nemo.lightning", "nemo.collections.llm",
-    "nemo_checkpointless.recovery.manager", "nemo_checkpointless.nemo.session",
+    "nemo_checkpointless.recovery.generation", "nemo_checkpointless.nemo.session",
     "nemo_checkpointless.nemo.strategy", "nemo_checkpointless.nemo.recipe",
     "nemo_checkpointless.nemo.tiny_llama", "nemo_checkpointless.nemo.run",
 )

@@ -31,7 +31,7 @@ from nemo.lightning.megatron_parallel import MegatronParallel
 from nemo.lightning.pytorch.optim.megatron import MegatronOptimizerModule
 
 from ..megatron import optimizer as mopt
-from ..train.hooks import HookList, Phase
+from ..steps import HookList, Phase
 
 
 class CheckpointlessMcoreOptimizer(McoreDistributedOptimizer):

@@ -10,8 +10,8 @@ and keeps every other setting, including every argument of the objects it retarg
 
 * ``trainer.strategy``: retargeted to :class:`CheckpointlessMegatronStrategy` with
   ``tier`` (and ``fallback``, ``fault_plan`` when given) added;
-* ``trainer.strategy.num_distributed_optimizer_instances``: 2 for tier 4 (a replica of
-  every optimizer shard), unless given;
+* ``trainer.strategy.num_distributed_optimizer_instances``: 2 where the tier recovers from
+  peers (tier 4: a replica of every optimizer shard), unless given;
 * ``trainer.callbacks``: :class:`CheckpointlessCallback` first (it marks the start of each
   iteration before any other callback acts in it);
 * ``resume``: retargeted to :class:`CheckpointlessResume`;
@@ -31,14 +31,12 @@ from nemo.lightning.pytorch.optim.megatron import MegatronOptimizerModule
 from nemo.lightning.pytorch.strategies import MegatronStrategy
 from nemo.lightning.resume import AutoResume
 
-from ..config import ConfigError
+from .. import config
+from ..config import CheckpointlessConfig, ConfigError
 from .callbacks import CheckpointlessCallback
 from .optim import CheckpointlessOptimizerModule
 from .resume import CheckpointlessResume
 from .strategy import CheckpointlessMegatronStrategy
-
-REPLICATED_TIER = "tier4"
-
 
 def apply_checkpointless(recipe: run.Partial, tier: str = "tier4", *,
                          num_distributed_optimizer_instances: Optional[int] = None,
@@ -52,13 +50,14 @@ def apply_checkpointless(recipe: run.Partial, tier: str = "tier4", *,
         raise ConfigError("apply_checkpointless needs a NeMo 2 recipe whose trainer.strategy "
                           "is a run.Config of nemo.lightning.MegatronStrategy (from "
                           "nemo.collections.llm.<model>.pretrain_recipe()).")
+    parts = CheckpointlessConfig.preset(tier)  # a bad tier fails before anything changes
     fdl.update_callable(strategy, CheckpointlessMegatronStrategy)
     strategy.tier = tier
     if fallback is not None:
         strategy.fallback = fallback
     if fault_plan:
         strategy.fault_plan = list(fault_plan)
-    if num_distributed_optimizer_instances is None and tier == REPLICATED_TIER:
+    if num_distributed_optimizer_instances is None and parts.recovery == "peers":
         current = fdl.ordered_arguments(strategy).get("num_distributed_optimizer_instances", 1)
         num_distributed_optimizer_instances = max(2, int(current or 1))
     if num_distributed_optimizer_instances is not None:
@@ -79,32 +78,41 @@ def apply_checkpointless(recipe: run.Partial, tier: str = "tier4", *,
     return recipe
 
 
-def check_layout(recipe: run.Partial) -> None:
-    """Refuse a layout whose optimizer instances cannot divide data x context parallel.
+def check_layout(recipe: run.Partial, world_size: Optional[int] = None) -> None:
+    """The recipe's layout through the package's one layout check (``config.check_layout``):
+    sizes, optimizer instances, layers per pipeline stage, heads per tensor-parallel rank.
 
-    Checked only when the recipe's world (num_nodes x devices) is a multiple of TP*PP*CP;
-    NeMo's stock recipes are sized for their default node count and are otherwise
-    checked when the job starts.
+    ``world_size``: the job's (at start-up, strict). Without it the recipe's own
+    (``trainer.num_nodes * trainer.devices``) is used, and only when it is a multiple of
+    TP*PP*CP: NeMo's stock recipes are sized for their default node count and are checked
+    again, strictly, when the job starts.
     """
     trainer = recipe.trainer
     s = fdl.ordered_arguments(trainer.strategy)
-    nodes = int(getattr(trainer, "num_nodes", 1) or 1)
-    devices = getattr(trainer, "devices", 1)
-    if not isinstance(devices, int):
-        return
     tp = int(s.get("tensor_model_parallel_size", 1) or 1)
     pp = int(s.get("pipeline_model_parallel_size", 1) or 1)
     cp = int(s.get("context_parallel_size", 1) or 1)
-    k = int(s.get("num_distributed_optimizer_instances", 1) or 1)
-    world = nodes * devices
-    if world % (tp * pp * cp):
-        return
-    dp_cp = world // (tp * pp)
-    if dp_cp % k:
-        raise ConfigError(
-            f"strategy.num_distributed_optimizer_instances={k} must divide data-parallel x "
-            f"context-parallel size {dp_cp} (trainer.num_nodes*trainer.devices={world} / "
-            f"TP*PP={tp * pp}); set it to a divisor of {dp_cp}.")
+    if world_size is None:
+        nodes = getattr(trainer, "num_nodes", 1) or 1
+        devices = getattr(trainer, "devices", 1)
+        if not isinstance(devices, int) or not isinstance(nodes, int) or \
+                (nodes * devices) % (tp * pp * cp):
+            return
+        world_size = nodes * devices
+    ddp = s.get("ddp")
+    vp = s.get("virtual_pipeline_model_parallel_size")
+    model = getattr(getattr(recipe, "model", None), "config", None)
+
+    def model_int(name: str) -> Optional[int]:
+        value = getattr(model, name, None) if model is not None else None
+        return value if isinstance(value, int) else None
+
+    config.check_layout(
+        world_size=world_size, tp=tp, pp=pp, cp=cp, vp=vp if isinstance(vp, int) else None,
+        instances=int(s.get("num_distributed_optimizer_instances", 1) or 1),
+        distributed_optimizer=bool(getattr(ddp, "use_distributed_optimizer", True)),
+        num_layers=model_int("num_layers"), heads=model_int("num_attention_heads"),
+        query_groups=model_int("num_query_groups"), ffn=model_int("ffn_hidden_size"))
 
 
 # ---------------------------------------------------------------------- overrides

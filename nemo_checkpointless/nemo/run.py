@@ -26,12 +26,21 @@ from typing import Any, Optional
 
 import fiddle as fdl
 
-from nemo_checkpointless.config import (CheckpointlessConfig, ConfigError, DataConfig, FaultConfig,
-                      ModelConfig, RunConfig, StrategyConfig, TrainerConfig)
+from nemo_checkpointless.config import (CheckpointConfig, CheckpointlessConfig, ConfigError,
+                                        DataConfig, FaultConfig, ModelConfig, RunConfig,
+                                        StrategyConfig, TrainerConfig)
 
 
-def run_config(recipe: Any) -> RunConfig:
-    """The core settings the recovery manager reads, taken from a checkpointless recipe."""
+def run_config(recipe: Any, world_size: Optional[int] = None) -> RunConfig:
+    """The core settings the recovery loop reads, taken from a checkpointless recipe.
+
+    The recovery parts are the strategy's tier preset (``fallback`` on top). NeMo's own
+    checkpoints (``ModelCheckpoint``, loaded by ``AutoResume``) are the job's durable ones,
+    so the core's are off; and so recovery comes from peers: a rollback to disk inside
+    Lightning's loop is not supported (a new job resumes from NeMo's checkpoint instead).
+    ``world_size``: the job's, for the strict layout check at start-up.
+    """
+    from nemo_checkpointless.nemo.recipe import check_layout
     from nemo_checkpointless.nemo.strategy import CheckpointlessMegatronStrategy
 
     strategy = recipe.trainer.strategy
@@ -41,6 +50,15 @@ def run_config(recipe: Any) -> RunConfig:
                           "pass it through nemo_checkpointless.nemo.apply_checkpointless(recipe) "
                           "first")
     args = fdl.ordered_arguments(strategy)
+    parts = CheckpointlessConfig.preset(args.get("tier", "tier4"),
+                                        fallback=args.get("fallback", "none"))
+    if parts.recovery == "disk" or parts.fallback == "disk":
+        raise ConfigError(
+            f"tier={parts.tier}, fallback={parts.fallback}: a NeMo job under ncl-launch "
+            "recovers from peers only (tier4 with fallback='none'); to go back to a "
+            "checkpoint, start a new job: NeMo's AutoResume loads ModelCheckpoint's last one")
+    if world_size is not None:
+        check_layout(recipe, world_size)
     ddp = args.get("ddp")
     model = recipe.model.config
     data = recipe.data
@@ -65,8 +83,8 @@ def run_config(recipe: Any) -> RunConfig:
                         micro_batch_size=data.micro_batch_size, seq_length=data.seq_length),
         trainer=TrainerConfig(max_steps=trainer.max_steps, devices=trainer.devices,
                               num_nodes=trainer.num_nodes),
-        checkpointless=CheckpointlessConfig(tier=args.get("tier", "tier4"),
-                                            fallback=args.get("fallback", "none")),
+        checkpointless=parts,
+        checkpoint=CheckpointConfig(interval=0, resume="never"),  # NeMo's own (above)
         fault=FaultConfig(plan=list(args.get("fault_plan", None) or [])),
     )
 
@@ -96,10 +114,10 @@ def run_recipe(recipe: Any, run_dir: Optional[str] = None) -> Any:
     cpu.enable()  # no-op with CUDA
     if channel is None:
         return fdl.build(recipe)()
+    from nemo_checkpointless.logs import setup_logging
     from nemo_checkpointless.nemo.session import CheckpointlessSession
-    from nemo_checkpointless.train.entry import setup_logging
 
-    cfg = run_config(recipe)
+    cfg = run_config(recipe, int(os.environ["WORLD_SIZE"]))
     root = run_dir_of(recipe, run_dir)
     setup_logging("spare" if os.environ.get("NCL_SPARE") == "1" else os.environ.get("RANK", "0"))
     session = CheckpointlessSession.open(cfg, root, channel)
@@ -149,8 +167,9 @@ def main(argv: list[str]) -> int:
         return 0
     try:
         run_recipe(recipe, args.run_dir)
-    except ConfigError as err:
-        raise SystemExit(f"error: {err}") from None
+    except ConfigError as err:  # a bad configuration: exit 2, as the core's entry does
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -3,7 +3,7 @@
 Lightning stays in charge of the loop: every hook, logger call, validation and
 checkpoint runs from Lightning's own code, once per step. A failure is caught where it
 surfaces, at a *recovery point*, recovered from there (abort, new world, agreement,
-state transfer: the core's :class:`~nemo_checkpointless.recovery.manager.RecoveryManager`)
+state transfer: the core's :class:`~nemo_checkpointless.recovery.generation.RecoveryLoop`)
 and the point is run again; Lightning never sees it. The recovery points, in the order
 an iteration meets them:
 
@@ -36,15 +36,14 @@ from typing import Any, Callable, Iterator, Optional, TypeVar
 
 import torch
 
+from .. import device, runtime
 from ..comm.world import fake_world
 from ..compat import collectives, lightning_fit
 from ..config import RunConfig
 from ..launch.channel import Channel
 from ..megatron.rebind import group_roles, groups_by_role
-from ..recovery.manager import RecoveryManager
-from ..replication.replica_map import UnrecoverableError
-from ..train.entry import EXIT_UNRECOVERABLE, setup_logging
-from ..train.hooks import HookList, Phase
+from ..recovery.generation import RecoveryLoop
+from ..steps import HookList, Phase
 from ..train.loop import finish_step
 from .driver import NemoStepDriver, batch_hash
 from .journal import Journal, StepEntry, detached
@@ -90,13 +89,14 @@ class ReplayIterator(Iterator[Any]):
 
 
 class CheckpointlessSession:
-    """A rank's recovery manager, recovery points and catch-up (module docstring)."""
+    """A rank's recovery loop, recovery points and catch-up (module docstring)."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, channel: Channel) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.channel = channel
-        self.manager: Optional[RecoveryManager] = None
+        self.loop: Optional[RecoveryLoop] = None
+        self.summary: Optional[dict[str, Any]] = None
         self.layout = ParallelLayout(cfg.strategy.backend)
         self.journal = Journal()
         self.trainer: Any = None
@@ -128,32 +128,33 @@ class CheckpointlessSession:
         joins the job's world (NeMo then builds in it); a replacement builds in a world of
         fake groups and joins at :meth:`attach`."""
         global _current
-        channel.send({"t": "hello", "recovery": True})
         session = cls(cfg, run_dir, channel)
-        session.manager = RecoveryManager(cfg, run_dir, channel, lean_loop=False)
-        session.new = session.manager.replacement
+        loop = session.loop = runtime.open_recovery(cfg, run_dir, channel)
+        session.new = loop.replacement
         if session.new:
-            fake_world(session.manager.rank, session.manager.world_size)
+            fake_world(loop.rank, loop.world_size)
         else:
-            session.manager.join_world()
+            session._guarded(loop.join)
         collectives.install(session._collective)
         _current = session
         return session
 
     @property
     def hooks(self) -> HookList:
-        assert self.manager is not None
-        return self.manager.step_hooks
+        assert self.loop is not None
+        return self.loop.step_hooks
 
     @property
     def rank(self) -> int:
-        assert self.manager is not None
-        return self.manager.rank
+        assert self.loop is not None
+        return self.loop.rank
 
     def close(self) -> None:
         """Training ended on this rank: tell the agent, release the world."""
         global _current
-        self.channel.send({"t": "done"})
+        assert self.loop is not None
+        summary = self.summary or {"final_step": self.driver.step if self.driver else 0}
+        runtime.end_recovery(self.loop, self.channel, summary)
         _current = None
         try:
             from ..comm import destroy_world
@@ -161,33 +162,34 @@ class CheckpointlessSession:
         except Exception:  # noqa: BLE001 - groups may already be aborted
             pass
 
-    def fatal(self, err: BaseException) -> None:
-        """Every rank reached the same verdict from the same facts: stop the job."""
-        log.error("cannot recover: %s", err)
-        print(f"error: cannot recover: {err}", file=sys.stderr, flush=True)
-        self.channel.send({"t": "fatal", "reason": str(err)})
-        os._exit(EXIT_UNRECOVERABLE)
+    def _guarded(self, call: Callable[[], T]) -> T:
+        """``call()``; an outcome for the whole job (a verdict every rank reaches alike, a
+        stop every rank agreed on) ends the process as the agent expects; anything else
+        raised goes on up (to Lightning, then ``strategy.on_exception``)."""
+        try:
+            return call()
+        except BaseException as err:  # noqa: BLE001 - re-raised unless job-wide
+            runtime.leave_on(err, self.channel)
+            raise
 
     # ------------------------------------------------------------------ attach
     def attach(self, trainer: Any) -> None:
-        """Hand NeMo's built objects to the manager and meet the peers. A replacement
+        """Hand NeMo's built objects to the recovery loop and meet the peers. A replacement
         does it at ``on_fit_start`` (it must stand where its peers are before Lightning
         sets up its data); a first start at ``on_train_start`` (after a checkpoint
         resume restored Lightning's state)."""
-        assert self.manager is not None
+        assert self.loop is not None
+        loop = self.loop
         lightning_fit.check(trainer)
         self.trainer = trainer
-        self.driver = NemoStepDriver(trainer, self.hooks, self.layout, self.run_dir)
-        self.driver.on_commit = self._committed
+        driver = self.driver = NemoStepDriver(trainer, self.hooks, self.layout, self.run_dir)
+        driver.on_commit = self._committed
         self.loggers = LoggerGuard(trainer, self.journal, lambda: self.iteration)
         self.loggers.install()
         lightning_fit.wrap_validation(trainer, self.validation)
         self.depth += 1
         try:
-            try:
-                self.manager.attach(self.driver)
-            except UnrecoverableError as err:
-                self.fatal(err)
+            self._guarded(lambda: loop.attach(driver))
             self._meet_retrying(None)
         finally:
             self.depth -= 1
@@ -245,7 +247,7 @@ class CheckpointlessSession:
             while True:
                 try:
                     return run(attempt)
-                except BaseException as err:  # noqa: BLE001 - the manager classifies it
+                except BaseException as err:  # noqa: BLE001 - the loop classifies it
                     self._recover(err, pos, resultless)
                     lightning_fit.set_hook_name(self.trainer, hook)
                     if self._behind_done:
@@ -256,12 +258,10 @@ class CheckpointlessSession:
             self.depth -= 1
 
     def _recover(self, err: BaseException, pos: Position, resultless: bool) -> None:
-        assert self.manager is not None
+        assert self.loop is not None
+        loop = self.loop
         self._remember_groups()
-        try:
-            self.manager.recover(err)
-        except UnrecoverableError as fatal:
-            self.fatal(fatal)
+        self._guarded(lambda: loop.recover(err))
         self._resultless = resultless
         here = self._pos_override(pos) if self._pos_override is not None else pos
         self._meet_retrying(here)
@@ -274,30 +274,27 @@ class CheckpointlessSession:
             self._roles.update(group_roles())
 
     def _meet_retrying(self, pos: Optional[Position]) -> None:
-        assert self.manager is not None
+        assert self.loop is not None
+        loop = self.loop
         while True:
             try:
                 self._meet(pos)
                 return
-            except BaseException as err:  # noqa: BLE001 - the manager classifies it
+            except BaseException as err:  # noqa: BLE001 - the loop classifies it
                 self._remember_groups()
-                try:
-                    self.manager.recover(err)
-                except UnrecoverableError as fatal:
-                    self.fatal(fatal)
+                self._guarded(lambda: loop.recover(err))
 
     def _meet(self, pos: Optional[Position]) -> None:
         """Every rank of the new world reports where it stands; the job meets at the
         furthest survivor's point; a replacement gets what it needs to catch up."""
         from megatron.core import parallel_state as ps
 
-        assert self.manager is not None
         world = torch.distributed.get_world_size()
         kind = NEW if self.new else (SURVIVOR if pos is not None and pos[0] >= 0 else FRESH)
         step, index = pos if pos is not None else (0, 0)
-        mine = torch.tensor([kind, step, index, int(self._resultless),
-                             int(ps.is_pipeline_last_stage())], dtype=torch.int64)
-        table = torch.zeros(world * 5, dtype=torch.int64)
+        mine = device.control_tensor([kind, step, index, int(self._resultless),
+                                      int(ps.is_pipeline_last_stage())], torch.int64)
+        table = device.zeros(world * 5, torch.int64)
         collectives.original("all_gather_into_tensor")(table, mine)
         rows = table.view(world, 5).tolist()
         survivors = [(r, (row[1], row[2]), row[4]) for r, row in enumerate(rows)
@@ -370,7 +367,7 @@ class CheckpointlessSession:
         assert driver is not None
         step = int(self.trainer.global_step) + 1
         inner, after = lightning_fit.split_closure(closure)
-        state: dict[str, Any] = {"after": False, "loss": None}
+        state: dict[str, Any] = {"after": False, "loss": None, "metrics": None}
 
         def hooks_after_closure() -> None:
             if not state["after"]:
@@ -385,8 +382,8 @@ class CheckpointlessSession:
                 state["loss"] = inner()
                 hooks_after_closure()
                 loss = lightning_fit.closure_loss(self.journal.step(step).output)
-                finish_step(driver, step, loss, start, batch_hash(self.micro),
-                            driver.clip_grad)
+                state["metrics"] = finish_step(driver, step, loss, start,
+                                               batch_hash(self.micro), driver.clip_grad)
             elif step not in self._ran:  # a replacement: its peers computed this step
                 self._replay = self.journal.steps.get(step)
                 if self._replay is None:
@@ -404,8 +401,10 @@ class CheckpointlessSession:
             result = self.section("step", run, skip=lambda: run(0))
         finally:
             self._pos_override = None
-        assert self.manager is not None
-        self.manager.step_done()
+        loop = self.loop
+        assert loop is not None
+        if state["metrics"] is not None:  # computed here (not replayed, not rolled forward)
+            self._guarded(lambda: loop.step_done(state["metrics"]))
         return result
 
     def training_step(self, run: Callable[[Iterator[Any]], Any],
@@ -455,6 +454,7 @@ class CheckpointlessSession:
         iteration = self.iteration
 
         def attempt(n: int) -> Any:
+            self._pause("validation")
             out = run()
             if iteration >= 0:
                 self.journal.after_validation[iteration] = {
@@ -474,14 +474,25 @@ class CheckpointlessSession:
 
     def save_checkpoint(self, save: Callable[[dict], Any], checkpoint: dict) -> Any:
         original = dict(checkpoint)
-        return self.section("save_checkpoint",
-                            lambda n: save(checkpoint if n == 0 else dict(original)),
-                            skip=lambda: None, resultless=True)
+
+        def attempt(n: int) -> Any:
+            self._pause("checkpoint")
+            return save(checkpoint if n == 0 else dict(original))
+
+        return self.section("save_checkpoint", attempt, skip=lambda: None, resultless=True)
 
     def finish(self) -> dict[str, Any]:
         """``summary.json``: the state hash over every rank, with the recoveries."""
-        assert self.manager is not None
-        return self.section("summary", lambda n: self.manager.finish(), skip=dict)
+        loop = self.loop
+        assert loop is not None
+        self.summary = self.section("summary", lambda n: loop.finish(), skip=dict)
+        return self.summary
+
+    def _pause(self, reason: str) -> None:
+        """Work of unknown length between two steps: the agent's hang watch allows its
+        initial timeout until the next step."""
+        assert self.loop is not None
+        self.loop.link.pause(reason)
 
     def _collective(self, name: str, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         if self.depth > 0 or not self.attached:

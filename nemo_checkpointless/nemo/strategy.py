@@ -3,13 +3,14 @@
 Every argument of ``nemo.lightning.MegatronStrategy`` is accepted and kept (the layout,
 DDP config, checkpoint options, ``num_distributed_optimizer_instances``, ...). Added:
 
-* ``tier`` / ``fallback``: the core's ``checkpointless`` settings (``config.py``);
+* ``tier`` / ``fallback``: the core's ``checkpointless`` settings: the tier's preset of
+  config parts (``config.CheckpointlessConfig.preset``), held as ``self.checkpointless``;
 * ``fault_plan``: the core's fault plan (``recovery/faults.py``), injected at the step
   phases on the ranks it names;
 * the step hooks (``self.hooks``): under ``ncl-launch`` those of the rank's recovery
   session (``nemo/session.py``: commit barrier, fault injector, recovery points); under
-  torchrun the core's :class:`~nemo_checkpointless.recovery.commit.CommitProtocol` (tiers
-  3/4) and the fault injector, without recovery;
+  torchrun the core's :class:`~nemo_checkpointless.recovery.commit.CommitProtocol` (when
+  the parts recover in process) and the fault injector, without recovery;
 * under ``ncl-launch``: megatron's parallel state is built by NeMo in the world the
   session formed (a first start) or in a world of fake groups (a replacement), with its
   arguments recorded for the rebuild after a recovery; the training step, checkpoint
@@ -28,17 +29,15 @@ from typing import Any, Optional, Sequence
 from nemo.lightning.pytorch.strategies import MegatronStrategy
 
 from .. import cpu
-from ..config import FALLBACKS, TIERS, ConfigError
+from ..config import FALLBACKS, CheckpointlessConfig, ConfigError
 from ..launch.channel import ENV_FD
 from ..recovery.commit import CommitProtocol
 from ..recovery.faults import FaultInjector, parse_plan
-from ..train.hooks import HookList
+from ..steps import HookList
 from . import session as sessions
 from .optim import CheckpointlessOptimizerModule
 
 log = logging.getLogger(__name__)
-
-RECOVERY_TIERS = ("tier3", "tier4")
 
 
 class CheckpointlessMegatronStrategy(MegatronStrategy):
@@ -46,10 +45,9 @@ class CheckpointlessMegatronStrategy(MegatronStrategy):
 
     def __init__(self, *args: Any, tier: str = "tier4", fallback: str = "none",
                  fault_plan: Optional[Sequence[Any]] = None, **kwargs: Any) -> None:
-        if tier not in TIERS:
-            raise ConfigError(f"tier={tier!r}: use one of {', '.join(TIERS)}.")
         if fallback not in FALLBACKS:
             raise ConfigError(f"fallback={fallback!r}: use 'none' or 'disk'.")
+        self.checkpointless = CheckpointlessConfig.preset(tier, fallback=fallback)
         super().__init__(*args, **kwargs)
         self.tier = tier
         self.fallback = fallback
@@ -110,7 +108,7 @@ class CheckpointlessMegatronStrategy(MegatronStrategy):
             else 1 << 30  # Lightning's -1: no limit
         faults = parse_plan(self.fault_plan, world, max_steps)
         hooks = []
-        if self.tier in RECOVERY_TIERS:
+        if self.checkpointless.recovery != "none":
             self.commit = CommitProtocol()
             hooks.append(self.commit)
         if faults:
@@ -127,9 +125,10 @@ class CheckpointlessMegatronStrategy(MegatronStrategy):
         optim = getattr(module, "optim", None)
         if isinstance(optim, CheckpointlessOptimizerModule):
             optim.bind(self.hooks, self._current_step, lambda: self.session, self._record_step)
-        elif optim is not None and self.tier in RECOVERY_TIERS:
+        elif optim is not None and self.checkpointless.recovery != "none":
             raise ConfigError(
-                f"tier={self.tier} needs the optimizer split at the commit point: use "
+                f"tier={self.tier} recovers in process and needs the optimizer split at the "
+                "commit point: use "
                 "nemo_checkpointless.nemo.CheckpointlessOptimizerModule (apply_checkpointless "
                 f"swaps it in), not {type(optim).__name__}.")
 
@@ -218,8 +217,10 @@ class CheckpointlessMegatronStrategy(MegatronStrategy):
                         for param in group["params"]:
                             state = inner.state.get(param)
                             if state is not None and "step" in state:
+                                old = state["step"]  # where torch's Adam keeps it
                                 state["step"] = torch.tensor(float(group["step"]),
-                                                             dtype=torch.float32)
+                                                             dtype=torch.float32,
+                                                             device=old.device)
 
     def on_exception(self, exception: BaseException) -> None:
         """Under ncl-launch an error that escaped recovery ends this process at once, as a

@@ -24,7 +24,7 @@ import math
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
-from ..config import ConfigError, RunConfig
+from ..config import ConfigError, RunConfig, check_layout
 
 ORDER = "tp-cp-ep-dp-pp"  # megatron's default, the one parallel.initialize uses
 ShardKey = tuple[int, int, int]  # (tp rank, pp rank, position inside the optimizer instance)
@@ -75,56 +75,21 @@ class Layout:
                      cp=s.context_parallel_size, vp=s.virtual_pipeline_model_parallel_size,
                      instances=s.num_distributed_optimizer_instances,
                      distributed_optimizer=s.use_distributed_optimizer)
-        layout.check(cfg.model.num_layers)
         m = cfg.model
-        groups = m.num_query_groups or m.num_attention_heads
-        ffn = m.ffn_hidden_size or 4 * m.hidden_size
-        if m.num_attention_heads % layout.tp or groups % layout.tp or ffn % layout.tp:
-            raise PlanError(
-                f"strategy.tensor_model_parallel_size={layout.tp} must divide "
-                f"model.num_attention_heads={m.num_attention_heads}, model.num_query_groups="
-                f"{groups} and the FFN size {ffn}; pick a TP size that divides all three.")
+        layout.check(m.num_layers, heads=m.num_attention_heads,
+                     query_groups=m.num_query_groups or m.num_attention_heads,
+                     ffn=m.ffn_hidden_size or 4 * m.hidden_size)
         return layout
 
-    def check(self, num_layers: Optional[int] = None) -> None:
-        """Raise :class:`PlanError` naming the fix if megatron would refuse this layout."""
-        w, r = self.world_size, self.ranks_per_node
-        for key, value in (("world size", w), ("ranks per node (trainer.devices)", r),
-                           ("strategy.tensor_model_parallel_size", self.tp),
-                           ("strategy.pipeline_model_parallel_size", self.pp),
-                           ("strategy.context_parallel_size", self.cp),
-                           ("strategy.num_distributed_optimizer_instances", self.instances)):
-            if value < 1:
-                raise PlanError(f"{key}={value}: must be a positive integer.")
-        if w % r:
-            raise PlanError(f"world size {w} is not a whole number of nodes of {r} ranks; "
-                            f"set trainer.num_nodes * trainer.devices = world size, or pass a "
-                            f"world size that is a multiple of {r}.")
-        mp = self.tp * self.pp * self.cp
-        if w % mp:
-            nodes = mp // math.gcd(mp, r)
-            hint = f" (trainer.num_nodes a multiple of {nodes})"
-            raise PlanError(
-                f"TP*PP*CP = {self.tp}*{self.pp}*{self.cp} = {mp} does not divide the world "
-                f"size {w} ({w // r} nodes x {r} ranks); choose sizes whose product divides "
-                f"{w}, or launch a multiple of {mp} ranks{hint}.")
-        k = self.instances
-        if k > 1 and not self.distributed_optimizer:
-            raise PlanError(f"strategy.num_distributed_optimizer_instances={k} needs "
-                            "strategy.use_distributed_optimizer=true.")
-        if self.dp_cp % k:
-            divisors = [d for d in range(1, self.dp_cp + 1) if self.dp_cp % d == 0]
-            raise PlanError(
-                f"strategy.num_distributed_optimizer_instances={k} must divide data-parallel "
-                f"x context-parallel size {self.dp}*{self.cp} = {self.dp_cp}; use one of "
-                f"{divisors}, or change the world size.")
-        if self.vp is not None and self.pp == 1:
-            raise PlanError("strategy.virtual_pipeline_model_parallel_size needs "
-                            "strategy.pipeline_model_parallel_size > 1; set it to null.")
-        if num_layers is not None and num_layers % (self.pp * (self.vp or 1)):
-            raise PlanError(
-                f"model.num_layers={num_layers} is not divisible by pipeline_model_parallel_size"
-                f" * virtual_pipeline_model_parallel_size = {self.pp}*{self.vp or 1}.")
+    def check(self, num_layers: Optional[int] = None, *, heads: Optional[int] = None,
+              query_groups: Optional[int] = None, ffn: Optional[int] = None) -> None:
+        """Raise :class:`PlanError` naming the fix if megatron would refuse this layout
+        (``config.check_layout``, the one layout check of the package)."""
+        check_layout(world_size=self.world_size, tp=self.tp, pp=self.pp, cp=self.cp,
+                     vp=self.vp, instances=self.instances,
+                     distributed_optimizer=self.distributed_optimizer, num_layers=num_layers,
+                     heads=heads, query_groups=query_groups, ffn=ffn,
+                     ranks_per_node=self.ranks_per_node, error=PlanError)
 
 
 def megatron_groups(layout: Layout) -> dict[str, list[list[int]]]:

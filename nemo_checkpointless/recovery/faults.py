@@ -2,7 +2,8 @@
 
 Kinds: ``kill`` (SIGKILL), ``exception`` (an uncaught error: the process exits non-zero),
 ``hang`` (SIGSTOP: the process stays but makes no progress), ``segfault`` (a real SIGSEGV).
-Phases are those of :class:`~nemo_checkpointless.train.hooks.Phase`. Each planned fault
+Phases are those of :class:`~nemo_checkpointless.steps.Phase`; the plan's typed form and its
+validation live in ``config.py`` (:class:`~nemo_checkpointless.config.FaultSpec`). Each planned fault
 fires once per job, even when its step is redone after a recovery: the job store records
 which faults fired (a process-local set is used when no store is given).
 
@@ -19,14 +20,15 @@ import signal
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
-from ..train.hooks import PHASES, Phase
+from ..config import FAULT_KINDS, FAULT_PHASES, validate_fault_plan
+from ..steps import Phase
 
 log = logging.getLogger(__name__)
 
-KINDS = ("kill", "exception", "hang", "segfault")
-# The phases of a step, plus ``recovery``: while the job recovers from an earlier failure
-# whose committed step is ``step`` (a second failure during recovery).
-FAULT_PHASES = (*PHASES, "recovery")
+KINDS = FAULT_KINDS  # FAULT_PHASES: a step's phases, and ``recovery`` (during a recovery
+#                     from an earlier failure whose committed step is ``step``)
+__all__ = ["FAULT_PHASES", "KINDS", "Fault", "FaultInjector", "InjectedFault", "fail_at",
+           "parse_plan"]
 
 
 class InjectedFault(RuntimeError):
@@ -35,7 +37,7 @@ class InjectedFault(RuntimeError):
 
 @dataclass(frozen=True)
 class Fault:
-    """One planned fault."""
+    """One planned fault (validated)."""
 
     rank: int
     step: int
@@ -43,33 +45,18 @@ class Fault:
     kind: str
 
     @classmethod
-    def parse(cls, item: Any, index: int = 0) -> "Fault":
-        if not hasattr(item, "get"):
-            raise ValueError(f"fault.plan[{index}]={item!r}: expected a mapping like "
-                             "{rank: 3, step: 7, phase: optimizer, kind: kill}")
-        missing = [k for k in ("rank", "step", "phase", "kind") if item.get(k) is None]
-        if missing:
-            raise ValueError(f"fault.plan[{index}] lacks {', '.join(missing)}")
-        return cls(int(item["rank"]), int(item["step"]), str(item["phase"]), str(item["kind"]))
+    def of(cls, item: Any) -> "Fault":
+        """From a :class:`~nemo_checkpointless.config.FaultSpec` or a mapping."""
+        get = item.get if hasattr(item, "get") else (lambda k: getattr(item, k))
+        return cls(int(get("rank")), int(get("step")), str(get("phase")), str(get("kind")))
 
 
 def parse_plan(plan: Iterable[Any], world_size: int, max_steps: int) -> list[Fault]:
-    """Validate a fault plan against the job; raise ValueError saying what is wrong."""
-    faults = [Fault.parse(item, i) for i, item in enumerate(plan or [])]
-    for i, f in enumerate(faults):
-        if not 0 <= f.rank < world_size:
-            raise ValueError(f"fault.plan[{i}]: rank {f.rank} does not exist "
-                             f"(world size {world_size}: ranks 0..{world_size - 1})")
-        if not 1 <= f.step <= max_steps:
-            raise ValueError(f"fault.plan[{i}]: step {f.step} is outside 1..{max_steps} "
-                             "(trainer.max_steps)")
-        if f.phase not in FAULT_PHASES:
-            raise ValueError(f"fault.plan[{i}]: phase {f.phase!r} does not exist; "
-                             f"use one of {', '.join(FAULT_PHASES)}")
-        if f.kind not in KINDS:
-            raise ValueError(f"fault.plan[{i}]: kind {f.kind!r} does not exist; "
-                             f"use one of {', '.join(KINDS)}")
-    return faults
+    """Validate a fault plan against the job (ConfigError, a ValueError, says what is
+    wrong) and return its faults."""
+    items = list(plan or [])
+    validate_fault_plan(items, world_size, max_steps)
+    return [Fault.of(item) for item in items]
 
 
 def execute(kind: str) -> None:
@@ -107,6 +94,13 @@ class FaultInjector:
             return False
         self._fired.add(index)
         return True
+
+    def state_dict(self) -> dict[str, Any]:
+        """The faults this process claimed locally (a job store claims job-wide instead)."""
+        return {"fired": sorted(self._fired)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._fired = set(state["fired"])
 
     def set_rank(self, rank: int, faults: list[Fault]) -> None:
         self.rank = rank

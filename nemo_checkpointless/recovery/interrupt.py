@@ -4,8 +4,7 @@ A rank learns of a failure elsewhere in the job in two ways: a collective it is 
 or its agent announces a new generation. On a GPU the second one aborts the communicators
 and the next kernel launch or collective fails at once; a rank busy in forward/backward
 (CPU rehearsal, or a long stretch of compute between collectives) would otherwise run on
-until its next collective, which on the bench model is most of a step (0.7 s of a 1.6 s
-step, measured: ``docs/bench_recovery.md``).
+until its next collective, which can be most of a step (``docs/benchmarks.md``).
 
 :class:`ComputeInterrupt` puts a check at every module boundary of the model chunks: a
 forward pre-hook on each module, and a gradient hook on each module's output so the

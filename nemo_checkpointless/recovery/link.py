@@ -1,9 +1,14 @@
-"""The rank's side of the agent channel: heartbeats, generation notices, spare assignment.
+"""The rank's side of the agent channel: heartbeats, progress, generation notices, spares.
 
-A daemon thread sends a heartbeat every ``interval`` seconds (a SIGSTOPped or dead process
-stops sending: the agent's hang detector) and reads the agent's messages. When the agent
-announces a generation newer than the one this rank is active in, ``on_new_generation``
-runs on that thread: it aborts the communicators so the main thread unwinds at once.
+A daemon thread sends a heartbeat every ``interval`` seconds (the process lives: a
+SIGSTOPped process stops sending) and reads the agent's messages (``launch/protocol.py``).
+The training loop itself reports progress: :meth:`AgentLink.progress` after every step,
+:meth:`AgentLink.pause` before work of unknown length outside the step loop; the agent
+judges hangs by that progress (``launch/progress.py``), so a thread that cannot run (a
+C call holding the GIL) is not mistaken for a hang, and a hang that releases the GIL is
+seen. When the agent announces a generation newer than the one this rank is active in,
+``on_new_generation`` runs on that thread: it aborts the communicators so the main thread
+unwinds at once.
 """
 
 from __future__ import annotations
@@ -14,9 +19,11 @@ import os
 import queue
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NoReturn, Optional
 
+from ..launch import protocol
 from ..launch.channel import Channel
+from ..timeouts import Timeouts
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +39,15 @@ class AgentLink:
         self.interval = interval
         self.active_gen = -1
         self.latest_gen = -1
-        self.assignments: "queue.Queue[dict[str, Any]]" = queue.Queue()
+        self.assignments: "queue.Queue[protocol.Assign]" = queue.Queue()
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="ncl-agent-link", daemon=True)
         self.closed = False
+        self.stop_requested = False  # the agent sent Stop (read by the commit barrier)
         # watchdog: a main thread that has not begun recovering this long after an abort is
         # aborted again, and its stacks are logged once more later (a gloo wait that the
         # shut-down sockets did not wake ends at the collective timeout, NCL_PG_TIMEOUT_S)
-        self.stuck_after = stuck_after or float(os.environ.get("NCL_STUCK_AFTER_S", "20"))
+        self.stuck_after = stuck_after or Timeouts.from_env().stuck_after_s
         self._aborted_at: Optional[float] = None
         self._reaborted = False
         # grace: a new generation is announced at once, but the communicators are aborted
@@ -61,9 +69,9 @@ class AgentLink:
         while True:
             now = time.monotonic()
             if now - last >= self.interval:
-                self.channel.send({"t": "hb"})
+                self.channel.send(protocol.Heartbeat())
                 last = now
-            messages = self.channel.recv(timeout=self.interval)
+            messages = self.channel.receive(timeout=self.interval)
             if messages is None:
                 log.error("the node agent closed the channel")
                 self.closed = True
@@ -88,13 +96,25 @@ class AgentLink:
                         "again; its stacks follow", waited)
             faulthandler.dump_traceback(all_threads=True)
             self.on_new_generation(self.latest_gen)
+        elif waited > 2 * self.stuck_after and self._reaborted:
+            # an operation no abort reaches (e.g. a communicator blocked in its set-up):
+            # this process cannot rejoin; leave, and the agent replaces it like a failure
+            log.error("the main thread is still blocked %.0fs after two aborts: exiting so "
+                      "that the agent replaces this rank", waited)
+            faulthandler.dump_traceback(all_threads=True)
+            os._exit(1)
 
-    def _handle(self, msg: dict[str, Any]) -> None:
-        if msg.get("t") == "assign":
+    def _handle(self, msg: protocol.Message) -> None:
+        if isinstance(msg, protocol.Assign):
             self.assignments.put(msg)
-            self._note_generation(int(msg["gen"]))
-        elif msg.get("t") == "gen":
-            self._note_generation(int(msg["gen"]))
+            self._note_generation(msg.gen)
+        elif isinstance(msg, protocol.Gen):
+            self._note_generation(msg.gen)
+        elif isinstance(msg, protocol.Stop):
+            if not self.stop_requested:
+                log.warning("the agent asks the job to stop (%s): checkpointing at the next "
+                            "step every rank agrees on", msg.reason or "no reason given")
+            self.stop_requested = True
 
     def _note_generation(self, gen: int) -> None:
         with self._cond:
@@ -122,20 +142,35 @@ class AgentLink:
         self.on_new_generation(gen)
 
     def activate(self, gen: int) -> None:
-        """This rank now works in generation ``gen``."""
+        """This rank now works in generation ``gen`` (the agent learns it is not stuck)."""
         with self._cond:
             self.active_gen = gen
             self.latest_gen = max(self.latest_gen, gen)
             self._aborted_at = None
             self._abort_due = None
             self._reaborted = False
+        self.channel.send(protocol.Unwound(gen=gen))
 
     def unwound(self) -> None:
-        """The main thread reached recovery: no abort is due, the watchdog stands down."""
+        """The main thread reached recovery: no abort is due, the watchdog stands down, and
+        the agent learns that this rank is not stuck."""
         with self._cond:
             self._aborted_at = None
             self._abort_due = None
             self._reaborted = False
+            gen = self.latest_gen
+        self.channel.send(protocol.Unwound(gen=gen))
+
+    def progress(self, step: int) -> None:
+        """The training loop finished step ``step`` (call it from the loop, after every
+        step: the agent's hang detection waits for it)."""
+        self.channel.send(protocol.Step(step=int(step)))
+
+    def pause(self, reason: str = "") -> None:
+        """The loop leaves the step loop for work of unknown length (validation, a
+        synchronous checkpoint, the end of training): the agent allows the initial
+        timeout until the next :meth:`progress`."""
+        self.channel.send(protocol.Pause(reason=reason))
 
     def interrupt_pending(self) -> bool:
         """True once a generation newer than the active one was announced. No lock: it is
@@ -159,8 +194,22 @@ class AgentLink:
                 self._cond.wait(left)
             return self.latest_gen if self.latest_gen > than else None
 
-    def wait_assignment(self, timeout: Optional[float] = None) -> dict[str, Any]:
+    def exit_device_error(self, reason: str) -> "NoReturn":
+        """This rank's CUDA context is poisoned (an illegal address, an Xid-class fault):
+        tell the agent, which probes the GPU before it hands the rank on, and exit with
+        ``EXIT_DEVICE_ERROR`` (nothing more can run on this device in this process)."""
+        log.error("device error, leaving the GPU to the agent's health probe: %s", reason)
+        logging.shutdown()
+        self.channel.send(protocol.DeviceError(reason=reason))
+        os._exit(protocol.EXIT_DEVICE_ERROR)
+
+    def wait_assign(self, timeout: Optional[float] = None) -> protocol.Assign:
+        """A warm spare: block until the agent hands it a rank."""
         return self.assignments.get(timeout=timeout)
 
-    def send(self, message: dict[str, Any]) -> None:
+    def wait_assignment(self, timeout: Optional[float] = None) -> dict[str, Any]:
+        """:meth:`wait_assign` in the wire form (``msg["rank"]``, ``msg.get("node_rank")``)."""
+        return protocol.encode(self.wait_assign(timeout))
+
+    def send(self, message: "protocol.Message | dict[str, Any]") -> None:
         self.channel.send(message)

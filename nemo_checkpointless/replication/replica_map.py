@@ -7,7 +7,7 @@ world. Also answers the pre-flight question: which ranks have no replica at all.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -27,10 +27,11 @@ class RankInfo:
 
     FIELDS = 8
 
-    def to_tensor(self) -> torch.Tensor:
+    def to_tensor(self, device: Optional[torch.device] = None) -> torch.Tensor:
+        """The fields as int64 on ``device`` (the rank's, for the all-gather)."""
         return torch.tensor([self.rank, int(self.has_state), self.applied_step,
                              self.entered_step, self.passed_step, self.tp, self.pp,
-                             self.shard], dtype=torch.int64)
+                             self.shard], dtype=torch.int64, device=device)
 
     @classmethod
     def from_tensor(cls, t: torch.Tensor) -> "RankInfo":
@@ -56,7 +57,8 @@ class Agreement:
 
 
 def agree(infos: Sequence[RankInfo]) -> Agreement:
-    """Commit protocol decision (see ARCHITECTURE.md): roll forward if any rank passed."""
+    """Commit protocol decision (docs/architecture.md, "The commit protocol"): roll forward
+    if any rank passed."""
     healthy = [i for i in infos if i.has_state]
     if not healthy:
         return Agreement(0, (), fresh_start=True)

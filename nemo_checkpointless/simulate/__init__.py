@@ -7,7 +7,7 @@
 From per-phase costs measured here (docs/architecture.md) and named assumptions for an
 H100 cluster (:mod:`.assumptions`), with per-rank state sizes from the layout planner,
 :func:`predict` sums the phases on each recovery's critical path (:mod:`.model`). See
-docs/simulate.md for the formulas and what they leave out.
+docs/architecture.md (the scale model section) for the formulas and what they leave out.
 """
 
 from .assumptions import ASSUMPTIONS, Assumption, AssumptionError, resolve

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
+from ..comm.world import GROUP_REBUILD_DEFAULT
+
 
 @dataclass(frozen=True)
 class Assumption:
@@ -54,11 +56,14 @@ ASSUMPTIONS: tuple[Assumption, ...] = (
     # ---------------------------------------------------------------- checkpointless
     Assumption("detect_exit_s", 0.07, "s", "measured here: kill -> generation bumped, agent "
                "waitpid polling every 10 ms (README, recovery_time.py)"),
-    Assumption("hang_timeout_s", 3.0, "s", "ncl-launch --hang-timeout default "
-               "(docs/architecture.md): a rank without heartbeat is killed"),
-    Assumption("group_rebuild", "split", "split|members", "split: the code as written on "
-               "NCCL (device bound, every megatron group is a world-wide ncclCommSplit, "
-               "docs/tier1.md); members: each group initialised by its members only"),
+    Assumption("hang_timeout_s", 60.0, "s", "ncl-launch's steady hang timeout floor on GPU "
+               "hosts (timeouts.hang_s; 5x the slowest recent step when that is longer): a "
+               "rank without progress for this long is aborted, then killed"),
+    Assumption("group_rebuild", GROUP_REBUILD_DEFAULT, "members|split", "the code's "
+               f"default is {GROUP_REBUILD_DEFAULT} (comm/world.py GROUP_REBUILD_DEFAULT). "
+               "members: each megatron group's NCCL communicator initialised by its "
+               "members only (world device unbound, docs/gpu.md); split: device bound, "
+               "every group a world-wide ncclCommSplit (init_world(group_rebuild='split'))"),
     Assumption("skeleton_gbps", 80.0, "Gb/s", "assumed: a warm spare allocates and "
                "initialises its model and optimizer skeleton at 10 GB/s on the GPU"),
     Assumption("first_step_extra_s", 2.0, "s", "assumed: lazy NCCL connections of the rebuilt "
@@ -85,7 +90,7 @@ ASSUMPTIONS: tuple[Assumption, ...] = (
                "shared file system"),
     Assumption("dataloader_s", 30.0, "s", "assumed: dataset index load and skip to "
                "consumed_samples at start (here, tiny_gpt at step 10,000: 2.3 s, "
-               "docs/data_cache.md)"),
+               "docs/benchmarks.md)"),
     Assumption("ckpt_interval_min", 30.0, "min", "assumed: a checkpoint every 30 minutes; "
                "a failure loses half an interval on average"),
 )

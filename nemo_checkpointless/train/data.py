@@ -95,14 +95,16 @@ def make_step_data(
         # prefetch thread) without saving a read
         log.info("data cache off: tensor_model_parallel_size=1 leaves no reader to feed")
         return StepData(cfg.data, cfg.trainer.seed, coords)
-    from ..data.cached_step_data import DEFAULT_READ_TIMEOUT_S, CachedStepData
+    from ..data.cached_step_data import CachedStepData
     from ..data.shm_cache import DataCoordinate, ShmStepCache
 
     fingerprint = data_fingerprint(cfg, coords)
     jid = resolve_job_id(fingerprint, job_id=job_id, run_dir=run_dir)
     timeout = getattr(cache_cfg, "read_timeout_s", None)
-    if timeout is None:
-        timeout = float(os.environ.get("NCL_DATA_CACHE_TIMEOUT_S", DEFAULT_READ_TIMEOUT_S))
+    if timeout is None:  # the job's resolved timeouts (NCL_DATA_CACHE_TIMEOUT_S)
+        from ..timeouts import Timeouts
+
+        timeout = Timeouts.from_env().data_cache_read_s
     d = cfg.data
     cache = ShmStepCache(cache_cfg.path, jid, fingerprint,
                          DataCoordinate(coords.dp_rank, coords.cp_rank, coords.pp_rank))

@@ -1,21 +1,23 @@
 """A lean megatron-core training loop: parallel state, GPTModel, DDP, optimizer, schedule.
 
 The loop knows nothing of recovery or faults: both attach through :class:`HookList` at the
-phases of a step (see ``train/hooks.py``), and recovery wraps :meth:`Trainer.run`.
+phases of a step (``steps.py``); recovery drives :class:`Trainer` through the
+:class:`~nemo_checkpointless.steps.StepDriver` surface, and :meth:`Trainer.run` is the loop
+without recovery.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Protocol
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 
+from .. import device
 from ..config import RunConfig
 from ..heap import freeze
 from ..megatron import optimizer as mopt
@@ -23,9 +25,11 @@ from ..megatron import parallel
 from ..megatron.model import build_model_chunks
 from ..megatron.shards import make_state_contiguous
 from ..megatron.state import job_digest
+from ..metrics.progress import Progress
 from ..metrics.writer import JsonlWriter, write_json
+from ..state import DataPosition
+from ..steps import HookList, Phase
 from .data import StepSource, local_batch_digest, make_step_data
-from .hooks import HookList, Phase
 
 log = logging.getLogger(__name__)
 
@@ -69,36 +73,6 @@ class PendingCommit:
     batch_hash: str
 
 
-class StepDriver(Protocol):
-    """What :class:`~nemo_checkpointless.recovery.manager.RecoveryManager` drives.
-
-    :class:`Trainer` is one; ``nemo/driver.py`` runs NeMo/Lightning steps through the same
-    surface. ``model`` are megatron's DDP chunks, ``optimizer`` megatron's optimizer; a
-    step is ``train_step`` (which calls ``commit`` after the commit barrier), and
-    ``commit`` alone rolls a prepared step forward.
-    """
-
-    hooks: HookList
-    step: int
-    consumed_samples: int
-    coords: Optional[parallel.Coordinates]
-    model: list[torch.nn.Module]
-    optimizer: Any
-    pending: Optional["PendingCommit"]
-    last_record: Optional[dict[str, Any]]
-    metrics: Optional[JsonlWriter]
-
-    def setup(self, collective: bool = True) -> None: ...
-    def train_step(self) -> Any: ...
-    def commit(self) -> Any: ...
-    def finish(self) -> dict[str, Any]: ...
-    def rebuild_parallel(self) -> None: ...
-    def rebind_roots(self) -> list[Any]: ...
-    def schedule_state(self) -> Any: ...
-    def load_schedule_state(self, state: Any) -> None: ...
-    def reset_step_marks(self) -> None: ...
-
-
 def finish_step(driver: Any, step: int, loss: float, start: float, batch_hash: str,
                 clip_grad: float) -> "StepMetrics":
     """The end of every step, whatever ran its forward and backward (the lean loop, or
@@ -123,7 +97,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.hooks = hooks or HookList()
         self.step = 0
-        self.consumed_samples = 0
+        self.position = DataPosition()
         self.coords: Optional[parallel.Coordinates] = None
         self.model: list[torch.nn.Module] = []
         self.optimizer: Any = None
@@ -134,6 +108,14 @@ class Trainer:
         self._backward_step = 0
         self.pending: Optional[PendingCommit] = None
         self.last_record: Optional[dict[str, Any]] = None
+
+    @property
+    def consumed_samples(self) -> int:
+        return self.position.consumed_samples
+
+    @consumed_samples.setter
+    def consumed_samples(self, value: int) -> None:
+        self.position.consumed_samples = value
 
     # ------------------------------------------------------------------ set-up
     def setup(self, collective: bool = True,
@@ -199,12 +181,20 @@ class Trainer:
         """Objects that may cache process groups (rebound after a rebuild)."""
         return [self.model, self.optimizer, self.scheduler]
 
-    def schedule_state(self) -> Any:
-        return self.scheduler.num_steps
+    def state_dict(self) -> dict[str, Any]:
+        """Counters, data position, schedule and last record (not the optimizer shard)."""
+        return {"step": self.step, "data": self.position.state_dict(),
+                "scheduler": {"num_steps": self.scheduler.num_steps},
+                "record": self.last_record}
 
-    def load_schedule_state(self, state: Any) -> None:
-        self.scheduler.num_steps = state
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.position.load_state_dict(state["data"])
+        # megatron's own load_state_dict adds to the current count (meant for a fresh
+        # scheduler); a survivor rolling back already has one
+        self.scheduler.num_steps = int(state["scheduler"]["num_steps"])
         self.scheduler.step(increment=0)
+        self.last_record = state["record"]
 
     def reset_step_marks(self) -> None:
         """Forget which phases of the interrupted step already fired."""
@@ -218,7 +208,7 @@ class Trainer:
         return d.global_batch_size // (d.micro_batch_size * self.coords.dp_size)
 
     def _forward_step_func(self, data_iterator: Iterator[dict], model: torch.nn.Module):
-        batch = next(data_iterator)
+        batch = to_device(next(data_iterator))
         step = self.step + 1
         if self._forward_step != step:
             self._forward_step = step
@@ -251,7 +241,7 @@ class Trainer:
         """
         assert self.coords is not None
         c = self.coords
-        value = torch.zeros(2, dtype=torch.int64)
+        value = device.zeros(2, torch.int64)
         if c.pp_rank == 0 and c.cp_rank == 0:
             digest = local_batch_digest(micro_batches, dp_rank=c.dp_rank)
             value[1] += digest
@@ -270,11 +260,13 @@ class Trainer:
     def _reduce_loss(self, losses: list[dict]) -> float:
         """Mean lm loss over micro-batches and DP ranks, known on every rank afterwards."""
         assert self.coords is not None
-        value = torch.zeros(1, dtype=torch.float64)
+        value = device.zeros(1, torch.float64)
         if self.coords.is_last_stage and self.coords.tp_rank == 0 and losses:
             value += sum(float(x["lm loss"]) for x in losses) / len(losses)
         dist.all_reduce(value)
-        return float(torch.tensor(value.item() / self.coords.dp_size, dtype=torch.float32))
+        # host: the mean rounded to fp32 (the precision megatron logs), a plain number
+        return float(torch.tensor(value.item() / self.coords.dp_size, dtype=torch.float32,
+                                  device=device.HOST))
 
     def train_step(self) -> StepMetrics:
         """Run step ``self.step + 1`` end to end and return its metrics."""
@@ -316,7 +308,7 @@ class Trainer:
         if not pending.prepared.found_inf:
             mopt.apply_update(self.optimizer)
         self.scheduler.step(increment=1)
-        self.consumed_samples += self.cfg.data.global_batch_size
+        self.position.advance(self.cfg.data.global_batch_size)
         self.step = pending.step
         self.pending = None
         metrics = StepMetrics(
@@ -335,16 +327,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ whole run
     def run(self) -> dict[str, Any]:
-        """Train to ``trainer.max_steps`` and write summary.json on rank 0."""
+        """Train to ``trainer.max_steps`` without recovery; write summary.json on rank 0."""
         assert self.coords is not None
-        cfg = self.cfg
-        while self.step < cfg.trainer.max_steps:
-            metrics = self.train_step()
-            if self.coords.rank == 0 and metrics.step % cfg.trainer.log_interval == 0:
-                log.info("step %d loss %.6f (%.3fs)", metrics.step, metrics.loss,
-                         metrics.step_time_s)
-            if not math.isfinite(metrics.loss):
-                raise FloatingPointError(f"loss is {metrics.loss} at step {metrics.step}")
+        progress = make_progress(self.cfg, self.coords.rank == 0)
+        while self.step < self.cfg.trainer.max_steps:
+            progress.on_step(self.train_step())
         return self.finish()
 
     def finish(self) -> dict[str, Any]:
@@ -369,3 +356,17 @@ class Trainer:
         if self.metrics is not None:
             self.metrics.close()
         return summary
+
+
+def to_device(batch: dict[str, Any]) -> dict[str, Any]:
+    """A micro-batch on the rank's device (batches are read and cached on the host)."""
+    target = device.current()
+    return {k: v.to(target, non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in batch.items()}
+
+
+def make_progress(cfg: RunConfig, lead: bool) -> Progress:
+    """The progress reporter of a run of ``cfg`` (rank 0 logs; every rank checks)."""
+    return Progress(max_steps=cfg.trainer.max_steps, interval=cfg.trainer.log_interval,
+                    tokens_per_step=cfg.data.global_batch_size * cfg.data.seq_length,
+                    enabled=lead)

@@ -138,14 +138,14 @@ def run_once(variant: str, recipe: str, steps: int, warmup: int, run_dir: Path,
 
 
 def checkpoint_interval(overrides: list[str]) -> int:
-    """Tier 3's disk checkpoint interval for these runs: an override, else its default."""
-    for o in overrides:
-        if o.startswith("checkpointless.checkpoint_interval="):
-            return int(o.split("=", 1)[1])
-    from omegaconf import OmegaConf
+    """The durable checkpoint interval of these runs under ncl-launch: an override, else
+    the default."""
+    from nemo_checkpointless.checkpoint.config import DEFAULT_INTERVAL_STEPS
 
-    return int(OmegaConf.load(REPO / "conf" / "checkpointless" / "tier3.yaml")
-               .checkpoint_interval)
+    for o in overrides:
+        if o.startswith("checkpoint.interval="):
+            return int(o.split("=", 1)[1])
+    return DEFAULT_INTERVAL_STEPS
 
 
 def checkpoint_share(run: dict[str, Any], interval: int) -> Optional[float]:

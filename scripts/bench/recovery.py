@@ -14,7 +14,7 @@ distributed-optimizer instances) runs three times:
    restart.enabled=true restart.checkpoint_interval=K``, the same kill. Every process
    restarts, loads the checkpoint of step ``K * floor((S-1)/K)``, reads and discards the
    consumed batches and replays the steps since the checkpoint. Phases from
-   ``restart_events.jsonl`` (``nemo_checkpointless/train/restart.py``):
+   ``restart_events.jsonl`` (``nemo_checkpointless/lab/restart.py``):
    ``detect_teardown`` (kill -> the new rank 0 process exists: torchrun notices the death,
    SIGTERMs the other ranks, waits for them, re-rendezvous, spawns), ``restart_imports``
    (Python, torch, megatron, Hydra), ``init`` (the world group), ``build`` (model, DDP,

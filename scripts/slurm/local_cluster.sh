@@ -45,7 +45,7 @@ write_conf() {
     fi
     local host cpus mem
     host=$(hostname -s)
-    cpus=$(nproc)
+    cpus=$(getconf _NPROCESSORS_ONLN) # not nproc: it honours OMP_NUM_THREADS
     mem=$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
     mkdir -p /etc/slurm "$DIR/ctld" "$DIR/d" "$DIR/log"
     cat >"$CONF" <<EOF

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import FaultFreeRuns, ncl_launch
 from nemo_checkpointless.recovery.faults import KINDS
-from nemo_checkpointless.train.hooks import PHASES
+from nemo_checkpointless.steps import PHASES
 from test_recovery import LAYOUTS, plan
 
 pytestmark = [pytest.mark.matrix, pytest.mark.timeout(900)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,13 @@ def events(result) -> list[dict]:
     return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
 
 
+def assert_fired(result, faults: list[tuple[int, int, str, str]]) -> None:
+    """Every planned fault fired, once, on its rank at its step and phase."""
+    fired = sorted((e["fault_rank"], e["step"], e["phase"], e["kind"])
+                   for e in events(result) if e["event"] == "fault")
+    assert fired == sorted(faults)
+
+
 @pytest.mark.parametrize("layout,faults", [
     ("dp4", [(1, 3, "optimizer", "kill"), (2, 6, "data", "exception")]),
     ("tp2", [(3, 3, "forward", "segfault"), (1, 6, "backward", "hang")]),
@@ -68,13 +76,19 @@ def test_every_phase_and_kind_recovers_exactly(layout, faults, tmp_path, referen
         assert set(rec["phases"]) >= {"rendezvous", "group_rebuild",
                                       "state_transfer", "first_step"}
         assert rec["total_s"] > 0
-    assert sum(e["event"] == "fault" for e in events(result)) == len(faults)
+    assert_fired(result, faults)
 
 
 def test_rank0_killed(tmp_path, reference):
-    result = ncl_launch(4, [*BASE, *LAYOUTS["dp4"], plan((0, 4, "forward", "kill"))],
-                        tmp_path / "run")
+    faults = [(0, 4, "forward", "kill")]
+    result = ncl_launch(4, [*BASE, *LAYOUTS["dp4"], plan(*faults)], tmp_path / "run")
     assert_exact(result, reference("dp4"))
+    assert_fired(result, faults)
+    assert len(result.summary["recoveries"]) == 1
+    # the recovery's timeline is logged inline, phase by phase
+    assert re.search(r"recovered in \d+\.\d+s \(generation 1\)\n(  \w+ +\d+\.\d+ s.*\n)+",
+                     result.output), result.output[-4000:]
+    assert "  state_transfer" in result.output
     # DP only: every rank has the same model, so the warm spare built its model and DDP
     # before it was given rank 0 (zero-filled, rebound to the real groups, then filled)
     assert "model and DDP built before this rank was assigned" in result.output
@@ -85,10 +99,14 @@ def test_rank0_killed(tmp_path, reference):
 
 def test_two_ranks_of_different_replica_sets_in_the_same_step(tmp_path, reference):
     # DP=4, 2 instances: ranks 0 and 1 hold different shards; 2 and 3 are their replicas
-    result = ncl_launch(4, [*BASE, *LAYOUTS["dp4"], plan((0, 5, "backward", "kill"),
-                                                         (1, 5, "backward", "kill"))],
-                        tmp_path / "run", spares=2)
+    faults = [(0, 5, "backward", "kill"), (1, 5, "backward", "kill")]
+    result = ncl_launch(4, [*BASE, *LAYOUTS["dp4"], plan(*faults)], tmp_path / "run",
+                        spares=2)
     assert_exact(result, reference("dp4"))
+    assert_fired(result, faults)
+    # one recovery when both die before either is told of the other's death; two when the
+    # second rank is interrupted before its backward and fires in the redone step 5
+    assert len(result.summary["recoveries"]) in (1, 2)
 
 
 def test_killed_data_loader_rank_is_replaced_and_its_readers_stay_exact(tmp_path, reference):
@@ -102,27 +120,56 @@ def test_killed_data_loader_rank_is_replaced_and_its_readers_stay_exact(tmp_path
     assert_exact(result, reference("tp2"))
     assert [r["batch_hash"] for r in result.metrics] == \
         [r["batch_hash"] for r in reference("tp2").metrics]
-    assert [e["rank"] for e in events(result) if e["event"] == "fault"] == [2]
+    assert_fired(result, [(2, 4, "data", "kill")])
+    assert len(result.summary["recoveries"]) == 1
     assert "built before this rank was assigned" not in result.output  # TP=2: rank-specific
 
 
 def test_second_failure_during_recovery(tmp_path, reference):
-    result = ncl_launch(4, [*BASE, *LAYOUTS["tp2"], plan((1, 3, "optimizer", "kill"),
-                                                         (2, 3, "recovery", "kill"))],
-                        tmp_path / "run", spares=2)
+    faults = [(1, 3, "optimizer", "kill"), (2, 3, "recovery", "kill")]
+    result = ncl_launch(4, [*BASE, *LAYOUTS["tp2"], plan(*faults)], tmp_path / "run",
+                        spares=2)
     assert_exact(result, reference("tp2"))
+    assert_fired(result, faults)
+    assert len(result.summary["recoveries"]) == 1  # the second failure is inside the first
+
+
+DECLARED = re.compile(r"\[agent 0\] WARNING: node 1 lost: its store server unreachable for "
+                      r"([\d.]+)s; declared by the peer watch of agent:\S+ at generation (\d+)")
+
+
+def wait_for_log(agents: Agents, pattern: re.Pattern, timeout: float = 60) -> re.Match:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for log in agents.logs:
+            found = pattern.search(log.read_text()) if log.exists() else None
+            if found:
+                return found
+        time.sleep(0.1)
+    raise TimeoutError(f"{pattern.pattern!r} not in the agents' logs")
 
 
 def test_whole_node_lost_and_replaced(tmp_path, reference):
+    """Node 1 dies whole. Agent 0's peer watch finds its store server gone and declares
+    node 1's ranks lost (launch/peers.py) before anything replaces the node; only then
+    does the scheduler's stand-in start the replacement agent."""
     agents = Agents(2, 2, [*BASE, *LAYOUTS["dp4"]], tmp_path / "run")
     agents.start(0)
     agents.start(1)
     agents.wait_for_step(3)
+    killed_at = time.monotonic()
     agents.kill_node(1)          # agent 1 and its ranks 2, 3: gone
-    agents.start(1)              # the scheduler's replacement node
+    declared = wait_for_log(agents, DECLARED)
+    assert 1.0 <= float(declared.group(1)) < 5.0  # --lost-after 1 s, probed 5x a second
+    assert time.monotonic() - killed_at < 20.0
+    agents.start(1)              # the scheduler's replacement node, only now
     result = agents.wait(timeout=400)
     assert_exact(result, reference("dp4"))
-    assert "rejoins the job as a replacement" in result.output
+    gen = int(declared.group(2))
+    assert re.search(rf"node 1 rejoins the job as a replacement at generation {gen + 1}\b",
+                     result.output), result.output[-4000:]
+    assert len(DECLARED.findall(result.output)) == 1  # one declaration for this loss
+    assert len(result.summary["recoveries"]) == 1
 
 
 def test_node0_lost_and_replaced_on_another_host(tmp_path, reference):
@@ -139,6 +186,7 @@ def test_node0_lost_and_replaced_on_another_host(tmp_path, reference):
     assert_exact(result, reference("dp4"))
     assert "rejoins the job as a replacement" in result.output
     assert "store server 0 moved from" in result.output
+    assert len(result.summary["recoveries"]) == 1
 
 
 def test_standby_node_takes_over_a_lost_node(tmp_path, reference):
@@ -160,11 +208,11 @@ def test_standby_node_takes_over_a_lost_node(tmp_path, reference):
 
 def test_every_replica_lost_fails_clearly_and_corrupts_nothing(tmp_path, reference):
     # ranks 0 and 2 hold the same optimizer shard (DP=4, 2 instances): both die at once
-    result = ncl_launch(4, [*BASE, *LAYOUTS["dp4"], plan((0, 4, "forward", "kill"),
-                                                         (2, 4, "forward", "kill"))],
-                        tmp_path / "run", spares=2,
-                        env={"NCL_RECOVERY_TIMEOUT_S": "60"})
+    faults = [(0, 4, "forward", "kill"), (2, 4, "forward", "kill")]
+    result = ncl_launch(4, [*BASE, *LAYOUTS["dp4"], plan(*faults)], tmp_path / "run",
+                        spares=2, env={"NCL_RECOVERY_TIMEOUT_S": "60"})
     assert result.returncode != 0
+    assert_fired(result, faults)
     assert "no healthy rank holds a replica" in result.output
     assert "checkpointless.fallback=disk" in result.output
     rows = result.metrics
@@ -174,11 +222,12 @@ def test_every_replica_lost_fails_clearly_and_corrupts_nothing(tmp_path, referen
 
 
 def test_every_replica_lost_with_disk_fallback_is_exact(tmp_path, reference):
+    faults = [(0, 7, "forward", "kill"), (2, 7, "forward", "kill")]
     result = ncl_launch(4, [*BASE, *LAYOUTS["dp4"], "checkpointless.fallback=disk",
-                            "checkpointless.checkpoint_interval=3",
-                            plan((0, 7, "forward", "kill"), (2, 7, "forward", "kill"))],
+                            "checkpoint.interval=3", plan(*faults)],
                         tmp_path / "run", spares=2)
     assert_exact(result, reference("dp4"))
+    assert_fired(result, faults)
     (rec,) = result.summary["recoveries"]
     # step 6's parts of the dead ranks may not have landed (asynchronous): then step 3
     assert rec["checkpoint_step"] in (3, 6) and rec["bytes_loaded"] > 0
@@ -186,9 +235,10 @@ def test_every_replica_lost_with_disk_fallback_is_exact(tmp_path, reference):
 
 def test_tier3_rolls_every_rank_back_to_the_disk_checkpoint(tmp_path, reference):
     result = ncl_launch(4, ["checkpointless=tier3", f"trainer.max_steps={STEPS}",
-                            *LAYOUTS["dp4"], "checkpointless.checkpoint_interval=3",
+                            *LAYOUTS["dp4"], "checkpoint.interval=3",
                             plan((1, 5, "backward", "kill"))], tmp_path / "run")
     assert_exact(result, reference("dp4"))
+    assert_fired(result, [(1, 5, "backward", "kill")])
     (rec,) = result.summary["recoveries"]
     assert rec["checkpoint_step"] == 3
 
@@ -214,10 +264,15 @@ def test_preflight_names_unprotected_ranks(tmp_path):
                for e in events(result))
 
 
-def test_commit_barrier_changes_nothing(tmp_path, reference):
-    """The same layout under torchrun without recovery gives the same state."""
-    plain = torchrun(4, [f"trainer.max_steps={STEPS}", *LAYOUTS["dp4"]], tmp_path / "run")
-    assert plain.check().summary["state_sha256"] == reference("dp4").summary["state_sha256"]
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_commit_barrier_changes_nothing(layout, tmp_path, reference):
+    """Each layout's tier-4 reference equals stock torchrun without recovery, bit for bit
+    (the references every recovery test compares against are themselves checked)."""
+    plain = torchrun(4, [f"trainer.max_steps={STEPS}", *LAYOUTS[layout]],
+                     tmp_path / "run").check()
+    ref = reference(layout)
+    assert plain.summary["state_sha256"] == ref.summary["state_sha256"]
+    assert [r["loss_hex"] for r in plain.metrics] == [r["loss_hex"] for r in ref.metrics]
 
 
 def test_tiers_without_recovery_under_ncl_launch(tmp_path, reference):
@@ -229,3 +284,18 @@ def test_tiers_without_recovery_under_ncl_launch(tmp_path, reference):
     plain = torchrun(4, base, tmp_path / "torchrun").check()
     assert result.summary["state_sha256"] == plain.summary["state_sha256"]
     assert [r["loss_hex"] for r in result.metrics] == [r["loss_hex"] for r in plain.metrics]
+
+
+def test_progress_line_and_non_finite_loss_under_ncl_launch(tmp_path):
+    """The recovery loop reports progress like the plain loop, and a NaN loss stops the
+    job (exit 3, every rank's verdict) instead of training on or replacing ranks."""
+    base = ["checkpointless=tier4", "strategy.num_distributed_optimizer_instances=2"]
+    ok = ncl_launch(2, [*base, "trainer.max_steps=3"], tmp_path / "ok", spares=0).check()
+    assert re.search(r"\[rank 0\] ncl\.progress INFO: step 3/3 loss \d+\.\d{6} step "
+                     r"\d+\.\d+s \d+ tokens/s left 0:00:00", ok.output), ok.output[-3000:]
+    nan = ncl_launch(2, [*base, "trainer.max_steps=6", "optim.lr=1e30",
+                         "optim.warmup_steps=0", "optim.clip_grad=0"], tmp_path / "nan",
+                     spares=1, timeout=240)
+    assert nan.returncode == 3, nan.output[-3000:]
+    assert "cannot recover: loss is nan at step 3" in nan.output
+    assert "replacing it" not in nan.output

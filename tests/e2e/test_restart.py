@@ -71,11 +71,16 @@ def test_restart_requires_checkpointless_off(run_dir):
 
 
 def test_fault_marker_fires_once_across_processes(tmp_path):
-    from nemo_checkpointless.train.restart import MarkerClaim, process_start_time
+    from nemo_checkpointless.lab.restart import MarkerClaim, process_start_time
 
     assert MarkerClaim(tmp_path)(0) is True
     assert MarkerClaim(tmp_path)(0) is False  # a restarted process sees the marker
     assert MarkerClaim(tmp_path)(1) is True
-    import time
-
-    assert 0 <= time.time() - process_start_time() < 600
+    # A fresh process's start is within moments of now (this pytest process may be old).
+    probe = (
+        "import time; from nemo_checkpointless.lab.restart import process_start_time;"
+        "print(time.time() - process_start_time())"
+    )
+    age = float(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                               check=True).stdout)
+    assert 0 <= age < 60

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nemo_checkpointless.recovery.checkpoint import AsyncCheckpointer, complete_steps, load_part
+from nemo_checkpointless.lab.checkpoint import AsyncCheckpointer, complete_steps, load_part
 
 
 def _state() -> list[torch.Tensor]:
@@ -96,7 +96,7 @@ def test_unknown_format_is_refused(tmp_path):
 
 @pytest.mark.parametrize("root", ["tmp", "/dev/shm"])
 def test_direct_writer_keeps_every_byte(tmp_path, root):
-    from nemo_checkpointless.recovery.checkpoint import DirectWriter
+    from nemo_checkpointless.lab.checkpoint import DirectWriter
 
     base = tmp_path if root == "tmp" else Path(root)
     path = base / f"ncl-direct-{os.getpid()}"

@@ -110,3 +110,12 @@ def test_restart_with_kill_faults_validates():
 def test_restart_override_typo_names_the_key():
     with pytest.raises(ConfigError, match="restart.checkpoint_interval"):
         check_overrides(["restart.checkpoint_intervall=3"])
+
+
+def test_a_fault_plan_without_ncl_launch_is_refused(run_dir):
+    """Without the agent nothing would inject the faults (let alone recover): say so."""
+    r = python_run(["checkpointless=tier4", "trainer.max_steps=2",
+                    "fault.plan=[{rank:0,step:1,phase:forward,kind:kill}]"], run_dir,
+                   timeout=120)
+    assert r.returncode == 2, r.output[-2000:]
+    assert "fault.plan needs in-process recovery, which runs under ncl-launch" in r.output

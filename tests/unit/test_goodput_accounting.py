@@ -1,13 +1,9 @@
-"""The goodput benchmark's in-run accounting (scripts/bench/goodput.py): what each failure
-cost, measured from the trace of committed steps the driver records."""
+"""Goodput accounting (nemo_checkpointless/metrics/goodput.py): what each failure cost,
+measured from the trace of committed steps the benchmark's driver records."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts" / "bench"))
-from goodput import Failure, Trace, failure_costs, in_run_goodput  # noqa: E402
+from nemo_checkpointless.metrics.goodput import Failure, Trace, failure_costs, in_run_goodput
 
 
 def steady(trace: Trace, t: float, step: int, n: int, dt: float) -> tuple[float, int]:

@@ -1,5 +1,5 @@
-"""Launch scripts, offline: Kubernetes manifests against their schemas, the Slurm script's
-command lines and its supervisor (with stand-ins for srun and scontrol).
+"""Kubernetes launch manifests, offline: rendered by scripts/k8s/render.py and checked against
+their schemas (the Slurm script: test_slurm_script.py).
 
 The manifests are rendered by scripts/k8s/render.py; built-in kinds are checked with
 kubernetes-validate (strict), PyTorchJob and JobSet with the schemas in scripts/k8s/schemas/
@@ -8,15 +8,13 @@ kubernetes-validate (strict), PyTorchJob and JobSet with the schemas in scripts/
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
 import re
-import shlex
 import shutil
+import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -29,8 +27,6 @@ from referencing import Registry, Resource
 from nemo_checkpointless.launch.agent import parse_args as agent_parse_args
 
 REPO = Path(__file__).resolve().parents[2]
-SBATCH = REPO / "scripts" / "slurm" / "pretrain.sbatch"
-LOCAL_CLUSTER = REPO / "scripts" / "slurm" / "local_cluster.sh"
 K8S = REPO / "scripts" / "k8s"
 K8S_VERSION = "1.31.0"  # the definitions scripts/k8s/schemas/generate.py referenced
 SCHEMAS = {"PyTorchJob": "pytorchjob.kubeflow.org_v1.json",
@@ -58,6 +54,19 @@ def by_kind(docs: list[dict], kind: str) -> dict:
     return doc
 
 
+def pod_templates(docs: list[dict]) -> list[dict]:
+    """Every pod template of the output: PyTorchJob replicas, JobSet replicated jobs, Jobs."""
+    out = []
+    for doc in docs:
+        if doc["kind"] == "PyTorchJob":
+            out += [s["template"] for s in doc["spec"]["pytorchReplicaSpecs"].values()]
+        elif doc["kind"] == "JobSet":
+            out += [r["template"]["spec"]["template"] for r in doc["spec"]["replicatedJobs"]]
+        elif doc["kind"] == "Job":
+            out.append(doc["spec"]["template"])
+    return out
+
+
 def crd_validator(kind: str) -> jsonschema.Draft202012Validator:
     schema = json.loads((K8S / "schemas" / SCHEMAS[kind]).read_text())
     defs = kubernetes_validate.utils.schema_contents(
@@ -77,22 +86,37 @@ def pod_spec(docs: list[dict]) -> dict:
     return job["template"]["spec"]
 
 
-LAYOUTS = [("pytorchjob", ["--nodes", "4"]), ("pytorchjob", ["--nodes", "1", "--gpus-per-node", "0"]),
-           ("jobset", ["--nodes", "4"]), ("jobset", ["--nodes", "1", "--gpus-per-node", "0"]),
-           ("jobset", ["--nodes", "3", "--restart-failed-job"])]
+LAYOUTS = [
+    ("pytorchjob", ["--nodes", "4"]),
+    ("pytorchjob", ["--nodes", "1", "--gpus-per-node", "0", "--cpus", "4", "--memory", "16Gi",
+                    "--shm-size", "2Gi", "--generate-secret", "--create-pvc", "100Gi"]),
+    ("pytorchjob", ["--nodes", "16", "--standby-nodes", "2", "--fabric", "rdma",
+                    "--network-attachments", "sriov-a", "--queue", "team-a", "--zone", "z1",
+                    "--pack-by", "example.com/rack", "--priority-class", "high",
+                    "--entry", "nemo", "--site-env", str(REPO / "scripts/site/infiniband.env")]),
+    ("jobset", ["--nodes", "4"]),
+    ("jobset", ["--nodes", "1", "--gpus-per-node", "0", "--cpus", "4", "--memory", "16Gi"]),
+    ("jobset", ["--nodes", "3", "--restart-failed-job", "--generate-secret"]),
+    ("jobset", ["--nodes", "16", "--standby-nodes", "2", "--fabric", "efa",
+                "--fabric-devices", "32", "--queue", "team-a", "--tas-level",
+                "example.com/block", "--host-network", "--node-selector",
+                "node.kubernetes.io/instance-type=p5.48xlarge", "--entry", "bridge",
+                "--site-env", str(REPO / "scripts/site/efa.env")]),
+]
 OVERRIDES = ["checkpointless=tier4", "trainer.max_steps=1000",
              "fault.plan=[{rank:1,step:2,phase:optimizer,kind:kill}]"]
+BUILTIN = {"Secret", "Service", "PersistentVolumeClaim", "Job"}
 
 
-# ------------------------------------------------------------------ Kubernetes
+# ------------------------------------------------------------------ schemas
 
 
 @pytest.mark.parametrize("kind,argv", LAYOUTS)
 def test_builtin_kinds_pass_the_kubernetes_schema(kind, argv):
     docs = rendered(kind, *argv, *OVERRIDES)
-    builtin = [d for d in docs if d["apiVersion"] == "v1"]
-    assert {d["kind"] for d in builtin} == ({"Secret"} if kind == "pytorchjob"
-                                            else {"Secret", "Service"})
+    builtin = [d for d in docs if d["kind"] in BUILTIN]
+    assert {d["kind"] for d in docs} - BUILTIN == {"PyTorchJob" if kind == "pytorchjob"
+                                                    else "JobSet"}
     for doc in builtin:
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 
@@ -135,20 +159,148 @@ def test_schema_sources_are_recorded():
         assert schema["properties"]["kind"] == {"const": kind}
 
 
+# ------------------------------------------------------------------ what a platform needs
+
+
+@pytest.mark.parametrize("kind,argv", LAYOUTS)
+def test_every_pod_is_guaranteed_qos_with_shm_counted(kind, argv):
+    docs = rendered(kind, *argv)
+    args = render.parse_args([kind, "--name", "x", "--image", "i", "--recipe", "r", *argv])
+    templates = pod_templates(docs)
+    assert len(templates) == (1 if kind == "jobset" or args.nodes == 1 else 2) + (
+        1 if args.standby_nodes else 0)
+    for template in templates:
+        (container,) = template["spec"]["containers"]
+        res = container["resources"]
+        assert res["requests"] == res["limits"]  # Guaranteed: every resource, equal
+        assert {"cpu", "memory"} <= set(res["limits"])
+        assert ("nvidia.com/gpu" in res["limits"]) == (args.gpus_per_node > 0)
+        shm = next(v for v in template["spec"]["volumes"] if v["name"] == "dshm")
+        assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": args.shm_size}
+        assert res["limits"]["memory"] == render.pod.memory_limit(args.memory, args.shm_size)
+
+
+def test_memory_limit_adds_shm_to_the_processes():
+    assert render.pod.memory_limit("480Gi", "64Gi") == "544Gi"
+    assert render.pod.memory_limit("1Ti", "1024Gi") == "2Ti"
+    assert render.pod.memory_limit("512Mi", "1Gi") == "1536Mi"
+
+
+def test_rendering_is_deterministic_and_embeds_no_secret():
+    a = rendered("jobset", "--nodes", "3", *OVERRIDES)
+    b = rendered("jobset", "--nodes", "3", *OVERRIDES)
+    assert a == b and not [d for d in a if d["kind"] == "Secret"]
+    for template in pod_templates(a):
+        env = {e["name"]: e for e in template["spec"]["containers"][0]["env"]}
+        assert env["NCL_JOB_SECRET"]["valueFrom"]["secretKeyRef"] == {
+            "name": "llama70b-ncl-secret", "key": "NCL_JOB_SECRET"}
+    named = rendered("pytorchjob", "--nodes", "2", "--secret-name", "team-secret")
+    env = {e["name"]: e for e in pod_spec(named)["containers"][0]["env"]}
+    assert env["NCL_JOB_SECRET"]["valueFrom"]["secretKeyRef"]["name"] == "team-secret"
+    made = rendered("pytorchjob", "--nodes", "2", "--generate-secret")
+    assert re.fullmatch(r"[0-9a-f]{32}", by_kind(made, "Secret")["stringData"]["NCL_JOB_SECRET"])
+
+
 @pytest.mark.parametrize("kind", ["pytorchjob", "jobset"])
-def test_manifests_wire_secret_shm_and_peers(kind):
+def test_run_directory_on_a_shared_volume_and_a_final_checkpoint_on_stop(kind):
+    docs = rendered(kind, "--nodes", "2", "--pvc", "team-runs", "--grace-seconds", "600")
+    spec = pod_spec(docs)
+    (container,) = spec["containers"]
+    runs = next(v for v in spec["volumes"] if v["name"] == "runs")
+    assert runs["persistentVolumeClaim"] == {"claimName": "team-runs"}
+    assert {"name": "runs", "mountPath": "/runs"} in container["volumeMounts"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["NCL_RUN_DIR"] == "/runs/llama70b"
+    assert env["NCL_RUN_DIR_KEY"] == "hydra.run.dir"
+    assert spec["terminationGracePeriodSeconds"] == 600
+    pre = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre[:2] == ["sh", "-c"] and "kill -USR1 1" in pre[2]
+    assert "command" not in container  # the image's ENTRYPOINT (tini) stays PID 1
+    assert container["args"][:2] == ["bash", "-c"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["hydra.run.dir=/tmp/x"], "set the run directory with --run-dir"),
+    (["--run-dir", "/elsewhere/x"], "must lie under --runs-mount"),
+    (["--fabric", "efa"], "--fabric efa needs --fabric-devices"),
+    (["--fabric-devices", "4"], "need --fabric efa or rdma"),
+    (["--memory", "500G"], "use a binary quantity"),
+    (["--tas-level", "rack"], "give --queue too"),
+])
+def test_bad_options_are_refused_with_what_to_do(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        rendered("jobset", "--nodes", "2", *argv)
+    assert message in capsys.readouterr().err
+
+
+def test_fabric_network_and_placement_options():
+    efa = pod_templates(rendered("jobset", "--nodes", "2", "--fabric", "efa",
+                                 "--fabric-devices", "32", "--host-network", "--zone", "z1",
+                                 "--pack-by", "example.com/rack", "--node-selector", "a=b"))[0]
+    (c,) = efa["spec"]["containers"]
+    assert c["resources"]["limits"]["vpc.amazonaws.com/efa"] == 32
+    assert c["securityContext"] == {"capabilities": {"add": ["IPC_LOCK"]}}
+    spec = efa["spec"]
+    assert spec["hostNetwork"] is True and spec["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert spec["nodeSelector"] == {"a": "b"}
+    term = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert term["nodeSelectorTerms"][0]["matchExpressions"][0]["values"] == ["z1"]
+    (pack,) = spec["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert pack["topologyKey"] == "example.com/rack"
+    rdma = pod_templates(rendered("pytorchjob", "--nodes", "2", "--fabric", "rdma",
+                                  "--network-attachments", "sriov-a,sriov-b"))[0]
+    assert rdma["metadata"]["annotations"] == {"k8s.v1.cni.cncf.io/networks": "sriov-a,sriov-b"}
+    assert rdma["spec"]["containers"][0]["resources"]["limits"]["rdma/rdma_shared_device_a"] == 1
+    plain = pod_templates(rendered("jobset", "--nodes", "2"))[0]
+    assert "securityContext" not in plain["spec"]["containers"][0]
+    assert "annotations" not in plain["metadata"] and "affinity" not in plain["spec"]
+
+
+def test_kueue_queue_label_and_topology_annotation():
+    docs = rendered("jobset", "--nodes", "2", "--queue", "team-a", "--tas-level", "blk",
+                    "--standby-nodes", "1")
+    assert by_kind(docs, "JobSet")["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    for template in pod_templates(docs):
+        assert template["metadata"]["annotations"] == {
+            "kueue.x-k8s.io/podset-required-topology": "blk"}
+    docs = rendered("pytorchjob", "--nodes", "2", "--queue", "team-a", "--standby-nodes", "1")
+    for kind in ("PyTorchJob", "Job"):
+        assert by_kind(docs, kind)["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+
+
+def test_site_environment_reaches_every_pod():
+    docs = rendered("jobset", "--nodes", "2", "--site-env",
+                    str(REPO / "scripts/site/efa.env"), "--standby-nodes", "1")
+    for template in pod_templates(docs):
+        env = {e["name"]: e.get("value") for e in template["spec"]["containers"][0]["env"]}
+        assert env["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
+        assert (env["FI_PROVIDER"], env["FI_EFA_USE_DEVICE_RDMA"]) == ("efa", "1")
+
+
+def test_standby_agents_in_a_jobset_and_beside_a_pytorchjob():
+    jobset = by_kind(rendered("jobset", "--nodes", "3", "--standby-nodes", "2"), "JobSet")
+    node, standby = jobset["spec"]["replicatedJobs"]
+    assert (node["name"], standby["name"], standby["replicas"]) == ("node", "standby", 2)
+    assert jobset["spec"]["successPolicy"] == {"operator": "All",
+                                               "targetReplicatedJobs": ["node"]}
+    env = {e["name"]: e for e in standby["template"]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["NCL_STANDBY"]["value"] == "1" and "NODE_RANK" not in env
+    assert env["NCL_SUBDOMAIN"]["value"] == "llama70b-peers"
+    docs = rendered("pytorchjob", "--nodes", "3", "--standby-nodes", "2")
+    job, service = by_kind(docs, "Job"), by_kind(docs, "Service")
+    assert (job["spec"]["completions"], job["spec"]["completionMode"]) == (2, "Indexed")
+    spec = job["spec"]["template"]["spec"]
+    assert spec["subdomain"] == service["metadata"]["name"] == "llama70b-standby"
+    assert service["spec"]["selector"]["app.kubernetes.io/component"] == "standby"
+    assert job["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == "standby"
+
+
+@pytest.mark.parametrize("kind", ["pytorchjob", "jobset"])
+def test_manifests_wire_peers_shm_and_overrides(kind):
     docs = rendered(kind, "--nodes", "3", "--gpus-per-node", "8", *OVERRIDES)
-    secret = by_kind(docs, "Secret")
-    assert re.fullmatch(r"[0-9a-f]{32}", secret["stringData"]["NCL_JOB_SECRET"])
     spec = pod_spec(docs)
     (container,) = spec["containers"]
     env = {e["name"]: e for e in container["env"]}
-    assert env["NCL_JOB_SECRET"]["valueFrom"]["secretKeyRef"] == {
-        "name": secret["metadata"]["name"], "key": "NCL_JOB_SECRET"}
-    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm")
-    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
-    assert volume["emptyDir"]["medium"] == "Memory"
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
     assert container["args"][-3:] == OVERRIDES
     if kind == "pytorchjob":
         specs = by_kind(docs, "PyTorchJob")["spec"]["pytorchReplicaSpecs"]
@@ -173,227 +325,102 @@ def test_manifests_wire_secret_shm_and_peers(kind):
 def test_one_node_cpu_manifest_drops_workers_and_gpus():
     docs = rendered("pytorchjob", "--nodes", "1", "--gpus-per-node", "0")
     assert list(by_kind(docs, "PyTorchJob")["spec"]["pytorchReplicaSpecs"]) == ["Master"]
-    assert "resources" not in pod_spec(docs)["containers"][0]
+    assert "nvidia.com/gpu" not in pod_spec(docs)["containers"][0]["resources"]["limits"]
     jobset = by_kind(rendered("jobset", "--nodes", "2", "--restart-failed-job"), "JobSet")
-    assert {"name": "replaceNode", "action": "RestartJob"} in jobset["spec"]["failurePolicy"]["rules"]
+    assert {"name": "replaceNode", "action": "RestartJob", "targetReplicatedJobs": ["node"]} in \
+        jobset["spec"]["failurePolicy"]["rules"]
 
 
-def test_existing_secret_is_referenced_not_generated():
-    docs = rendered("jobset", "--nodes", "2", "--secret-name", "team-secret")
-    assert not [d for d in docs if d["kind"] == "Secret"]
-    env = {e["name"]: e for e in pod_spec(docs)["containers"][0]["env"]}
-    assert env["NCL_JOB_SECRET"]["valueFrom"]["secretKeyRef"]["name"] == "team-secret"
+# ------------------------------------------------------------------ the pod's command
+
+FAKE_LAUNCH = """#!/usr/bin/env bash
+# stand-in for ncl-launch: record the arguments; act as FAKE_MODE says
+echo "$*" >>"$FAKE_ARGS"
+if [[ $FAKE_MODE == taken && $1 != --standby ]]; then
+    echo "ncl-launch: node 2 was taken over by a standby node (standby:h:1) and is running; start this agent with --standby instead" >&2
+    exit 1
+fi
+trap 'echo "got USR1" >>"$FAKE_ARGS"; exit 143' USR1
+trap 'echo "got TERM" >>"$FAKE_ARGS"; exit 143' TERM
+[[ $FAKE_MODE == wait ]] && for ((i = 0; i < 300; i++)); do sleep 0.1 & wait $!; done
+exit 0
+"""
 
 
-@pytest.mark.parametrize("kind", ["pytorchjob", "jobset"])
-def test_container_command_is_a_valid_agent_command_line(kind, tmp_path, monkeypatch):
-    """Run the pod's `bash -c` with its env (downward API and Secret filled in) and a stand-in
-    for ncl-launch; the agent's own parser must accept what it would have received."""
-    docs = rendered(kind, "--nodes", "3", *OVERRIDES)
-    (container,) = pod_spec(docs)["containers"]
+def pod_command(kind: str, tmp_path: Path, mode: str, standby: bool = False):
+    """The pod's container args, with its env (downward API and Secret filled in) and a
+    stand-in ncl-launch; returns (Popen, the file of recorded argument lists)."""
+    docs = rendered(kind, "--nodes", "3", "--standby-nodes", "1", "--run-dir",
+                    "/runs/llama70b", *OVERRIDES)
+    templates = pod_templates(docs)
+    template = templates[-1] if standby else templates[0]
+    (container,) = template["spec"]["containers"]
     fake = tmp_path / "fake-launch"
-    fake.write_text("#!/usr/bin/env python3\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n")
+    fake.write_text(FAKE_LAUNCH)
     fake.chmod(0o755)
     env = {"PATH": os.environ["PATH"], "NCL_JOB_SECRET": "s3cret", "NODE_RANK": "2",
-           "RANK": "2"}  # NODE_RANK: JobSet's job-index annotation; RANK: the operator's
+           "RANK": "2", "FAKE_ARGS": str(tmp_path / "args"), "FAKE_MODE": mode}
     for item in container["env"]:
         if "value" in item:
             env[item["name"]] = item["value"]
-    env["NCL_LAUNCH"] = str(fake)
-    out = subprocess.run([*container["command"], *container["args"]], env=env, check=True,
-                         capture_output=True, text=True, cwd=tmp_path).stdout
-    argv = json.loads(out)
+    if standby:
+        env.pop("NODE_RANK")
+    env.update(NCL_LAUNCH=str(fake), NCL_RUN_DIR=str(tmp_path / "runs" / "llama70b"))
+    proc = subprocess.Popen(container["args"], env=env, cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return proc, tmp_path / "args"
+
+
+def parsed(line: str, monkeypatch):
     monkeypatch.setenv("NCL_JOB_SECRET", "s3cret")
-    args = agent_parse_args(argv)
+    return agent_parse_args(line.split())
+
+
+@pytest.mark.parametrize("kind", ["pytorchjob", "jobset"])
+def test_pod_command_is_a_valid_agent_command_line(kind, tmp_path, monkeypatch):
+    """The agent's own parser accepts what the pod would run, node and standby alike."""
+    proc, args_file = pod_command(kind, tmp_path, "exit")
+    assert proc.wait(timeout=30) == 0, proc.stderr.read()
+    args = parsed(args_file.read_text().splitlines()[0], monkeypatch)
     assert (args.nnodes, args.node_rank, args.nproc_per_node, args.spares) == (3, 2, 8, 1)
-    assert args.peers == env["NCL_PEERS"]
     assert args.script == "recipes/pretrain.py"
-    assert args.script_args == ["recipe=llama3_70b_2opt", *OVERRIDES]
+    assert args.script_args == ["recipe=llama3_70b_2opt",
+                                f"hydra.run.dir={tmp_path}/runs/llama70b", *OVERRIDES]
+    assert (tmp_path / "runs" / "llama70b").is_dir()
+    (tmp_path / "s").mkdir()
+    proc, args_file = pod_command(kind, tmp_path / "s", "exit", standby=True)
+    assert proc.wait(timeout=30) == 0, proc.stderr.read()
+    args = parsed(args_file.read_text().splitlines()[0], monkeypatch)
+    assert args.standby and args.node_rank is None
+    assert args.peers.count(",") == 2 and args.standby_port == 29400
+    sub = "llama70b-peers" if kind == "jobset" else "llama70b-standby"
+    assert args.standby_host.endswith(f".{sub}")
 
 
-# ------------------------------------------------------------------ Slurm
-
-FAKE_SCONTROL = f"""#!/usr/bin/env bash
-# stand-in for scontrol: 'show hostnames LIST' and 'show node NAME'
-if [[ $1 == show && $2 == hostnames ]]; then
-    exec {shlex.quote(sys.executable)} -c 'import sys
-from nemo_checkpointless.comm.init import expand_hostlist
-print("\\n".join(expand_hostlist(sys.argv[1])))' "$3"
-elif [[ $1 == show && $2 == node ]]; then
-    if [[ " ${{FAKE_DOWN:-}} " == *" $3 "* ]]; then state=DOWN+NOT_RESPONDING; else state=ALLOCATED; fi
-    echo "NodeName=$3 Arch=x86_64 CoresPerSocket=1"
-    echo "   State=$state ThreadsPerCore=1"
-fi
-"""
-
-FAKE_SRUN = """#!/usr/bin/env bash
-# stand-in for srun: log the step, then fail as FAKE_FAIL says ("RANK@HOST=CODE ...", the
-# first start there only) or run for FAKE_RUN_S seconds and succeed
-host="" rank="" peers=""
-prev=""
-for arg in "$@"; do
-    case $arg in --nodelist=*) host=${arg#--nodelist=} ;; esac
-    [[ $prev == --node-rank ]] && rank=$arg
-    [[ $prev == --peers ]] && peers=$arg
-    prev=$arg
-done
-secret_sha=$(printf %s "$NCL_JOB_SECRET" | sha256sum | cut -c1-16)
-printf '{"host": "%s", "rank": %s, "secret": "%s", "job_id": "%s", "peers": "%s"}\\n' \\
-    "$host" "$rank" "$secret_sha" "$NCL_JOB_ID" "$peers" >>"$FAKE_LOG"
-for item in ${FAKE_FAIL:-}; do
-    if [[ ${item%%=*} == "$rank@$host" && ! -e $FAKE_LOG.$rank@$host ]]; then
-        touch "$FAKE_LOG.$rank@$host"
-        sleep 0.3
-        exit "${item#*=}"
-    fi
-done
-exec sleep "${FAKE_RUN_S:-1.5}"
-"""
-
-
-@pytest.fixture
-def fake_slurm(tmp_path):
-    """PATH with stand-ins for srun and scontrol, and the environment of a 3-node job."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for name, text in [("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)]:
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "NCL_", "SPARE", "STORE_", "OVERRIDES", "RECIPE"))}
-    env.update(PATH=f"{bin_dir}:{env['PATH']}", PYTHONPATH=str(REPO), SLURM_JOB_ID="4242",
-               SLURM_JOB_NODELIST="gpu[01-03]", SLURMD_NODENAME="gpu01",
-               SLURM_SUBMIT_DIR=str(REPO), FAKE_LOG=str(tmp_path / "steps.jsonl"),
-               POLL_S="0.1", REPLACE_GRACE_S="0.3")
-    return env
-
-
-def run_sbatch(env: dict, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(SBATCH), *args], env=env, capture_output=True,
-                          text=True, timeout=timeout, cwd=REPO)
-
-
-def steps(env: dict) -> list[dict]:
-    path = Path(env["FAKE_LOG"])
-    return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
-
-
-def test_scripts_parse_and_pass_sanity_checks():
-    for script in (SBATCH, LOCAL_CLUSTER):
-        subprocess.run(["bash", "-n", str(script)], check=True)
-        text = script.read_text()
-        assert text.startswith("#!/usr/bin/env bash\n")
-        assert "set -euo pipefail" in text
-        code = [l for l in text.splitlines() if not l.lstrip().startswith("#")]
-        assert "\r" not in text and "\t" not in text
-        assert not [l for l in code if "`" in l], "use $(...), not backticks"
-        assert not re.search(r"\b(pkill|killall)\b", text), "stop processes by pid only"
-    lines = SBATCH.read_text().splitlines()
-    first_command = next(i for i, l in enumerate(lines) if l and not l.startswith("#"))
-    directives = [l for l in lines if l.startswith("#SBATCH")]
-    assert all(lines.index(d) < first_command for d in directives), "#SBATCH after a command"
-    assert "#SBATCH --no-kill" in directives
-    assert "--kill-on-bad-exit=0" in SBATCH.read_text()
+def test_pod_script_passes_shellcheck():
+    script = K8S / "agent.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    assert script.read_text().startswith("# shellcheck shell=bash")
     if shutil.which("shellcheck"):
-        subprocess.run(["shellcheck", "-s", "bash", str(SBATCH), str(LOCAL_CLUSTER)], check=True)
+        subprocess.run(["shellcheck", "-s", "bash", str(script)], check=True)
 
 
-def agent_argv(line: str) -> tuple[list[str], list[str]]:
-    """Split one dry-run line into srun options and the ncl-launch argument list."""
-    words = shlex.split(line)
-    assert words[0] == "srun"
-    i = next(i for i, w in enumerate(words) if w.endswith("ncl-launch"))
-    return words[1:i], words[i + 1:]
+def test_pod_command_passes_usr1_to_the_agent(tmp_path):
+    proc, args_file = pod_command("jobset", tmp_path, "wait")
+    deadline = time.monotonic() + 20
+    while not args_file.exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGUSR1)  # what tini passes on from the preStop hook
+    assert proc.wait(timeout=20) == 143
+    assert "got USR1" in args_file.read_text()
 
 
-def test_sbatch_dry_run_builds_one_agent_per_training_node(fake_slurm, monkeypatch):
-    env = dict(fake_slurm, NCL_DRY_RUN="1", SLURMD_NODENAME="gpu02", SPARE_NODES="1",
-               GPUS_PER_NODE="8", SLURM_CPUS_ON_NODE="64", RECIPE="llama3_70b_2opt",
-               OVERRIDES="checkpointless=tier4 trainer.max_steps=1000", NCL_JOB_SECRET="s3cret")
-    result = run_sbatch(env, OVERRIDES[-1])
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.strip().splitlines()
-    assert len(lines) == 2  # 3 nodes, 1 spare
-    assert "s3cret" not in result.stdout + result.stderr
-    monkeypatch.setenv("NCL_JOB_SECRET", "s3cret")
-    for rank, (line, host) in enumerate(zip(lines, ["gpu02", "gpu01"])):  # batch host first
-        srun, argv = agent_argv(line)
-        assert f"--nodelist={host}" in srun and "--nodes=1" in srun and "--ntasks=1" in srun
-        assert "--kill-on-bad-exit=0" in srun and "--cpus-per-task=64" in srun
-        assert "--gres=gpu:8" in srun
-        args = agent_parse_args(argv)
-        assert (args.nnodes, args.node_rank, args.nproc_per_node, args.spares) == (2, rank, 8, 1)
-        assert args.peers == "gpu02:24242,gpu01:24243"  # every training node serves a shard
-        assert args.script == str(REPO / "recipes" / "pretrain.py")
-        assert args.script_args == ["recipe=llama3_70b_2opt", *OVERRIDES]
-
-
-def test_sbatch_dry_run_without_spare_nodes_spreads_the_store(fake_slurm):
-    env = dict(fake_slurm, NCL_DRY_RUN="1", NPROC_PER_NODE="4", HANG_TIMEOUT="8",
-               NCL_PORT="30000", NCL_LAUNCH=f"{sys.executable} -m nemo_checkpointless.launch.agent")
-    result = run_sbatch(env, "trainer.max_steps=4")
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.strip().splitlines()
-    assert len(lines) == 3
-    for rank, line in enumerate(lines):
-        words = shlex.split(line)
-        argv = words[words.index("nemo_checkpointless.launch.agent") + 1:]
-        assert argv[argv.index("--peers") + 1] == "gpu01:30000,gpu02:30001,gpu03:30002"
-        assert argv[argv.index("--node-rank") + 1] == str(rank)
-        assert argv[argv.index("--hang-timeout") + 1] == "8"
-        assert "recipe=tiny_gpt" in argv and argv[-1] == "trainer.max_steps=4"
-
-
-def test_supervisor_replaces_a_dead_node_on_a_spare(fake_slurm):
-    env = dict(fake_slurm, SPARE_NODES="1", FAKE_FAIL="1@gpu02=137")
-    result = run_sbatch(env)
-    assert result.returncode == 0, result.stderr
-    log = steps(env)
-    started = [(s["rank"], s["host"]) for s in log]
-    assert sorted(started[:2]) == [(0, "gpu01"), (1, "gpu02")] and started[2:] == [(1, "gpu03")]
-    assert len({s["secret"] for s in log}) == 1 and log[0]["job_id"] == "slurm-4242"
-    assert "node rank 1: replacement 1 of 4 on gpu03" in result.stderr
-
-
-def test_supervisor_moves_a_store_node_to_a_spare_and_restarts_in_place_without_one(fake_slurm):
-    env = dict(fake_slurm, SPARE_NODES="1", STORE_NODES="2", FAKE_FAIL="1@gpu02=137")
-    result = run_sbatch(env)
-    assert result.returncode == 0, result.stderr
-    assert [(s["rank"], s["host"]) for s in steps(env)][-1] == (1, "gpu03")
-    # the replacement serves store shard 1 from the spare (and publishes it; docs/tier1.md)
-    assert steps(env)[-1]["peers"] == "gpu01:24242,gpu03:24243"
-    env = dict(fake_slurm, SLURM_JOB_NODELIST="gpu[01-02]", FAKE_FAIL="1@gpu02=137",
-               FAKE_LOG=fake_slurm["FAKE_LOG"] + ".nospare")
-    result = run_sbatch(env)
-    assert result.returncode == 0, result.stderr
-    assert [(s["rank"], s["host"]) for s in steps(env)][-1] == (1, "gpu02")
-
-
-def test_supervisor_gives_up_on_a_lost_node_with_no_spare(fake_slurm):
-    env = dict(fake_slurm, SLURM_JOB_NODELIST="gpu[01-02]", FAKE_FAIL="1@gpu02=137",
-               FAKE_DOWN="gpu02", FAKE_RUN_S="30")
-    started = time.monotonic()
-    result = run_sbatch(env)
-    assert result.returncode == 137
-    assert "no spare node left and gpu02 is unusable" in result.stderr
-    assert time.monotonic() - started < 15, "the surviving agent must be stopped"
-    assert len(steps(env)) == 2
-
-
-@pytest.mark.parametrize("fail,code,message,spare_nodes", [
-    ("1@gpu02=3", 3, "cannot continue", "0"),  # the job itself is unrecoverable
-    ("0@gpu01=1 1@gpu02=1", 1, "no agent is left", "0"),  # every node failed: a bad config
-    ("0@gpu01=137", 137, "only store shard", "1"),  # the one store server died with it
-])
-def test_supervisor_does_not_replace_job_failures(fake_slurm, fail, code, message,
-                                                  spare_nodes):
-    env = dict(fake_slurm, FAKE_FAIL=fail, FAKE_RUN_S="30", SPARE_NODES=spare_nodes,
-               SLURM_JOB_NODELIST="gpu[01-03]" if spare_nodes == "1" else "gpu[01-02]")
-    if message == "only store shard":
-        env["STORE_NODES"] = "1"
-    started = time.monotonic()
-    result = run_sbatch(env)
-    assert result.returncode == code, result.stderr
-    assert message in result.stderr
-    assert time.monotonic() - started < 15
-    assert len(steps(env)) == 2  # nothing restarted
+def test_a_pod_whose_node_a_standby_took_becomes_a_standby(tmp_path, monkeypatch):
+    proc, args_file = pod_command("jobset", tmp_path, "taken")
+    assert proc.wait(timeout=30) == 0, proc.stderr.read()
+    first, second = args_file.read_text().splitlines()
+    assert parsed(first, monkeypatch).node_rank == 2
+    assert parsed(second, monkeypatch).standby
+    assert "this pod becomes a standby agent" in proc.stderr.read()

@@ -9,7 +9,7 @@ from nemo_checkpointless.recovery.faults import FaultInjector, Fault, fail_at, p
 from nemo_checkpointless.replication.replica_map import (RankInfo, UnrecoverableError, agree,
                                                          donors_for, unprotected_ranks)
 from nemo_checkpointless.replication.transfer import ByteLayout, checksum, messages, stripes
-from nemo_checkpointless.train.hooks import Phase
+from nemo_checkpointless.steps import Phase
 
 
 def info(rank, has_state=True, applied=4, entered=4, passed=4, tp=0, pp=0, shard=0):

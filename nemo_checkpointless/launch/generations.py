@@ -1,0 +1,78 @@
+"""The job's generation counter and its records: who moved the job on, and why.
+
+A generation is a replicated counter (``gen``) in the job store; ``gen/<g>`` holds the
+record of the move to ``g`` (reason, node, ranks, times; ranks read it for their recovery
+events). Claims keep concurrent agents from acting twice on one loss:
+
+* ``node/<n>/claim/<g>``: one standby takes node ``n`` over in generation ``g``;
+* ``node/<n>/lost/<owner>``: one agent declares node ``n`` lost, once per incarnation
+  of that node (``owner``: the id of the agent that last started it), so the agents that
+  all see the same server gone, one after the other, make one generation of it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Optional
+
+
+def bump_generation(store: Any, record: dict[str, Any]) -> int:
+    """Move the job to a new generation; the record says why (read by ranks for events)."""
+    gen = int(store.add("gen", 1))
+    store.set(f"gen/{gen}", json.dumps(dict(record, gen=gen)))
+    return gen
+
+
+def current_generation(store: Any) -> int:
+    return int(store.add("gen", 0))
+
+
+def read_record(store: Any, gen: int) -> Optional[dict[str, Any]]:
+    try:
+        return json.loads(store.get(f"gen/{gen}"))
+    except Exception:  # noqa: BLE001 - a record that cannot be read names nothing
+        return None
+
+
+def fault_time(store: Any, ranks: list[int]) -> Optional[float]:
+    """When an injected fault fired on one of ``ranks`` (for the recovery timeline). The
+    keys are sharded: pass a client with a short timeout (a lost node's shard would make
+    each read wait the full store timeout); a key that cannot be read names no time."""
+    for rank in ranks:
+        key = f"fault/at/{rank}"
+        try:
+            if store.check([key]):
+                return float(store.get(key))
+        except Exception:  # noqa: BLE001 - only a timeline detail
+            pass
+    return None
+
+
+def node_owner(store: Any, node: int) -> Optional[str]:
+    """The id of the agent that last started node ``node`` (None: never started)."""
+    key = f"node/{node}/owner"
+    if not store.check([key]):
+        return None
+    return store.get(key).decode()
+
+
+def claim_takeover(store: Any, node: int) -> bool:
+    """One standby wins node ``node`` for the current generation."""
+    gen = current_generation(store)
+    return int(store.add(f"node/{node}/claim/{gen}", 1)) == 1
+
+
+def declare_lost(store: Any, node: int, ranks: list[int], declared_by: str,
+                 reason: str) -> Optional[int]:
+    """Declare node ``node`` lost (its ranks gone) unless another agent already declared
+    this incarnation of it; returns the new generation, or None."""
+    owner = node_owner(store, node)
+    if owner is None:
+        return None
+    if int(store.add(f"node/{node}/lost/{owner}", 1)) != 1:
+        return None
+    return bump_generation(store, {
+        "reason": f"node {node} lost: {reason} (declared by {declared_by})",
+        "node": node, "ranks": ranks, "lost_owner": owner, "declared_by": declared_by,
+        "detected_at": time.time()})  # no fault_at: those keys may live on the lost shard

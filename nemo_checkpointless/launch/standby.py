@@ -1,0 +1,92 @@
+"""A standby node: an agent without a node rank that takes over the first node lost.
+
+``ncl-launch --standby`` starts ``--nproc-per-node`` warm processes (imported, waiting for
+a rank) and watches every agent's store server (``peers.ServerWatch``). When one stays
+unreachable for ``Timeouts.node_lost_after_s``, the standby claims that node rank (one
+claim per node and generation wins), serves the node's store shard from its own address,
+bumps the generation with ``taken_over_by`` in the record and hands the lost node's ranks
+to its warm processes: a whole node comes back as fast as one rank, without waiting for
+the scheduler. From then on it is that node's agent (``supervisor.NodeAgent``). An agent
+that was only unreachable (a partition) sees the record and stops its ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from typing import TYPE_CHECKING
+
+from ..comm.store import StoreServer
+from ..comm.world import free_port
+from .generations import bump_generation, claim_takeover, fault_time
+from .peers import PROBE_INTERVAL_S, ServerWatch, probe
+
+if TYPE_CHECKING:
+    from .supervisor import NodeAgent
+
+log = logging.getLogger("ncl.agent")
+
+
+def wait_for_lost_node(agent: "NodeAgent") -> bool:
+    """Wait, warm, for a node to be lost; True once ``agent`` has taken one over, False
+    when the job finished without needing it."""
+    agent.connect_store()
+    agent.peers = agent.store.refresh_endpoints()
+    for _ in range(agent.nproc):
+        agent.spares.append(agent.spawn(None, None, replacement=True))
+    log.info("standby node: %d warm processes, watching %d nodes", agent.nproc,
+             len(agent.peers))
+    watch = ServerWatch(agent.timeouts.node_lost_after_s, require_seen=False)
+    last_done = 0
+    while True:
+        replies, done = probe(agent.store)
+        last_done = max(last_done, done)
+        if done >= agent.args.nnodes:
+            log.info("standby node: the job finished")
+            return False
+        lost = watch.update(replies, time.monotonic())
+        if lost and len(lost) == len(replies) and (len(replies) > 1 or last_done > 0):
+            # every server went at once: the nodes stopped their servers at the job's end
+            # (their last "done" count can be missed between two probes); a whole job of
+            # several nodes lost at once is nothing a standby can take over either
+            log.info("standby node: every node's store server is gone (%d of %d had "
+                     "finished when last seen): the job ended", last_done, len(replies))
+            return False
+        for node in lost:
+            if claim_takeover(agent.store, node):
+                take_over(agent, node)
+                return True
+            log.info("node %d is lost; another standby claimed it", node)
+        for spare in list(agent.spares):  # keep the warm processes warm
+            if spare.proc.poll() is not None:
+                agent.spares.remove(spare)
+                agent.spares.append(agent.spawn(None, None, replacement=True))
+        time.sleep(PROBE_INTERVAL_S)
+
+
+def take_over(agent: "NodeAgent", node: int) -> None:
+    """Become node ``node``'s agent: its store shard, its ranks, a new generation."""
+    detected = time.time()
+    agent.node_rank = node
+    host = agent.args.standby_host or socket.gethostname()
+    port = agent.args.standby_port or free_port()
+    bind = "0.0.0.0" if host not in ("127.0.0.1", "localhost") else host
+    agent.server = StoreServer(bind, port, agent.identity).start()
+    agent.store.publish_endpoint(node, (host, port))
+    agent.peers = agent.store.refresh_endpoints()
+    agent.store.set(f"node/{node}/owner", agent.owner_id)
+    ranks = agent.local_rank_ids()
+    agent.gen = bump_generation(agent.store, {
+        "reason": f"node {node} lost: standby took it over", "node": node,
+        "ranks": ranks, "detected_at": detected,
+        "fault_at": fault_time(agent.quick_store, ranks), "taken_over_by": agent.owner_id})
+    log.warning("node %d lost: this standby takes it over (store shard at %s:%d, ranks "
+                "%s) at generation %d", node, host, port, ranks, agent.gen)
+    with agent.lock:
+        now = time.monotonic()
+        for local_rank, rank in enumerate(ranks):
+            agent.assign(agent.spares.pop(0), rank, local_rank, node, now)
+        if agent.args.spares:
+            agent.refill_at = now + agent.timeouts.spare_refill_delay_s
+    agent.start_watchers()

@@ -1,0 +1,532 @@
+"""The generation loop: train, and on a failure re-form the job and continue, in process.
+
+On a failure anywhere in the job, every healthy rank:
+
+1. *detects* it (a collective fails, or the agent announces a new generation and the link
+   thread aborts the communicators so the blocked collective fails at once) and classifies
+   it (``failures.py``: recoverable, or fatal);
+2. *aborts* and forgets its process groups, keeping model, optimizer and data objects;
+3. waits for the new generation and *rendezvous* with every rank of it (replacements too);
+4. *rebuilds* the world and megatron's parallel state with the same arguments and rebinds
+   every cached group handle;
+5. *reconciles* (``reconcile.py``): agrees on the committed step, rolls forward if needed,
+   and streams state to replacement ranks from their replica peers (or rolls back to disk);
+6. restores the RNG that starts the next step and trains on.
+
+The loop knows no front-end: it drives a :class:`~nemo_checkpointless.steps.StepDriver`
+built by a :class:`~nemo_checkpointless.steps.FrontEnd` (or handed over already built).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from .. import device
+from ..checkpoint.config import directory as checkpoint_directory
+from ..checkpoint.config import make_checkpointer
+from ..checkpoint.driver import CheckpointHook, resume
+from ..comm.abort import (abort_communicators, forget_all_groups,
+                          release_forgotten_groups_in_background)
+from ..comm.init import report_store_ops
+from ..comm.rendezvous import rendezvous
+from ..comm.store import JobIdentity, connect, parse_endpoints
+from ..comm.world import backend_for
+from ..config import RunConfig
+from ..gpu.health import poisons_context
+from ..megatron import groups
+from ..megatron.rebind import group_roles, rebind
+from ..metrics.events import EventLog, read_events, summarize_recoveries
+from ..metrics.progress import Progress
+from ..metrics.timeline import RecoveryTimeline
+from ..replication.replica_map import UnrecoverableError
+from ..state import OptimizerShard, RankState, RngStreams
+from ..steps import FrontEnd, HookList, Phase, StepDriver, Stopped
+from ..timeouts import Timeouts
+from .commit import CommitProtocol
+from .failures import Fatal, Verdict, classify
+from .faults import FaultInjector, parse_plan
+from .interrupt import ComputeInterrupt
+from .link import AgentLink
+from .reconcile import DiskSource, Reconciler
+from .spares import WarmSpare
+
+log = logging.getLogger(__name__)
+
+
+class _ReportProgress:
+    """Step hook: tell the agent each completed step (it judges hangs by progress)."""
+
+    def __init__(self, link: AgentLink) -> None:
+        self.link = link
+
+    def on_phase(self, phase: Phase, step: int) -> None:
+        if phase is Phase.AFTER_STEP:
+            self.link.progress(step)
+
+
+class RecoveryLoop:
+    """Runs one rank started by ncl-launch to ``max_steps`` through any number of failures.
+
+    ``interrupt``: stop forward/backward at the next module when a failure is announced.
+    ``progress(lead)``: the progress reporter, once this process knows its rank.
+    ``after_transfer``: optional measurement right after a state transfer (benchmarks).
+    """
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, channel: Any,
+                 front_end: Optional[FrontEnd], timeouts: Timeouts, *,
+                 interrupt: bool, progress: Callable[[bool], Progress],
+                 after_transfer: Optional[Callable[..., Optional[float]]] = None) -> None:
+        from ..logs import setup_logging
+
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.front_end = front_end
+        self.timeouts = timeouts
+        self.after_transfer = after_transfer
+        self.world_size = int(os.environ["WORLD_SIZE"])
+        self.store = connect(parse_endpoints(os.environ["NCL_STORE_ENDPOINTS"]),
+                             JobIdentity.from_env(), timeouts.delta("store_s"))
+        self.backend = backend_for(cfg.strategy.backend)
+        self.link = AgentLink(channel, on_new_generation=self._abort_from_link,
+                              abort_grace=timeouts.abort_grace(self.backend)).start()
+        self.interrupt = ComputeInterrupt(self.link.interrupt_pending) if interrupt else None
+        self.replacement = os.environ.get("NCL_REPLACEMENT", "0") == "1"
+        self.gen = int(os.environ.get("NCL_GENERATION", "0"))
+        self.spare: Optional[WarmSpare] = None
+        if os.environ.get("NCL_SPARE") == "1":
+            # only in CPU rehearsal: a spare does not know its GPU before it is assigned
+            build = (front_end.spare_model if front_end is not None and self.backend == "gloo"
+                     and cfg.checkpointless.spare_prebuild else None)
+            self.spare = WarmSpare(self.world_size, build)
+            msg = WarmSpare.wait_for_assignment(self.link)
+            self.gen, self.replacement = int(msg["gen"]), True
+            setup_logging(int(msg["rank"]))
+            log.warning("warm spare takes rank %d at generation %d", msg["rank"], self.gen)
+        self.rank = int(os.environ["RANK"])
+        self.progress = progress(self.rank == 0)
+        self.faults = parse_plan(cfg.fault.plan, self.world_size, cfg.trainer.max_steps)
+        self.commit = CommitProtocol(stop_requested=lambda: self.link.stop_requested)
+        self.injector = FaultInjector(self.faults, self.rank, claim=self._claim_fault,
+                                      on_fire=self._fault_fired)
+        self.events = EventLog(self.run_dir / "events.jsonl", self.rank)
+        self.step_hooks = HookList([self.commit, self.injector, _ReportProgress(self.link)])
+        self.driver: Optional[StepDriver] = None
+        self.reconciler: Optional[Reconciler] = None
+        self._prebuilt = False
+        self._built_in_world = False  # attach(): the front-end built in the joined world
+        self._joined_early: Optional[int] = None  # join(): the generation joined already
+        self.old_roles: dict[int, str] = {}
+        self.timeline: Optional[RecoveryTimeline] = None
+        if self.replacement:
+            self.timeline = RecoveryTimeline(from_gen=self.gen - 1)
+        self.joined_gen = -1
+        ck = cfg.checkpointless
+        self.disk_source = ck.recovery == "disk"
+        self.disk = self.disk_source or ck.fallback == "disk"
+        self.checkpoint_root = checkpoint_directory(cfg.checkpoint, self.run_dir)
+        self.durable: Optional[Any] = None  # checkpoint.DurableCheckpointer, once attached
+        self.summary: Optional[dict[str, Any]] = None
+        self._ops_mark: dict = {}
+        self._cleaned_gen = 0
+        groups.enable_local_group_sync()  # megatron's groups formed by their members only
+
+    # ------------------------------------------------------------------ faults
+    def _claim_fault(self, index: int) -> bool:
+        return int(self.store.add(f"fault/claim/{index}", 1)) == 1
+
+    def _fault_fired(self, fault: Any) -> None:
+        self.store.set(f"fault/at/{self.rank}", repr(time.time()))
+        self.events.write("fault", step=fault.step, phase=fault.phase, kind=fault.kind,
+                          fault_rank=fault.rank)
+
+    # ------------------------------------------------------------------ abort
+    def _abort_from_link(self, gen: int) -> None:
+        closed = abort_communicators(self.store.endpoints)
+        log.warning("generation %d announced: aborted communicators (%d connections)", gen,
+                    closed)
+
+    def _verdict(self, err: BaseException) -> Verdict:
+        return classify(err, superseded=self.link.superseded,
+                        confirmed_within=lambda s: self.link.wait_newer(self.joined_gen, s)
+                        is not None,
+                        confirm_timeout=self.timeouts.failure_confirm_s)
+
+    # ------------------------------------------------------------------ main loop
+    def run(self, driver: Optional[StepDriver] = None) -> dict[str, Any]:
+        """Train to max_steps through any number of recoveries; return the summary.
+
+        ``driver``: one already built (``nemo/driver.py`` builds NeMo's objects in a
+        world of fake groups before the job's world exists): its groups are forgotten
+        here and rebound to the real ones when generation ``gen`` is joined. Without it,
+        the front-end builds one after the rendezvous.
+        """
+        if driver is not None:
+            self._take_prebuilt(driver)
+        first = True
+        while True:
+            try:
+                if first:
+                    first = False
+                    self._enter(self.gen)
+                elif self.timeline is not None:
+                    self._recover()
+                self._train()
+                return self._finish()
+            except BaseException as err:  # noqa: BLE001 - classified right below
+                self._on_failure(err)
+
+    # ------------------------------------------------------------------ owned loops
+    # A front-end whose framework runs the training loop (NeMo 2: Lightning's fit) calls
+    # these instead of run(): join (a first start forms its world before the framework
+    # builds in it), attach (the built driver), recover (a failure it caught inside a
+    # step), step_done (a step committed) and finish (the job's end, once).
+
+    def join(self) -> None:
+        """Form the current generation's world now, before the front-end builds in it (a
+        first start). A replacement builds in a world of fake groups instead and goes
+        straight to :meth:`attach`."""
+        self._join(self.gen)
+        self._joined_early = self.gen
+
+    def attach(self, driver: StepDriver) -> None:
+        """Settle the generation with the front-end's built driver: rebuild and rebind its
+        groups if it was built in a fake world, agree on the committed step, stream state
+        to this rank if it replaces one. Failures meanwhile are recovered from."""
+        if self._joined_early == self.gen:
+            self.driver = driver
+            self._built_in_world = True
+        else:
+            self._take_prebuilt(driver)
+        self._settle(lambda: self._enter(self.gen))
+
+    def recover(self, err: BaseException) -> None:
+        """The front-end caught ``err`` inside a step: raise it unless it is recoverable;
+        else abort, join the next generation and settle it (again after any failure in the
+        meantime). Returns with the driver at the agreed committed step."""
+        self._on_failure(err)
+        self._settle(self._recover)
+
+    def step_done(self, metrics: Any) -> None:
+        """A step committed: a recovery before it is over; progress and the non-finite
+        check; a stop every rank agreed on at its commit barrier (raises ``Stopped``)."""
+        driver = self.driver
+        assert driver is not None
+        if self.timeline is not None:
+            self._first_step_done()
+        self.progress.on_step(metrics)
+        if self.commit.stop_after is not None and driver.step >= self.commit.stop_after:
+            self._stop()
+
+    def finish(self) -> dict[str, Any]:
+        """The job's end (summary, the final barrier); the caller recovers a failure in it
+        and calls it again."""
+        return self._finish()
+
+    def _settle(self, attempt: Callable[[], None]) -> None:
+        while True:
+            try:
+                attempt()
+                return
+            except BaseException as err:  # noqa: BLE001 - classified right below
+                self._on_failure(err)
+                attempt = self._recover
+
+    def _take_prebuilt(self, driver: StepDriver) -> None:
+        """A driver built in a world of fake groups: remember its groups' roles (rebound to
+        the real groups on joining) and forget the fake ones."""
+        from megatron.core import parallel_state
+
+        self.driver = driver
+        self._prebuilt = True
+        if parallel_state.model_parallel_is_initialized():
+            self.old_roles.update(group_roles())
+        forget_all_groups()
+
+    def _on_failure(self, err: BaseException) -> None:
+        """Re-raise ``err`` unless it is recoverable; open the recovery's record."""
+        if poisons_context(err):  # a sticky CUDA error: this process is done
+            self.link.exit_device_error(str(err).splitlines()[0][:500])
+        if self._verdict(err) is Verdict.FATAL:
+            raise err
+        log.warning("failure detected: %s", str(err).splitlines()[0][:200] if str(err)
+                    else type(err).__name__)
+        if self.timeline is None:
+            self.timeline = RecoveryTimeline(from_gen=self.joined_gen)
+
+    def _finish(self) -> dict[str, Any]:
+        """The job's end, inside the recoverable region: the last durable save lands, the
+        state hash (collective) and summary.json. A failure here recovers like one in a
+        step, and the end is redone."""
+        driver = self.driver
+        assert driver is not None
+        if self.timeline is not None:  # a failure in the last step: its recovery ends here
+            self._first_step_done()
+        self.link.pause("finish")  # no more steps: the initial timeout covers the end
+        self.injector.fire("finish", driver.step)
+        if self.durable is not None:
+            self.durable.wait()
+        summary = driver.finish()
+        if self.rank == 0:
+            summary["recoveries"] = summarize_recoveries(read_events(self.run_dir /
+                                                                     "events.jsonl"))
+            from ..metrics.writer import write_json
+            write_json(self.run_dir / "summary.json", summary)
+        dist.barrier()  # every rank is past the last collective: the job is done
+        if self.rank == 0:  # agents do not replace a rank that dies from here on
+            self.store.set("job/finished", "1")
+        if self.durable is not None:
+            self.durable.close()
+        self.summary = summary
+        return summary
+
+    def _train(self) -> None:
+        driver = self.driver
+        assert driver is not None
+        while driver.step < self.cfg.trainer.max_steps:
+            metrics = driver.train_step()
+            if self.timeline is not None:
+                self._first_step_done()
+            self.progress.on_step(metrics)
+            if self.commit.stop_after is not None and driver.step >= self.commit.stop_after:
+                self._stop()
+
+    def _stop(self) -> None:
+        """Every rank agreed (at the commit barrier) to stop after this step: write a
+        durable checkpoint of it and leave (a new job resumes from it)."""
+        driver = self.driver
+        assert driver is not None
+        self.link.pause("stop")
+        if self.durable is not None:
+            CheckpointHook(self.durable, driver, RngStreams()).save_now()
+        else:
+            log.warning("stopping after step %d without a checkpoint (checkpoint.interval=0):"
+                        " a new job starts from its last one", driver.step)
+        dist.barrier()  # every rank's files and rank 0's manifest are written
+        if self.rank == 0:
+            log.warning("stopped after step %d as asked; a new job with the same run "
+                        "directory resumes from its checkpoint", driver.step)
+        raise Stopped(driver.step)
+
+    # ------------------------------------------------------------------ recovery
+    def _recover(self) -> None:
+        timeline = self.timeline
+        assert timeline is not None
+        self.link.unwound()
+        t0 = time.perf_counter()
+        if self.driver is not None:
+            from megatron.core import parallel_state
+
+            if parallel_state.model_parallel_is_initialized():
+                # accumulate: objects may still hold groups of an earlier, failed attempt
+                self.old_roles.update(group_roles())
+        abort_communicators(self.store.endpoints)
+        forget_all_groups()
+        if self._built_in_world:  # built in the world just aborted: rebound on joining
+            self._built_in_world, self._prebuilt = False, True
+        timeline.mark("abort", time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        wait = self.timeouts.recovery_s
+        target = self.link.wait_newer(self.joined_gen, wait)
+        if target is None:
+            raise UnrecoverableError(
+                f"no new generation within {wait:.0f}s (NCL_RECOVERY_TIMEOUT_S) after a "
+                "failure: is the failed node's agent gone without a replacement?")
+        timeline.wait_generation = time.perf_counter() - t1
+        self._enter(target)
+
+    def _join(self, gen: int) -> float:
+        """Rendezvous with every rank of generation ``gen`` (the world exists after it);
+        returns the seconds it took."""
+        self.link.activate(gen)
+        self.joined_gen = gen
+        t0 = time.perf_counter()
+        rendezvous(self.store, gen, self.rank, self.world_size, self.backend,
+                   self.timeouts.delta("recovery_s"), self.timeouts.pg(self.backend),
+                   cancelled=self.link.superseded)
+        seconds = time.perf_counter() - t0
+        self._tidy_store(gen)
+        return seconds
+
+    def _enter(self, gen: int) -> None:
+        """Join generation ``gen``: world, parallel state, driver objects, agreement."""
+        t0 = time.perf_counter()
+        if self._joined_early == gen:  # join() formed it before the front-end built
+            self._joined_early = None
+            t1 = t0
+        else:
+            t1 = t0 + self._join(gen)
+        # a fresh start: no rank of this world holds training state yet (the job's first
+        # generation, or a failure hit every rank before any finished its set-up)
+        fresh = not self._anyone_has_state()
+        self.commit.stop_after = None  # re-agreed at the next barrier (the request stays)
+        if fresh and self.driver is not None and not self._prebuilt and \
+                not self._built_in_world:
+            if self.front_end is None:  # its framework built it: nothing here rebuilds it
+                raise Fatal("a failure hit every rank before any finished its set-up; the "
+                            "front-end's set-up is not recovered in process: start the job "
+                            "again")
+            self.driver = None  # half-built by a failed start: build again, with the rest
+            self.reconciler = None
+        if fresh:
+            self.injector.fire("startup", 1)
+        built = self.driver is None or self._prebuilt or self._built_in_world
+        if self.driver is None:
+            assert self.front_end is not None
+            # a warm spare's prebuilt model has zero-filled weights for peers to fill: in
+            # a fresh start there are no peers with state, so everyone draws them
+            prebuilt = self.spare.take_model if self.spare is not None and not fresh else None
+            self.driver = self.front_end.build(self.step_hooks, collective=fresh,
+                                               prebuilt=prebuilt)
+            self._attach()
+        elif self._prebuilt:
+            self._prebuilt = False
+            self._rebuild()
+            self._attach()
+        elif self._built_in_world:  # attach() after join(): built in this very world
+            self._built_in_world = False
+            self._attach()
+        else:
+            self._rebuild()
+        if self.interrupt is not None:
+            self.interrupt.install(self.driver.model)
+        assert self.reconciler is not None
+        if fresh:
+            self._begin_job()
+        elif self.durable is not None:
+            self.durable.settle()  # the save a failure interrupted: completed or dropped
+        t2 = time.perf_counter()
+        transfer = self.reconciler.run(recovering=self.timeline is not None)
+        if self.rank == 0:
+            self._ensure_metrics_row(transfer["committed_step"])
+        t3 = time.perf_counter()
+        log.info("joined generation %d: rendezvous %.3fs, %s %.3fs, agreement+state %.3fs",
+                 gen, t1 - t0, "skeleton" if built else "rebuild+rebind", t2 - t1, t3 - t2)
+        if self.timeline is not None:
+            self.timeline.joined(gen, t1 - t0, t2 - t1, t3 - t2, transfer)
+
+    def _tidy_store(self, gen: int) -> None:
+        """Rank 0: report the store traffic and drop older generations' keys."""
+        if self.rank != 0 or not hasattr(self.store, "server_op_counts"):
+            return
+        phase = "start-up" if gen == 0 else "recovery"
+        _, self._ops_mark = report_store_ops(self.store, phase, self._ops_mark, gen)
+        if gen > 0:  # nobody reads an older generation's keys again
+            for old in range(max(0, self._cleaned_gen), gen):
+                self.store.delete_prefix(f"pg/{old}/")
+                self.store.delete_prefix(f"rdzv/{old}/")
+            self._cleaned_gen = gen
+
+    def _rebuild(self) -> None:
+        """Rebuild megatron's parallel state on the new world and rebind cached groups."""
+        assert self.driver is not None
+        t0 = time.perf_counter()
+        self.driver.rebuild_parallel()
+        t1 = time.perf_counter()
+        rebind(self.driver.rebind_roots(), self.old_roles)
+        self.old_roles = {}
+        log.info("rebuild: parallel state %.3fs, rebind %.3fs", t1 - t0,
+                 time.perf_counter() - t1)
+
+    def _anyone_has_state(self) -> bool:
+        """Whether any rank of the new world holds training state (one all-reduce)."""
+        mine = self.reconciler is not None and self.reconciler.has_state
+        flag = device.control_tensor([int(mine)], torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _attach(self) -> None:
+        """First entry of a newly built driver: its state, durable checkpoints, reconciler."""
+        driver = self.driver
+        assert driver is not None
+        self.commit.start_at(driver.step)
+        state = RankState({"driver": driver, "commit": self.commit,
+                           "optimizer": OptimizerShard(driver.optimizer)})
+        if self.durable is None:
+            self.durable = make_checkpointer(self.cfg.checkpoint, self.run_dir,
+                                             under_agent=True)
+        if self.durable is not None:
+            driver.hooks.add(CheckpointHook(
+                self.durable, driver, RngStreams(),
+                on_save=lambda step: self.injector.fire("checkpoint", step)))
+        disk = None
+        if self.disk:
+            if self.durable is None:
+                raise UnrecoverableError(
+                    "recovery from disk needs durable checkpoints: set checkpoint.interval")
+            disk = DiskSource(self.durable, self.checkpoint_root, verify=self.cfg.checkpoint.verify)
+        self.reconciler = Reconciler(
+            driver, self.commit, state, rank=self.rank, world_size=self.world_size,
+            use_distributed_optimizer=self.cfg.strategy.use_distributed_optimizer,
+            disk=disk, disk_source=self.disk_source,
+            on_recovery=lambda step: self.injector.fire("recovery", step),
+            after_transfer=self.after_transfer)
+
+    def _begin_job(self) -> None:
+        """Every rank built fresh: resume from the newest verified durable checkpoint (a
+        new job of a chain), else start at step 0; then the preflight (collective)."""
+        driver, reconciler = self.driver, self.reconciler
+        assert driver is not None and reconciler is not None
+        ck = self.cfg.checkpoint
+        resumed = None
+        if ck.resume == "auto":  # the RNG too, unless the data-parallel size changed
+            resumed = resume(driver, self.checkpoint_root, RngStreams(), verify_data=ck.verify)
+            self.commit.start_at(driver.step)
+        if resumed is None and self.disk and self.durable is not None:
+            # something to roll back to before the first scheduled save
+            CheckpointHook(self.durable, driver, RngStreams()).save_now()
+        reconciler.has_state = True
+        self._preflight()
+
+    def _preflight(self) -> None:
+        """Before training: say which ranks no peer can restore (no replica anywhere)."""
+        if self.rank == 0:
+            from ..plan import PlanError, preflight_report
+
+            per_node = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
+            try:
+                log.info("layout plan:\n%s", preflight_report(self.cfg, self.world_size,
+                                                              per_node))
+            except PlanError as err:  # the run-time check below still applies
+                log.warning("layout planner: %s", err)
+        assert self.reconciler is not None
+        lonely = self.reconciler.unprotected()
+        if lonely and self.rank == 0:
+            s = self.cfg.strategy
+            log.warning(
+                "ranks %s hold optimizer shards with no replica: a failure of any of them "
+                "cannot be recovered from peers. Set strategy."
+                "num_distributed_optimizer_instances=2 (needs data-parallel x context-parallel "
+                "size divisible by 2; now %d instance(s)) or checkpointless.fallback=disk.",
+                lonely, s.num_distributed_optimizer_instances)
+            self.events.write("preflight", unprotected_ranks=lonely)
+
+    def _ensure_metrics_row(self, committed: int) -> None:
+        """Rank 0 writes the committed step's row if its metrics file lacks it (rank 0 was
+        replaced, or rolled the step forward from a peer's record)."""
+        driver = self.driver
+        assert driver is not None and driver.metrics is not None
+        path = self.run_dir / "metrics.jsonl"
+        last = 0
+        if path.exists():
+            lines = [line for line in path.read_text().splitlines() if line.strip()]
+            last = json.loads(lines[-1])["step"] if lines else 0
+        record = driver.last_record
+        if last < committed and record is not None and record["step"] == committed:
+            driver.metrics.write(record)
+
+    def _first_step_done(self) -> None:
+        timeline, self.timeline = self.timeline, None
+        # the new generation has stepped: the groups the failure aborted can go now
+        release_forgotten_groups_in_background()
+        if timeline is not None:
+            timeline.finish(self.events, self.store,
+                            self.driver.step if self.driver is not None else None,
+                            lead=self.rank == 0)

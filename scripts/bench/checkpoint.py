@@ -1,0 +1,285 @@
+"""Durable checkpoints against megatron-core's own async save: save, load, step-time cost.
+
+    .venv/bin/python scripts/bench/checkpoint.py [--recipe tiny_gpt] [--steps 300]
+        [--interval N] [--repeats 3] [--warmup 5] [overrides...]
+    .venv/bin/python scripts/bench/checkpoint.py --steps 6 --interval 2 --repeats 1 \
+        --warmup 1                                                    # smoke check
+
+The same torchrun job (4 ranks, the lean loop, the recipe's layout) in three variants,
+interleaved over repeats (order rotated each repeat, so a shared machine's drift hits
+every variant alike):
+
+* ``off``: no checkpoints;
+* ``ours``: ``DurableCheckpointer`` every N steps (default: ``checkpoint.interval``'s
+  default, :data:`nemo_checkpointless.checkpoint.config.DEFAULT_INTERVAL_STEPS`): host
+  snapshot on the training thread, write and manifest on a background thread;
+* ``megatron``: ``dist_checkpointing.save(..., async_sharded_save=True)`` of the same
+  sharded state dict with the same strategy (torch_dist, fully parallel, cached plans),
+  run by megatron's ``AsyncCallsQueue`` (a forked writer process per save) and finalised
+  as Megatron-LM's loop does: ``maybe_finalize_async_calls(blocking=False)`` after every
+  step (one all-reduce), blocking at the end. Needs ``psutil`` (megatron's writer imports
+  it).
+
+Per run (rank 0 reports; blocking times are the maximum over ranks):
+
+* ``step_s``: mean wall time of a loop iteration (step + checkpoint hook + finalisation
+  check) over the steps after ``--warmup``; ``overhead``: ``step_s / off's step_s - 1``
+  in the same repeat (median, min, max over repeats);
+* ``save_block_s``: what a save blocks the training thread (median over saves);
+* ``save_done_s``: from the save's start to a complete checkpoint (ours: manifest
+  written; megatron: finalised, ``metadata.json`` written) (median over saves);
+* ``load_s``: loading the newest checkpoint into the live job at the end (ours:
+  ``latest_verified`` with checksums + ``load``; megatron: ``dist_checkpointing.load`` +
+  ``load_state_dict``), and ``ckpt_mb``.
+
+Last line: JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+VARIANTS = ("off", "ours", "megatron")
+
+
+# ---------------------------------------------------------------------------- worker
+def worker(variant: str, workdir: Path, interval: int, warmup: int, overrides: list[str]) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from nemo_checkpointless import cpu
+    from nemo_checkpointless.checkpoint import DurableCheckpointer, latest_verified, load
+    from nemo_checkpointless.checkpoint import snapshot
+    from nemo_checkpointless.comm.world import init_world
+    from nemo_checkpointless.config import compose
+    from nemo_checkpointless.checkpoint.driver import extra_state
+    from nemo_checkpointless.state import RngStreams
+    from nemo_checkpointless.logs import setup_logging
+    from nemo_checkpointless.train.loop import Trainer
+
+    cpu.enable()
+    init_world("gloo")
+    rank = dist.get_rank()
+    setup_logging(rank)
+    cfg = compose(overrides)
+    trainer = Trainer(cfg, workdir / "run")
+    trainer.setup()
+    root = workdir / "ckpt"
+    ours = DurableCheckpointer(root, interval_steps=interval, keep=2) if variant == "ours" \
+        else None
+    theirs = MegatronAsync(root, trainer) if variant == "megatron" else None
+    step_times, blocks = [], []
+    while trainer.step < cfg.trainer.max_steps:
+        t0 = time.perf_counter()
+        trainer.train_step()
+        step = trainer.step
+        if ours is not None:
+            if ours.maybe_save(step, trainer.model, trainer.optimizer, extra_state(trainer),
+                               rank_state=RngStreams().state_dict()):
+                blocks.append(ours.last_stats["snapshot_s"])
+        elif theirs is not None:
+            if step % interval == 0:
+                blocks.append(theirs.save(step))
+            theirs.poll()
+        if step > warmup:
+            step_times.append(time.perf_counter() - t0)
+    done, load_s, ckpt_bytes, verify_s = [], None, 0, None
+    if ours is not None:
+        ours.close()
+        done = [s["snapshot_s"] + s["total_s"] for s in ours.history if s.get("complete")]
+        dist.barrier()
+        t0 = time.perf_counter()
+        info = latest_verified(root)
+        verify_s = time.perf_counter() - t0
+        load(info, trainer.model, trainer.optimizer)
+        load_s = time.perf_counter() - t0
+        ckpt_bytes = sum(f["bytes"] for f in info.manifest["files"].values())
+    elif theirs is not None:
+        done = theirs.close()
+        dist.barrier()
+        t0 = time.perf_counter()
+        newest = max(p for p in root.iterdir() if p.name.startswith("iter_"))
+        sd = snapshot.state_dict(trainer.model, trainer.optimizer, is_loading=True,
+                                 with_rank_state=False)
+        from megatron.core import dist_checkpointing
+
+        loaded = dist_checkpointing.load(sd, str(newest))
+        with torch.no_grad():
+            snapshot.unwrap(trainer.model[0]).load_state_dict(loaded["model"])
+            trainer.optimizer.load_state_dict(loaded["optimizer"])
+        load_s = time.perf_counter() - t0
+        ckpt_bytes = sum(p.stat().st_size for p in newest.iterdir() if p.is_file())
+    per_rank: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, blocks)
+    if rank == 0:
+        worst = [max(b[i] for b in per_rank) for i in range(len(blocks))]
+        print("BENCH " + json.dumps({
+            "variant": variant, "step_s": statistics.mean(step_times),
+            "steps_timed": len(step_times), "saves": len(blocks),
+            "save_block_s": statistics.median(worst) if worst else None,
+            "save_block_all_s": [round(b, 4) for b in worst],
+            "save_done_s": statistics.median(done) if done else None,
+            "load_s": load_s, "verify_s": verify_s, "ckpt_mb": ckpt_bytes / 1e6}), flush=True)
+    dist.destroy_process_group()
+
+
+class MegatronAsync:
+    """megatron-core's async save as Megatron-LM's training loop drives it."""
+
+    def __init__(self, root: Path, trainer: Any) -> None:
+        from megatron.core import parallel_state as ps
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+        from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+            FullyParallelSaveStrategyWrapper)
+        from megatron.core.dist_checkpointing.strategies.torch import (
+            TorchDistSaveShardedStrategy)
+
+        self.root, self.trainer = root, trainer
+        self.queue = AsyncCallsQueue(persistent=False)
+        self.strategy = FullyParallelSaveStrategyWrapper(
+            TorchDistSaveShardedStrategy("torch_dist", 1, cached_metadata=True),
+            ps.get_data_parallel_group(with_context_parallel=True), do_cache_distribution=True)
+        self.started: dict[int, float] = {}
+        self.done: list[float] = []
+        self.first = True
+
+    def save(self, step: int) -> float:
+        from megatron.core import dist_checkpointing
+
+        from nemo_checkpointless.checkpoint import snapshot
+
+        t0 = time.perf_counter()
+        directory = self.root / f"iter_{step:07d}"
+        directory.mkdir(parents=True, exist_ok=True)
+        t = self.trainer
+        sd = snapshot.state_dict(t.model, t.optimizer, is_loading=False, with_rank_state=False)
+        sd["iteration"] = step
+        sd["ncl"] = {"consumed_samples": t.consumed_samples}
+        request = dist_checkpointing.save(
+            sd, str(directory), sharded_strategy=self.strategy, async_sharded_save=True,
+            validate_access_integrity=self.first, content_metadata=dict(snapshot.SHARDING))
+        self.first = False
+        self.started[step] = t0
+        request.add_finalize_fn(lambda: self.done.append(time.perf_counter() - t0))
+        self.queue.schedule_async_request(request)
+        return time.perf_counter() - t0
+
+    def poll(self) -> None:
+        self.queue.maybe_finalize_async_calls(blocking=False)
+
+    def close(self) -> list[float]:
+        self.queue.maybe_finalize_async_calls(blocking=True)
+        self.queue.close()
+        return self.done
+
+
+# ---------------------------------------------------------------------------- driver
+def run_variant(variant: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    from nemo_checkpointless.comm.world import free_port
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc),
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), __file__,
+           "--worker", variant, "--workdir", str(workdir), "--interval", str(args.interval),
+           "--warmup", str(args.warmup), f"recipe={args.recipe}",
+           f"trainer.max_steps={args.steps}", *args.overrides]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    log = workdir / "log.txt"
+    with open(log, "w") as out:
+        code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                              timeout=args.timeout).returncode
+    lines = [l for l in log.read_text(errors="replace").splitlines() if l.startswith("BENCH ")]
+    if code != 0 or not lines:
+        tail = log.read_text(errors="replace").strip().splitlines()[-8:]
+        return {"variant": variant, "error": f"exit {code}: " + " | ".join(tail)[-800:],
+                "log": str(log)}
+    return json.loads(lines[-1].split(" ", 1)[1])
+
+
+def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for variant, results in runs.items():
+        ok = [r for r in results if "error" not in r]
+        row: dict[str, Any] = {"runs": len(ok),
+                               "errors": [r["error"] for r in results if "error" in r]}
+        for key in ("step_s", "save_block_s", "save_done_s", "load_s", "verify_s", "ckpt_mb"):
+            vals = [r[key] for r in ok if r.get(key) is not None]
+            row[key] = statistics.median(vals) if vals else None
+        if variant != "off":
+            ratios = [r["step_s"] / o["step_s"] - 1 for r, o in zip(results, runs["off"])
+                      if "error" not in r and "error" not in o]
+            if ratios:
+                row["overhead"] = {"median": statistics.median(ratios), "min": min(ratios),
+                                   "max": max(ratios)}
+        out[variant] = row
+    return out
+
+
+def table(summary: dict[str, Any], interval: int) -> str:
+    def ms(v: Any) -> str:
+        return "-" if v is None else f"{1e3 * v:.1f}"
+
+    lines = [f"checkpoint every {interval} steps",
+             "variant   step ms  overhead (min..max)     save blocks ms  save done ms  "
+             "load ms  ckpt MB"]
+    for variant, row in summary.items():
+        ov = row.get("overhead")
+        ovs = "-" if not ov else (f"{100 * ov['median']:+.2f}% ({100 * ov['min']:+.1f}.."
+                                  f"{100 * ov['max']:+.1f})")
+        mb = "-" if row["ckpt_mb"] is None else f"{row['ckpt_mb']:.1f}"
+        lines.append(f"{variant:9s} {ms(row['step_s']):>8s}  {ovs:22s} "
+                     f"{ms(row['save_block_s']):>14s}  {ms(row['save_done_s']):>12s}  "
+                     f"{ms(row['load_s']):>7s}  {mb:>7s}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    from nemo_checkpointless.checkpoint.config import DEFAULT_INTERVAL_STEPS
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--recipe", default="tiny_gpt")
+    parser.add_argument("--steps", type=int, default=3 * DEFAULT_INTERVAL_STEPS)
+    parser.add_argument("--interval", type=int, default=DEFAULT_INTERVAL_STEPS)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--nproc", type=int, default=4)
+    parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--worker", choices=VARIANTS, default=None)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker, args.workdir, args.interval, args.warmup, args.overrides)
+        return
+    try:
+        import psutil  # noqa: F401
+    except ImportError:
+        sys.exit("megatron-core's async writer needs psutil: pip install psutil")
+    base = args.workdir or Path(tempfile.mkdtemp(prefix="ncl-bench-ckpt-"))
+    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
+    for r in range(args.repeats):
+        order = VARIANTS[r % 3:] + VARIANTS[:r % 3]
+        for variant in order:
+            result = run_variant(variant, args, base / f"r{r}-{variant}")
+            runs[variant].append(result)
+            print(f"repeat {r} {variant}: {json.dumps(result)}", flush=True)
+    summary = summarise(runs)
+    print(table(summary, args.interval))
+    print(json.dumps({"interval": args.interval, "steps": args.steps, "recipe": args.recipe,
+                      "overrides": args.overrides, "summary": summary, "runs": runs,
+                      "workdir": str(base)}))
+
+
+if __name__ == "__main__":
+    main()
