@@ -646,17 +646,9 @@ class ShardedStore(dist.Store):
         links = {}
         for i, ks in by_shard.items():  # pipelined: every server waits at once
             self._count(i)
-            for attempt in (0, 1):  # a link to a server since replaced: reconnect once
-                links[i] = self._link(i, deadline)
-                try:
-                    links[i].set_recv_timeout(deadline - time.monotonic() + 5.0)
-                    links[i].send(wire.WAIT, wire.I64.pack(ms) + wire.blobs(*ks))
-                    break
-                except OSError as err:
-                    self._drop(i)
-                    if attempt:
-                        raise StoreError(f"store server {self._where(i)} lost during a "
-                                         f"rendezvous wait: {err}") from err
+            links[i] = self._link(i, deadline)
+            links[i].set_recv_timeout(deadline - time.monotonic() + 5.0)
+            links[i].send(wire.WAIT, wire.I64.pack(ms) + wire.blobs(*ks))
         for i, link in links.items():
             try:
                 status, reply = link.recv()

@@ -99,7 +99,6 @@ def check_layout(recipe: run.Partial, world_size: Optional[int] = None) -> None:
                 (nodes * devices) % (tp * pp * cp):
             return
         world_size = nodes * devices
-    ddp = s.get("ddp")
     vp = s.get("virtual_pipeline_model_parallel_size")
     model = getattr(getattr(recipe, "model", None), "config", None)
 
@@ -110,9 +109,20 @@ def check_layout(recipe: run.Partial, world_size: Optional[int] = None) -> None:
     config.check_layout(
         world_size=world_size, tp=tp, pp=pp, cp=cp, vp=vp if isinstance(vp, int) else None,
         instances=int(s.get("num_distributed_optimizer_instances", 1) or 1),
-        distributed_optimizer=bool(getattr(ddp, "use_distributed_optimizer", True)),
+        distributed_optimizer=uses_distributed_optimizer(recipe),
         num_layers=model_int("num_layers"), heads=model_int("num_attention_heads"),
         query_groups=model_int("num_query_groups"), ffn=model_int("ffn_hidden_size"))
+
+
+def uses_distributed_optimizer(recipe: run.Partial) -> bool:
+    """Whether megatron's distributed optimizer is used: the optimizer config decides (NeMo's
+    strategy sets the DDP config's flag from it), else the DDP config."""
+    optim = getattr(getattr(recipe, "optim", None), "config", None)
+    value = getattr(optim, "use_distributed_optimizer", None) if optim is not None else None
+    if value is None:
+        ddp = fdl.ordered_arguments(recipe.trainer.strategy).get("ddp")
+        value = getattr(ddp, "use_distributed_optimizer", True) if ddp is not None else True
+    return bool(value)
 
 
 # ---------------------------------------------------------------------- overrides

@@ -40,7 +40,7 @@ def run_config(recipe: Any, world_size: Optional[int] = None) -> RunConfig:
     Lightning's loop is not supported (a new job resumes from NeMo's checkpoint instead).
     ``world_size``: the job's, for the strict layout check at start-up.
     """
-    from nemo_checkpointless.nemo.recipe import check_layout
+    from nemo_checkpointless.nemo.recipe import check_layout, uses_distributed_optimizer
     from nemo_checkpointless.nemo.strategy import CheckpointlessMegatronStrategy
 
     strategy = recipe.trainer.strategy
@@ -59,7 +59,6 @@ def run_config(recipe: Any, world_size: Optional[int] = None) -> RunConfig:
             "checkpoint, start a new job: NeMo's AutoResume loads ModelCheckpoint's last one")
     if world_size is not None:
         check_layout(recipe, world_size)
-    ddp = args.get("ddp")
     model = recipe.model.config
     data = recipe.data
     trainer = recipe.trainer
@@ -76,7 +75,7 @@ def run_config(recipe: Any, world_size: Optional[int] = None) -> RunConfig:
                 "virtual_pipeline_model_parallel_size"),
             context_parallel_size=args.get("context_parallel_size", 1) or 1,
             sequence_parallel=bool(args.get("sequence_parallel", False)),
-            use_distributed_optimizer=bool(getattr(ddp, "use_distributed_optimizer", True)),
+            use_distributed_optimizer=uses_distributed_optimizer(recipe),
             num_distributed_optimizer_instances=int(
                 args.get("num_distributed_optimizer_instances", 1) or 1)),
         data=DataConfig(global_batch_size=data.global_batch_size,
