@@ -125,12 +125,14 @@ class CheckpointlessOptimizerModule(MegatronOptimizerModule):
 
 def _param_group_keys_gather():
     """megatron's optimizer constructor all-gathers every rank's param-group keys; in the
-    fake world a driven job builds in (``nemo/driver.py``) that gather returns nothing, so
+    fake world a replacement builds in (``nemo/session.py``) that gather returns nothing, so
     it is answered locally (every rank of a dense GPT has the same keys)."""
     import contextlib
 
     import torch.distributed as dist
 
     if dist.is_initialized() and dist.get_backend() == "fake":
-        return mopt._local_all_gather_object()
+        from ..compat.megatron import local_all_gather_object
+
+        return local_all_gather_object()
     return contextlib.nullcontext()

@@ -163,10 +163,10 @@ class RecoveryLoop:
     def run(self, driver: Optional[StepDriver] = None) -> dict[str, Any]:
         """Train to max_steps through any number of recoveries; return the summary.
 
-        ``driver``: one already built (``nemo/driver.py`` builds NeMo's objects in a
-        world of fake groups before the job's world exists): its groups are forgotten
-        here and rebound to the real ones when generation ``gen`` is joined. Without it,
-        the front-end builds one after the rendezvous.
+        ``driver``: one already built in a world of fake groups before the job's world
+        existed: its groups are forgotten here and rebound to the real ones when
+        generation ``gen`` is joined. Without it, the front-end builds one after the
+        rendezvous.
         """
         if driver is not None:
             self._take_prebuilt(driver)
