@@ -80,10 +80,17 @@ def _tensors(value: Any) -> list[torch.Tensor]:
 
 def regroup(args: tuple, kwargs: dict, roles: dict[int, str],
             groups: dict[str, Any]) -> tuple[tuple, dict]:
-    """Replace group handles of the aborted world (known by ``roles``: id -> role) by the
-    new world's group of the same role."""
+    """Replace group handles of an aborted world (no longer live, known by ``roles``: id ->
+    role) by the new world's group of the same role. Objects that cached a handle before a
+    recovery (NeMo's checkpoint strategy keeps the world group it was made with) pass it
+    to every later call."""
+    from .c10d import group_ids
+
+    live = group_ids()
+
     def swap(value: Any) -> Any:
-        if isinstance(value, dist.ProcessGroup) and id(value) in roles:
+        if isinstance(value, dist.ProcessGroup) and id(value) not in live and \
+                id(value) in roles:
             role = roles[id(value)]
             return None if role == "WORLD" else groups[role]
         return value

@@ -52,6 +52,10 @@ def run_config(recipe: Any, world_size: Optional[int] = None) -> RunConfig:
     args = fdl.ordered_arguments(strategy)
     parts = CheckpointlessConfig.preset(args.get("tier", "tier4"),
                                         fallback=args.get("fallback", "none"))
+    if parts.recovery == "none":
+        raise ConfigError(
+            f"tier={parts.tier}: under ncl-launch a NeMo job recovers in process, which needs "
+            "tier4; launch it with torchrun for a run without recovery")
     if parts.recovery == "disk" or parts.fallback == "disk":
         raise ConfigError(
             f"tier={parts.tier}, fallback={parts.fallback}: a NeMo job under ncl-launch "

@@ -503,6 +503,7 @@ class CheckpointlessSession:
             a, k = args, kwargs
             if attempt:
                 collectives.restore_inputs(kept)
+            if self._roles:  # a handle of an aborted world, cached by a hook's object
                 a, k = collectives.regroup(args, kwargs, self._roles, groups_by_role())
             return fn(*a, **k)
 
