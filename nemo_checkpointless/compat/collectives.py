@@ -78,24 +78,26 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     return []
 
 
-def regroup(args: tuple, kwargs: dict, roles: dict[int, str],
-            groups: dict[str, Any]) -> tuple[tuple, dict]:
-    """Replace group handles of an aborted world (no longer live, known by ``roles``: id ->
-    role) by the new world's group of the same role. Objects that cached a handle before a
-    recovery (NeMo's checkpoint strategy keeps the world group it was made with) pass it
-    to every later call."""
+def replacements(roles: dict[int, str], groups: dict[str, Any]) -> dict[int, Any]:
+    """id of each group handle of an aborted world (no longer live, known by ``roles``:
+    id -> role) -> the new world's group of the same role (None for the world: the default
+    group). Objects that cached a handle before a recovery (NeMo's checkpoint save strategy
+    keeps the groups it was made with) pass it to every later call."""
     from .c10d import group_ids
 
     live = group_ids()
+    return {gid: (None if role == "WORLD" else groups[role])
+            for gid, role in roles.items() if gid not in live and role in groups}
 
-    def swap(value: Any) -> Any:
-        if isinstance(value, dist.ProcessGroup) and id(value) not in live and \
-                id(value) in roles:
-            role = roles[id(value)]
-            return None if role == "WORLD" else groups[role]
+
+def regroup(args: tuple, kwargs: dict, swap: dict[int, Any]) -> tuple[tuple, dict]:
+    """``args``/``kwargs`` with the group handles ``swap`` names replaced."""
+    def one(value: Any) -> Any:
+        if isinstance(value, dist.ProcessGroup) and id(value) in swap:
+            return swap[id(value)]
         return value
 
-    return tuple(swap(a) for a in args), {k: swap(v) for k, v in kwargs.items()}
+    return tuple(one(a) for a in args), {k: one(v) for k, v in kwargs.items()}
 
 
 def local_result(name: str, args: tuple, kwargs: dict) -> Optional[Any]:

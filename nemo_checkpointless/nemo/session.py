@@ -42,6 +42,7 @@ from ..compat import collectives, lightning_fit
 from ..config import RunConfig
 from ..launch.channel import Channel
 from ..megatron.rebind import group_roles, groups_by_role
+from ..recovery.failures import Fatal
 from ..recovery.generation import RecoveryLoop
 from ..steps import HookList, Phase
 from ..train.loop import finish_step
@@ -115,6 +116,8 @@ class CheckpointlessSession:
         self._data_step = -1
         self._drawn: list[Any] = []
         self._roles: dict[int, str] = {}  # id(group) -> role, for groups of aborted worlds
+        self._swap: Optional[dict[int, Any]] = None  # stale handle -> current group
+        self._in_core = False  # inside a call of the recovery loop
         self._resultless = False
         self._behind_done = False
         self._pos_override: Optional[Callable[[Position], Position]] = None
@@ -165,12 +168,17 @@ class CheckpointlessSession:
     def _guarded(self, call: Callable[[], T]) -> T:
         """``call()``; an outcome for the whole job (a verdict every rank reaches alike, a
         stop every rank agreed on) ends the process as the agent expects; anything else
-        raised goes on up (to Lightning, then ``strategy.on_exception``)."""
+        raised goes on up (to Lightning, then ``strategy.on_exception``). The core's own
+        collectives meanwhile use the groups it passes (see :meth:`_current_groups`)."""
+        self._in_core = True
         try:
             return call()
         except BaseException as err:  # noqa: BLE001 - re-raised unless job-wide
             runtime.leave_on(err, self.channel)
             raise
+        finally:
+            self._in_core = False
+            self._swap = None  # worked out again, in the world the call left
 
     # ------------------------------------------------------------------ attach
     def attach(self, trainer: Any) -> None:
@@ -189,12 +197,22 @@ class CheckpointlessSession:
         lightning_fit.wrap_validation(trainer, self.validation)
         self.depth += 1
         try:
-            self._guarded(lambda: loop.attach(driver))
+            self._guarded(lambda: self._settle(driver))
             self._meet_retrying(None)
         finally:
             self.depth -= 1
         self.attached = True
         self.new = False
+
+    def _settle(self, driver: NemoStepDriver) -> None:
+        assert self.loop is not None
+        self.loop.attach(driver)
+        if self.new and self.loop.fresh_start:
+            # its peers are gone too: Lightning's state, the data position and the logs
+            # would start over while the job's record goes on
+            raise Fatal("every rank of the job lost its state at once: nothing to recover "
+                        "from in process; start the job again (NeMo's AutoResume resumes "
+                        "from its last checkpoint)")
 
     def training_starts(self) -> None:
         """Lightning's ``on_train_start`` (after its sanity check): iteration 0 begins."""
@@ -495,18 +513,27 @@ class CheckpointlessSession:
         self.loop.link.pause(reason)
 
     def _collective(self, name: str, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-        if self.depth > 0 or not self.attached:
-            return fn(*args, **kwargs)
+        if self.depth > 0 or not self.attached:  # inside a recovery point, or before any
+            a, k = self._current_groups(args, kwargs)
+            return fn(*a, **k)
         kept = collectives.inputs(args, kwargs)
 
         def run(attempt: int) -> Any:
-            a, k = args, kwargs
             if attempt:
                 collectives.restore_inputs(kept)
-            if self._roles:  # a handle of an aborted world, cached by a hook's object
-                a, k = collectives.regroup(args, kwargs, self._roles, groups_by_role())
+            a, k = self._current_groups(args, kwargs)
             return fn(*a, **k)
 
         return self.section(name, run,
                             skip=lambda: collectives.local_result(name, args, kwargs),
                             resultless=name in collectives.RESULTLESS)
+
+    def _current_groups(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """``args``/``kwargs`` with every group handle of an aborted world replaced by the
+        current world's group of its role (objects a hook uses may have cached one before
+        a recovery: NeMo's checkpoint save strategy keeps the groups it was made with)."""
+        if not self._roles or self._in_core:
+            return args, kwargs
+        if self._swap is None:  # once per generation
+            self._swap = collectives.replacements(self._roles, groups_by_role())
+        return collectives.regroup(args, kwargs, self._swap)

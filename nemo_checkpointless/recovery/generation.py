@@ -123,6 +123,7 @@ class RecoveryLoop:
         self._prebuilt = False
         self._built_in_world = False  # attach(): the front-end built in the joined world
         self._joined_early: Optional[int] = None  # join(): the generation joined already
+        self.fresh_start = False  # the last generation joined started the job afresh
         self.old_roles: dict[int, str] = {}
         self.timeline: Optional[RecoveryTimeline] = None
         if self.replacement:
@@ -366,6 +367,7 @@ class RecoveryLoop:
         # a fresh start: no rank of this world holds training state yet (the job's first
         # generation, or a failure hit every rank before any finished its set-up)
         fresh = not self._anyone_has_state()
+        self.fresh_start = fresh
         self.commit.stop_after = None  # re-agreed at the next barrier (the request stays)
         if fresh and self.driver is not None and not self._prebuilt and \
                 not self._built_in_world:
