@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -117,6 +118,9 @@ class RecoveryLoop:
         self.injector = FaultInjector(self.faults, self.rank, claim=self._claim_fault,
                                       on_fire=self._fault_fired)
         self.events = EventLog(self.run_dir / "events.jsonl", self.rank)
+        # which process holds which rank from which generation on (benchmarks read it)
+        self.events.write("rank_process", pid=os.getpid(), host=socket.gethostname(),
+                          generation=self.gen, replacement=self.replacement)
         self.step_hooks = HookList([self.commit, self.injector, _ReportProgress(self.link)])
         self.driver: Optional[StepDriver] = None
         self.reconciler: Optional[Reconciler] = None

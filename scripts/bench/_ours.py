@@ -24,7 +24,8 @@ def run(run_dir: Path, steps: int, kill_step: int | None) -> dict:
         f"fault.plan=[{{rank:1,step:{kill_step},phase:optimizer,kind:kill}}]"]
     cmd = [sys.executable, "-m", "nemo_checkpointless.launch.agent", "--nproc-per-node", "4",
            "--spares", "1", "--master-port", str(free_port()),
-           str(REPO / "recipes" / "pretrain.py"), "recipe=bench_gpt", "checkpointless=tier4",
+           # a loaded 2-core machine stalls ranks for seconds: a silent rank is not a hung one
+           "--hang-timeout", "30", str(REPO / "recipes" / "pretrain.py"), "recipe=bench_gpt", "checkpointless=tier4",
            f"trainer.max_steps={steps}", *fault, f"hydra.run.dir={run_dir}"]
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     if not (run_dir / "summary.json").exists():  # else: a finished run, reused

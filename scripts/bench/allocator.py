@@ -1,10 +1,12 @@
 """Host allocator A/B under CPU rehearsal: the same job on glibc's malloc, jemalloc, tcmalloc.
 
     .venv/bin/python scripts/bench/allocator.py [--recipe tiny_gpt_2opt] [--steps 120]
+    .venv/bin/python scripts/bench/allocator.py --steps 8 --variants system,tcmalloc  # quick
 
 Each variant runs the same torchrun job (4 ranks, ``checkpointless=off``) with ``NCL_ALLOCATOR``
 set, one after the other; every 2 s the ranks' resident memory (``ps``) and the machine's
-user/system CPU share (``/proc/stat``) are sampled. Reported per variant: resident memory per
+user/system CPU share (``/proc/stat``) are sampled, and the allocator library mapped into
+the ranks is read from their ``/proc/<pid>/maps``. Reported per variant: resident memory per
 rank at the first sample and the largest, the system CPU share, the median time between
 rank 0's commits over the first, middle and last third of the steps, the run's time from
 first to last commit, and its ``state_sha256`` (which must be the same for every variant).
@@ -22,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -50,6 +53,24 @@ def _rss_mb(pids: list[int]) -> list[int]:
     return sorted(out)
 
 
+def _mapped_allocators(pids: list[int]) -> set[str]:
+    """The tcmalloc/jemalloc library mapped into each rank (read from /proc/<pid>/maps, as
+    ``allocator.loaded`` reads its own), "glibc malloc" for a rank without one; empty when
+    no rank's maps could be read. Early in a run the ranks can disagree for a moment: each
+    re-executes itself with the preload (``allocator.reexec_if_needed``), not all at once."""
+    found = set()
+    for pid in pids:
+        try:
+            maps = Path(f"/proc/{pid}/maps").read_text()
+        except OSError:
+            continue
+        libs = {line.rsplit(" ", 1)[-1] for line in maps.splitlines()
+                if os.path.basename(line.rsplit(" ", 1)[-1]).startswith(
+                    ("libtcmalloc", "libjemalloc"))}
+        found.add(min(libs) if libs else "glibc malloc")
+    return found
+
+
 def _rank_pids(launcher: int) -> list[int]:
     found = subprocess.run(["pgrep", "-P", str(launcher)], capture_output=True, text=True)
     return [int(p) for p in found.stdout.split()]
@@ -66,28 +87,32 @@ def run_variant(name: str, recipe: str, steps: int, root: Path) -> dict:
            f"trainer.max_steps={steps}", f"hydra.run.dir={run_dir}"]
     log = open(root / f"{name}.log", "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-    samples, prev = [], _cpu_times()
+    samples, prev, libraries = [], _cpu_times(), set()
     while proc.poll() is None:
         time.sleep(2.0)
         cur = _cpu_times()
         du, ds, di = (c - p for c, p in zip(cur, prev))
         prev = cur
-        rss = _rss_mb(_rank_pids(proc.pid))
+        pids = _rank_pids(proc.pid)
+        rss = _rss_mb(pids)
         if len(rss) == 4:
             samples.append({"rss_mb": rss, "sys": ds / max(1, du + ds + di)})
+            # the newest sample wins: a rank maps its allocator once it re-executed itself
+            libraries = _mapped_allocators(pids) or libraries
     log.close()
     if proc.returncode != 0:
         raise SystemExit(f"{name}: torchrun exited {proc.returncode}; see {root / name}.log")
+    if len(libraries) > 1:  # every rank must run the same one, or the A/B is void
+        raise SystemExit(f"{name}: at the last sample the ranks ran different allocators: "
+                         f"{sorted(libraries)}")
+    library = libraries.pop() if libraries else None
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     times = [r["time"] for r in rows]
     gaps = [b - a for a, b in zip(times, times[1:])]
     third = len(gaps) // 3
     summary = json.loads((run_dir / "summary.json").read_text())
-    loaded = [line.split("host allocator: ", 1)[1].strip()
-              for line in (root / f"{name}.log").read_text().splitlines()
-              if "host allocator: " in line]
     return {
-        "library": loaded[0] if loaded else None,
+        "library": library,
         "rss_mb_first": samples[0]["rss_mb"] if samples else None,
         "rss_mb_max": max((s["rss_mb"] for s in samples), key=max) if samples else None,
         "sys_cpu_median": (round(statistics.median(s["sys"] for s in samples), 3)
@@ -100,7 +125,9 @@ def run_variant(name: str, recipe: str, steps: int, root: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description="\n\n".join(__doc__.split("\n\n")[:2]),  # title and usage
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="tiny_gpt_2opt")
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--variants", default=",".join(VARIANTS))

@@ -1,6 +1,7 @@
 """Tier-2 data cache vs the stock loader: time to first batch of a replacement rank, and memory.
 
     .venv/bin/python scripts/bench/data.py [--step 10000] [--repeats 3] [--cache-root /dev/shm]
+    .venv/bin/python scripts/bench/data.py --step 200 --repeats 1 --memory-steps 5  # quick
 
 1. Time from process start to first batch ready, for a replacement rank at ``--step``
    (and at step 10, to show it does not depend on the step), each in a fresh process:
@@ -199,7 +200,9 @@ def measure_memory(how: str, tp_size: int, start: int, steps: int, cache_root: s
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description="\n\n".join(__doc__.split("\n\n")[:2]),  # title and usage
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--step", type=int, default=10_000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--memory-steps", type=int, default=50)

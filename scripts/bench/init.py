@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/bench/init.py                # 8, 16, 32 CPU ranks, 3 repeats
     .venv/bin/python scripts/bench/init.py --ranks 8 16 --repeats 5
+    .venv/bin/python scripts/bench/init.py --ranks 8 --repeats 1           # quick
 
 Each trial forks N fresh rank processes from one parent that has already imported torch
 and megatron (so import time is excluded, identically for both). Every rank waits for a
@@ -18,7 +19,10 @@ trial's time is the slowest rank's. Layout TP=2, PP=2, the rest DP, gloo.
   before the ranks (torchrun's agent store) instead of by rank 0.
 
 Stock and ours alternate within each repeat (ABBA) so both see the same machine load;
-medians are reported. Last line: a JSON object with ``ranks``, ``ours_s``, ``stock_s``,
+medians are reported. Stock's time at many ranks depends on this machine's name
+resolver (its TCPStore server resolves the address of every connection it accepts): the
+script times the lookups before and after the trials and prints them beside the figures
+(``dns``). Last line: a JSON object with ``ranks``, ``ours_s``, ``stock_s``,
 ``max_server_ops_share`` (lists in rank order) and the details.
 """
 
@@ -40,7 +44,7 @@ from megatron.core import parallel_state as ps
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from nemo_checkpointless.comm.init import host_shard, init  # noqa: E402
-from nemo_checkpointless.comm.store import JobIdentity, StoreServer, connect  # noqa: E402
+from nemo_checkpointless.comm.store import JobIdentity, connect  # noqa: E402
 from nemo_checkpointless.comm.world import free_port  # noqa: E402
 
 RANKS_PER_AGENT = 8
@@ -200,6 +204,48 @@ def _trial(mode: str, world: int, tp: int, pp: int, limit: float) -> dict:
     return result
 
 
+def _timed(fn) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    try:
+        out = str(fn())
+    except OSError as err:  # a failed lookup takes its time too
+        out = f"{type(err).__name__}: {err}"
+    return time.perf_counter() - t0, out
+
+
+def dns_probe(burst: int) -> dict:
+    """What name lookups cost on this machine, now: one ``getaddrinfo`` and one
+    ``gethostbyaddr`` of its hostname, one reverse lookup of the v4-mapped loopback
+    address (``getnameinfo``; what stock's TCPStore server makes for each connection it
+    accepts, inside its single accept loop: docs/tier1.md), and the slowest of ``burst``
+    such reverse lookups at once (a resolver that drops a query of a burst costs glibc's
+    5 s timeout)."""
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+
+    host = socket.gethostname()
+    forward, addrs = _timed(lambda: socket.getaddrinfo(host, None))
+    address = socket.gethostbyname(host) if not addrs.startswith(("gaierror", "OSError")) \
+        else "127.0.0.1"
+    reverse_host, _ = _timed(lambda: socket.gethostbyaddr(address))
+    mapped = ("::ffff:127.0.0.1", 0, 0, 0)
+    reverse_mapped, _ = _timed(lambda: socket.getnameinfo(mapped, 0))
+    with ThreadPoolExecutor(burst) as pool:
+        times = list(pool.map(lambda _: _timed(lambda: socket.getnameinfo(mapped, 0))[0],
+                              range(burst)))
+    return {"hostname": host, "getaddrinfo_s": round(forward, 4),
+            "gethostbyaddr_s": round(reverse_host, 4),
+            "getnameinfo_v4mapped_loopback_s": round(reverse_mapped, 4),
+            "burst": burst, "burst_max_s": round(max(times), 4)}
+
+
+def dns_text(probe: dict) -> str:
+    return (f"{probe['hostname']}: getaddrinfo {1e3 * probe['getaddrinfo_s']:.1f} ms, "
+            f"gethostbyaddr {1e3 * probe['gethostbyaddr_s']:.1f} ms, reverse lookup of "
+            f"::ffff:127.0.0.1 {1e3 * probe['getnameinfo_v4mapped_loopback_s']:.1f} ms, "
+            f"slowest of {probe['burst']} at once {1e3 * probe['burst_max_s']:.1f} ms")
+
+
 def parse_eps(text: str):
     from nemo_checkpointless.comm.store import parse_endpoints
 
@@ -207,7 +253,9 @@ def parse_eps(text: str):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        description="\n\n".join(__doc__.split("\n\n")[:2]),  # title and usage
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 32])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tp", type=int, default=2)
@@ -226,6 +274,7 @@ def main() -> None:
     out: dict = {"ranks": args.ranks, **{k: [] for k in lists}, "runs": {},
                  "repeats": args.repeats, "layout": f"TP={args.tp} PP={args.pp} rest DP, gloo",
                  "cpus": os.cpu_count()}
+    out["dns"] = [dns_probe(max(args.ranks))]
     for world in args.ranks:
         runs: dict[str, list[dict]] = {m: [] for m in modes}
         for rep in range(args.repeats):
@@ -263,6 +312,19 @@ def main() -> None:
         out["runs"][str(world)] = {m: [r.get("s") for r in rs] for m, rs in runs.items()}
         counted = _trial("stock_count", world, args.tp, args.pp, args.limit)
         out["stock_total_ops"].append(counted.get("client_ops"))
+        line = (f"ranks={world}: ours {out['ours_s'][-1]} s, stock {out['stock_s'][-1]} s, "
+                f"stock with a pre-started store {out['stock_agent_store_s'][-1] if 'stock_agent' in runs else 'not run'} s "
+                f"(medians of {args.repeats}; world formed: ours {out['ours_world_s'][-1]} s, "
+                f"stock {out['stock_world_s'][-1]} s)")
+        print(line, flush=True)
+    out["dns"].append(dns_probe(max(args.ranks)))
+    for probe, when in zip(out["dns"], ("before", "after")):
+        print(f"name lookups {when} the trials on {dns_text(probe)}", flush=True)
+    print(f"note: stock's time at {max(args.ranks)} ranks on this machine includes the "
+          "reverse-DNS lookups its TCPStore server makes per accepted connection (c10d names "
+          "each peer with getnameinfo, c10d::detail::formatSockAddr, inside its one accept "
+          "loop; a query the resolver drops stalls that loop for glibc's 5 s timeout): "
+          "compare its world-formation time with the lookup times above", flush=True)
     print(json.dumps(out))
 
 

@@ -1,6 +1,7 @@
 """Peer state transfer vs a raw gloo send of the same bytes, two idle processes, interleaved.
 
     .venv/bin/python scripts/bench/transfer.py [--mbytes 30.3] [--repeats 7] [--donors 1]
+    .venv/bin/python scripts/bench/transfer.py --mbytes 3 --repeats 1            # quick
 
 The state is laid out as recovery lays it out (four groups: main params, exp_avg,
 exp_avg_sq, steps) and moved with ``replication.transfer.exchange`` (zero-copy messages,

@@ -85,6 +85,12 @@ def test_rank0_killed(tmp_path, reference):
     assert_exact(result, reference("dp4"))
     assert_fired(result, faults)
     assert len(result.summary["recoveries"]) == 1
+    # events.jsonl says which process held each rank: four at start, rank 0's replacement
+    procs = [e for e in events(result) if e["event"] == "rank_process"]
+    assert sorted(e["rank"] for e in procs if not e["replacement"]) == [0, 1, 2, 3]
+    replaced = [e for e in procs if e["replacement"]]
+    assert [(e["rank"], e["generation"]) for e in replaced] == [(0, 1)]
+    assert len({e["pid"] for e in procs}) == 5
     # the recovery's timeline is logged inline, phase by phase
     assert re.search(r"recovered in \d+\.\d+s \(generation 1\)\n(  \w+ +\d+\.\d+ s.*\n)+",
                      result.output), result.output[-4000:]

@@ -1,7 +1,7 @@
 """One rank of the nvidia-resiliency-ext 0.4.1 run: the bench model under inprocess.Wrapper.
 
     RANK=r WORLD_SIZE=5 MASTER_ADDR=127.0.0.1 MASTER_PORT=p python nvrx_worker.py \
-        --steps N --kill-step S [--tuned]
+        --steps N --kill-step S --gloo-timeout-s T [--tuned]
 
 Run by ``scripts/bench/peers.py`` inside ``.venv-bench-nvrx``: five processes, four active
 data-parallel ranks and one warm spare (``MaxActiveWorldSize(4)`` after ``ShiftRanks``).
@@ -42,13 +42,11 @@ TUNED = dict(monitor_thread_interval=sec(seconds=0.05), monitor_process_interval
              hard_timeout=sec(seconds=40), heartbeat_timeout=sec(seconds=5),
              barrier_timeout=sec(seconds=60), completion_timeout=sec(seconds=60),
              termination_grace_time=sec(seconds=1))
-# The gloo timeout is torch's, not the library's, but it decides nvrx's recovery time on
-# CPU: AbortTorchDistributed only aborts NCCL backends and then destroys the groups, which
+# The gloo timeout (``--gloo-timeout-s``, chosen by the supervisor: runs.NVRX_GLOO_TIMEOUT_S)
+# is torch's, not the library's, but it decides nvrx's recovery time on CPU:
+# AbortTorchDistributed only shuts down NCCL backends and then destroys the groups, which
 # does not wake a rank blocked in a gloo collective whose ring neighbour is still alive;
-# that rank leaves the collective only when gloo times out. torch's default (30 min) would
-# make one run last half an hour, so "default" uses 60 s; tuned uses 20 s, the shortest
-# that never fired on a healthy step of this model on the loaded 2-core machine.
-GLOO_TIMEOUT = {"default": sec(seconds=60), "tuned": sec(seconds=20)}
+# that rank leaves the collective only when gloo times out.
 
 
 class Job:
@@ -74,7 +72,7 @@ class Job:
         self.timeline.write("fn_start", iteration=it, rank=rank, has_state=bool(self.adam.state))
         dist.init_process_group("gloo", store=dist.PrefixStore(f"it{it}", self.store), rank=rank,
                                 world_size=world,
-                                timeout=GLOO_TIMEOUT["tuned" if self.args.tuned else "default"])
+                                timeout=sec(seconds=self.args.gloo_timeout_s))
         # The step counter of rank 0 (always a healthy rank here) for everyone.
         step = torch.tensor([self.step])
         dist.broadcast(step, 0)
@@ -102,6 +100,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--kill-step", type=int, default=-1)
     parser.add_argument("--tuned", action="store_true")
+    parser.add_argument("--gloo-timeout-s", type=float, required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Optional
 
 from nemo_checkpointless import allocator
 
@@ -59,9 +60,13 @@ LIGHTHOUSE = {"default": ["--quorum_tick_ms", "100", "--join_timeout_ms", "10000
 
 
 def run_torchft(venv: Path, out: Path, *, steps: int, kill_step: int, tuned: bool,
-                min_replicas: int = 1, deadline_s: float = 900) -> None:
+                min_replicas: int = 1, warm: bool = False, deadline_s: float = 900) -> None:
     """Lighthouse + 4 replica groups; replica 1 kills itself at ``kill_step`` and this
-    supervisor starts its replacement at once (torchft expects a scheduler to do so)."""
+    supervisor hands its replica to a replacement at once (torchft expects a scheduler to
+    do so): a cold one started then, or with ``warm`` one started with the job that has
+    built its model and waits (``torchft_worker.py --standby``), as our warm spare does.
+    ``min_replicas``: the lighthouse's and every Manager's minimum (with 4 the survivors
+    wait for the replacement instead of training on without it)."""
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log = open(out / "log.txt", "w")
@@ -71,26 +76,34 @@ def run_torchft(venv: Path, out: Path, *, steps: int, kill_step: int, tuned: boo
         stdout=log, stderr=subprocess.STDOUT)
     env = _env(out, TORCHFT_LIGHTHOUSE=f"http://localhost:{port}")
 
-    def start(replica: int, restarted: bool) -> subprocess.Popen:
-        cmd = [str(venv / "bin" / "python"), str(HERE / "torchft_worker.py"),
-               "--replica", str(replica), "--steps", str(steps), "--kill-step", str(kill_step),
+    def start(replica: Optional[int], restarted: bool) -> subprocess.Popen:
+        who = ["--standby"] if replica is None else ["--replica", str(replica)]
+        cmd = [str(venv / "bin" / "python"), str(HERE / "torchft_worker.py"), *who,
+               "--steps", str(steps), "--kill-step", str(kill_step),
                "--min-replicas", str(min_replicas)] + (["--tuned"] if tuned else [])
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.PIPE if replica is None else None,
                                 env=dict(env, PEERS_RESTARTED="1" if restarted else "0"))
 
     workers = {r: start(r, False) for r in range(WORLD)}
-    procs = list(workers.values())
-    restarted = False
+    standby = start(None, True) if warm and kill_step >= 0 else None
+    procs = list(workers.values()) + ([standby] if standby else [])
+    replaced = False
     t_end = time.time() + deadline_s
     try:
         while any(p.poll() is None for p in workers.values()):
             if time.time() > t_end:
                 raise TimeoutError(f"torchft run did not finish in {deadline_s} s; see {out}/log.txt")
             for r, p in list(workers.items()):
-                if p.poll() == -signal.SIGKILL and not restarted:
-                    restarted = True
-                    workers[r] = start(r, True)
-                    procs.append(workers[r])
+                if p.poll() == -signal.SIGKILL and not replaced:
+                    replaced = True
+                    if standby is not None:
+                        standby.stdin.write(f"{r}\n".encode())  # type: ignore[union-attr]
+                        standby.stdin.flush()  # type: ignore[union-attr]
+                        workers[r] = standby
+                    else:
+                        workers[r] = start(r, True)
+                        procs.append(workers[r])
             time.sleep(0.01)
         bad = {r: p.returncode for r, p in workers.items() if p.returncode != 0}
         if bad:
@@ -113,6 +126,14 @@ def _free_port_pair() -> int:
     raise RuntimeError("no two adjacent free ports found")
 
 
+# The gloo collective timeout the nvrx ranks' process group gets. On gloo it, not the
+# library, decides how long a survivor blocked in an all-reduce with the dead rank waits
+# (nvrx_worker.py says why). torch's default (30 min) would make one run last half an
+# hour, so "default" uses 60 s; tuned uses 20 s, the shortest that never fired on a
+# healthy step of this model on the loaded 2-core machine.
+NVRX_GLOO_TIMEOUT_S = {"default": 60.0, "tuned": 20.0}
+
+
 def run_nvrx(venv: Path, out: Path, *, steps: int, kill_step: int, tuned: bool,
              deadline_s: float = 900) -> None:
     """Five ranks (four active, one spare) under inprocess.Wrapper; rank 1 kills itself."""
@@ -124,7 +145,9 @@ def run_nvrx(venv: Path, out: Path, *, steps: int, kill_step: int, tuned: bool,
         env = _env(out, RANK=str(rank), WORLD_SIZE=str(WORLD + 1), MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port))
         cmd = [str(venv / "bin" / "python"), str(HERE / "nvrx_worker.py"), "--steps", str(steps),
-               "--kill-step", str(kill_step)] + (["--tuned"] if tuned else [])
+               "--kill-step", str(kill_step), "--gloo-timeout-s",
+               str(NVRX_GLOO_TIMEOUT_S["tuned" if tuned else "default"])] + (
+                   ["--tuned"] if tuned else [])
         procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
     t_end = time.time() + deadline_s
     finished_at = None

@@ -1,12 +1,19 @@
 """One torchft replica group of one rank: the bench model, DDP and Adam behind torchft.
 
     python torchft_worker.py --replica R --steps N --kill-step S [--tuned] [--min-replicas M]
+    python torchft_worker.py --standby --steps N ...     # a warm replacement (see below)
 
 Run by ``scripts/bench/peers.py`` inside ``.venv-bench-torchft``, four at once, with
 ``TORCHFT_LIGHTHOUSE`` pointing at a running ``torchft_lighthouse``. Replica 1 SIGKILLs
 itself in the optimizer phase of step S unless ``PEERS_RESTARTED=1`` (then it is the
 replacement the supervisor started: it joins the next quorum and heals from a peer over
 torchft's HTTP checkpoint transport, model and optimizer state both).
+
+``--standby``: a warm replacement, started with the job as our warm spare is: it imports
+torch and torchft and builds the model and Adam, writes ``standby_ready``, then blocks on
+stdin until the supervisor writes the replica number it takes over (once that replica's
+process died); then it creates its Manager (joining the next quorum) and heals like a
+cold replacement. Its timeline is ``standby.jsonl``.
 
 Settings: default = the Manager's and ProcessGroupGloo's documented defaults (timeout,
 quorum_timeout, connect_timeout 60 s; gloo 60 s); tuned = everything at the smallest
@@ -41,7 +48,9 @@ TUNED = {"timeout": timedelta(seconds=30), "quorum_timeout": timedelta(seconds=6
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--replica", type=int, required=True)
+    parser.add_argument("--replica", type=int, default=None)
+    parser.add_argument("--standby", action="store_true",
+                        help="a warm replacement: build, then read the replica from stdin")
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--kill-step", type=int, default=-1)
     parser.add_argument("--min-replicas", type=int, default=1)
@@ -49,9 +58,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
-    restarted = os.environ.get("PEERS_RESTARTED") == "1"
-    timeline = common.Timeline(f"replica{args.replica}" + ("_restarted" if restarted else ""))
-    timeline.write("start", restarted=restarted)
+    if (args.replica is None) == (not args.standby):
+        parser.error("give --replica R, or --standby (the replica then comes on stdin)")
+    restarted = args.standby or os.environ.get("PEERS_RESTARTED") == "1"
+    timeline = common.Timeline("standby" if args.standby else
+                               f"replica{args.replica}" + ("_restarted" if restarted else ""))
+    timeline.write("start", restarted=restarted, standby=args.standby)
 
     model = common.build_model()
     adam = torch.optim.Adam(model.parameters(), lr=common.LR)
@@ -70,6 +82,13 @@ def main() -> None:
     if args.tuned:
         kw = {k: v for k, v in TUNED.items() if k != "gloo_timeout"}
         pg = ProcessGroupGloo(timeout=TUNED["gloo_timeout"])
+    if args.standby:
+        timeline.write("standby_ready")
+        line = sys.stdin.readline()
+        if not line.strip():
+            return  # the job ended without needing a replacement
+        args.replica = int(line)
+        timeline.write("released", replica=args.replica)
     manager = Manager(pg=pg, load_state_dict=load_state_dict, state_dict=state_dict,
                       min_replica_size=args.min_replicas, replica_id=f"replica_{args.replica}",
                       rank=0, world_size=1, store_addr="127.0.0.1", store_port=store.port, **kw)
