@@ -95,11 +95,39 @@ def restore(trainer: Any, snap: dict[str, Any]) -> None:
                     setattr(tracker, name, tracker.completed)
     for sub in (loop, epoch_loop, epoch_loop.val_loop):
         sub._restarting = False
+    _stand_in_epoch_at(epoch_loop, snap["fit_loop"])
     for callback, attrs in zip(trainer.callbacks, snap["callbacks"]):
         for name, value in attrs.items():
             setattr(callback, name, copy.deepcopy(value))
     for config, state in zip(trainer.lr_scheduler_configs, snap["lr_schedulers"]):
         config.scheduler.load_state_dict(copy.deepcopy(state))
+
+
+def _stand_in_epoch_at(epoch_loop: Any, state: dict[str, Any]) -> None:
+    """When the epoch loop starts its run (its ``reset``, which for a loop that is not
+    restarting zeroes the epoch's ``current`` counters), put every progress counter of the
+    epoch loop where the snapshot had it, less the ``ready`` the coming batch adds again.
+    The counters are the snapshot's own, not normalised: after Lightning resumed a job
+    from a checkpoint saved in ``on_train_batch_end`` its ``ready`` runs ahead of
+    ``completed`` by one more, and the validation interval is counted on ``ready``."""
+    original = epoch_loop.reset
+
+    def reset() -> None:
+        original()
+        del epoch_loop.reset  # once
+        prefix = "epoch_loop."
+        for key, value in state.items():
+            if not (key.startswith(prefix) and key.endswith("progress")):
+                continue
+            target = epoch_loop
+            for name in key[len(prefix):].split("."):
+                target = getattr(target, name)
+            target.load_state_dict(copy.deepcopy(value))
+        batches = epoch_loop.batch_progress
+        for tracker in (batches.current, batches.total):
+            tracker.ready -= 1  # the batch about to be fetched makes it ready again
+
+    epoch_loop.reset = reset
 
 
 def callback_metrics(trainer: Any) -> dict[str, Any]:
