@@ -295,7 +295,8 @@ def main() -> None:
     try:
         import psutil  # noqa: F401
     except ImportError:
-        sys.exit("megatron-core's async writer needs psutil: pip install psutil (or, to leave "
+        sys.exit("megatron-core's async writer needs psutil (in the bench extra; make venv installs it): "
+                 "pip install psutil (or, to leave "
                  "the venv alone, pip install --target DIR psutil and add DIR to PYTHONPATH)")
     base = args.workdir or Path(tempfile.mkdtemp(prefix="ncl-bench-ckpt-"))
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}

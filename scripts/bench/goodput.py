@@ -233,10 +233,11 @@ def main() -> None:
         results[slot.mode].runs.append(res)
         if slot.seed == args.seed[0]:
             traces[slot.mode] = trace
+        costs = ", ".join("?" if c is None else f"{c:.2f}" for c in res["failure_costs_s"])
         print(f"  {slot.mode} seed {slot.seed}: {trace.t_end:.1f} s, {res['failures']} failures, "
-              f"{res['lost_steps']} committed steps lost, in-run {res['in_run']:.3f} (failures "
-              "cost " + ", ".join("?" if c is None else f"{c:.2f}" for c in res["failure_costs_s"])
-              + f" s), exact {res['exact']}", flush=True)
+              f"{res['lost_steps']} committed steps lost, in-run {res['in_run']:.3f} "
+              f"({'failures cost ' + costs + ' s' if costs else 'no failure fired'}), "
+              f"exact {res['exact']}", flush=True)
 
     for slot in order:  # end to end, once every reference is in
         if slot.index in chaos:
