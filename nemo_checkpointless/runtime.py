@@ -3,8 +3,9 @@
 Everything else receives its parts ready-made: this module alone reads the launcher's
 environment (torchrun or ``ncl-launch``), the typed config's parts (rootless start-up,
 in-process recovery and its source) and the resolved timeouts, and wires a front-end's
-step driver to the recovery core. Front-ends call :func:`run_lean` (the lean loop) or
-:func:`run_under_agent` (NeMo 2, Megatron-Bridge).
+step driver to the recovery core. Front-ends call :func:`run_lean` (the lean loop),
+:func:`run_under_agent` (a step driver the recovery loop runs: Megatron-Bridge), or
+:func:`open_recovery` (NeMo 2, whose framework runs the loop: Lightning's fit).
 
 Exit codes: 0 done; 2 bad configuration; 3 (``launch.protocol.EXIT_UNRECOVERABLE``) a
 verdict every rank reaches alike (no replica of a lost shard, a non-finite loss): the agent
@@ -160,21 +161,42 @@ def run_plain(cfg: RunConfig, run_dir: Path, rootless: bool, under_agent: bool =
 def run_under_agent(cfg: RunConfig, run_dir: Path, channel: Any, front_end: Any = None,
                     train: Optional[Callable[[Any], dict[str, Any]]] = None) -> dict[str, Any]:
     """One rank started by ncl-launch, recovered in process (the public entry of every
-    front-end).
+    front-end whose step loop the recovery loop runs).
 
     ``front_end``: builds the step driver once the world exists (the lean loop's, or a
-    Bridge one). ``train(loop)``: how the job trains under the loop instead (NeMo 2 builds
-    its objects first and calls ``loop.run(driver)``); default ``loop.run()``.
+    Bridge one). ``train(loop)``: how the job trains under the loop instead (a driver built
+    ahead, then ``loop.run(driver)``); default ``loop.run()``. A front-end whose framework
+    runs the loop itself (NeMo 2: Lightning's fit) uses :func:`open_recovery`,
+    :func:`end_recovery` and :func:`leave_on` around its own loop instead.
     """
-    from . import device
     from .comm import destroy_world
+
+    loop = open_recovery(cfg, run_dir, channel, front_end)
+    try:
+        summary = loop.run() if train is None else train(loop)
+        end_recovery(loop, channel, summary)
+    except BaseException as err:
+        leave_on(err, channel)
+        raise
+    finally:
+        try:
+            destroy_world()
+        except Exception:  # noqa: BLE001 - groups may already be aborted
+            pass
+    if loop.rank == 0:
+        log.info("finished step %d, state_sha256 %s", summary["final_step"],
+                 summary["state_sha256"])
+    return summary
+
+
+def open_recovery(cfg: RunConfig, run_dir: Path, channel: Any, front_end: Any = None) -> Any:
+    """Start in-process recovery on a rank ncl-launch started: tell the agent, build the
+    rank's :class:`~.recovery.generation.RecoveryLoop` (a warm spare waits inside until it
+    is handed a rank) and fix the rank's device. Returns the loop."""
+    from . import device
     from .comm.world import backend_for
     from .launch import protocol
-    from .metrics.progress import NonFiniteLoss
-    from .recovery.failures import Fatal
-    from .steps import Stopped
     from .recovery.generation import RecoveryLoop
-    from .replication.replica_map import UnrecoverableError
     from .timeouts import Timeouts
     from .train.loop import make_progress
 
@@ -186,38 +208,45 @@ def run_under_agent(cfg: RunConfig, run_dir: Path, channel: Any, front_end: Any 
             "recovery")
     channel.send(protocol.Hello(recovery=True))
     backend = backend_for(cfg.strategy.backend)
-    try:
-        # (a warm spare waits inside the constructor until it is assigned a rank)
-        loop = RecoveryLoop(cfg, run_dir, channel, front_end, Timeouts.from_env(),
-                            interrupt=_interrupt(cfg.checkpointless.interrupt, backend),
-                            progress=lambda lead: make_progress(cfg, lead))
-        device.select(backend)
-        if os.environ.get("NCL_TRANSFER_CALIBRATE"):
-            from .lab.calibrate import raw_send
+    loop = RecoveryLoop(cfg, run_dir, channel, front_end, Timeouts.from_env(),
+                        interrupt=_interrupt(cfg.checkpointless.interrupt, backend),
+                        progress=lambda lead: make_progress(cfg, lead))
+    device.select(backend)
+    if os.environ.get("NCL_TRANSFER_CALIBRATE"):
+        from .lab.calibrate import raw_send
 
-            loop.after_transfer = raw_send(
-                loop.rank, lambda: loop.reconciler.shard.nbytes())  # type: ignore[union-attr]
-        summary = loop.run() if train is None else train(loop)
-        channel.send(protocol.Done())
-        loop.injector.fire("shutdown", int(summary["final_step"]))
-    except Stopped as stop:  # asked to stop, checkpointed: the agent exits 143 too
-        channel.send(protocol.Stopped(step=stop.step))
+        loop.after_transfer = raw_send(
+            loop.rank, lambda: loop.reconciler.shard.nbytes())  # type: ignore[union-attr]
+    return loop
+
+
+def end_recovery(loop: Any, channel: Any, summary: dict[str, Any]) -> None:
+    """Training finished on this rank: tell the agent (teardown may block from here)."""
+    from .launch import protocol
+
+    channel.send(protocol.Done())
+    loop.injector.fire("shutdown", int(summary["final_step"]))
+
+
+def leave_on(err: BaseException, channel: Any) -> None:
+    """End the process as the agent expects for ``err``, if it is a job-wide outcome: a
+    stop every rank agreed on (exit 143), or a verdict every rank reaches alike (no replica
+    of a lost shard, a non-finite loss: exit 3, the agent stops the job). Returns for
+    anything else (the caller re-raises it)."""
+    from .launch import protocol
+    from .metrics.progress import NonFiniteLoss
+    from .recovery.failures import Fatal
+    from .replication.replica_map import UnrecoverableError
+    from .steps import Stopped
+
+    if isinstance(err, Stopped):  # asked to stop, checkpointed: the agent exits 143 too
+        channel.send(protocol.Stopped(step=err.step))
         os._exit(protocol.EXIT_STOPPED)
-    except (UnrecoverableError, NonFiniteLoss, Fatal) as err:
-        # every rank reaches the same verdict from the same gathered facts: stop the job
+    if isinstance(err, (UnrecoverableError, NonFiniteLoss, Fatal)):
         log.error("cannot recover: %s", err)
         print(f"error: cannot recover: {err}", file=sys.stderr, flush=True)
         channel.send(protocol.Fatal(reason=str(err)))
         os._exit(protocol.EXIT_UNRECOVERABLE)
-    finally:
-        try:
-            destroy_world()
-        except Exception:  # noqa: BLE001 - groups may already be aborted
-            pass
-    if loop.rank == 0:
-        log.info("finished step %d, state_sha256 %s", summary["final_step"],
-                 summary["state_sha256"])
-    return summary
 
 
 def _interrupt(setting: str, backend: str) -> bool:

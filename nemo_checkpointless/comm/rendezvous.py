@@ -44,4 +44,6 @@ def rendezvous(store: Any, gen: int, rank: int, world_size: int, backend: str,
                     f"generation {gen}: only {have}/{world_size} ranks arrived within "
                     f"{timeout.total_seconds():.0f}s (NCL_RECOVERY_TIMEOUT_S); is a node down "
                     "with no replacement?") from None
+    if hasattr(store, "drop_links"):  # a server of the last generation may be gone
+        store.drop_links()
     form_world(store, rank, world_size, gen, backend, pg_timeout)

@@ -334,6 +334,14 @@ class ShardedStore(dist.Store):
             return True
         return False
 
+    def drop_links(self) -> None:
+        """Forget this thread's connections (the next request to each server reconnects).
+        A connection to a server that died since (its node was lost, or replaced at the
+        same address) can still take a write without an error; a set sent without an ack
+        (``rendezvous_hint``) would vanish in it."""
+        for i in range(len(self.endpoints)):
+            self._drop(i)
+
     def _drop(self, i: int) -> None:
         links = self._state().links
         if links[i] is not None:

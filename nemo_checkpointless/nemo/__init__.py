@@ -20,6 +20,11 @@ _EXPORTS = {
     "CheckpointlessResume": "resume",
     "CheckpointlessOptimizerModule": "optim",
     "MaskedMockDataModule": "data",
+    "pretraining_data": "recipe",
+    "run_recipe": "run",
+    "NclLaunch": "launcher",
+    "NclLocalExecutor": "launcher",
+    "ncl_executor": "launcher",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,80 +1,142 @@
-"""Lightning callback: step phases for the core's hooks, and the metrics.jsonl record.
+"""Lightning callback: where the checkpointless job meets Lightning's hooks, and its record.
 
-:class:`CheckpointlessCallback` is a Lightning callback and, since NeMo's strategy adds
-every trainer callback to ``MegatronParallel.callbacks``, also a Megatron-step callback.
-It calls the strategy's :class:`~nemo_checkpointless.steps.HookList` at the phases
-Lightning and NeMo expose (``data`` at batch start, ``forward`` at the first micro-batch,
-``after_step`` at batch end; ``grad_sync``, ``optimizer`` and ``param_sync`` come from the
-optimizer, see ``nemo/optim.py``) and writes one ``metrics.jsonl`` row per committed step
-on rank 0, with the lean loop's schema (``train/loop.py`` ``StepMetrics``).
+:class:`CheckpointlessCallback` is the first callback of the trainer (``apply_checkpointless``
+puts it there) and, since NeMo's strategy adds every trainer callback to
+``MegatronParallel.callbacks``, also a Megatron-step callback. Under ``ncl-launch`` it
+hands Lightning's moments to the rank's session (``nemo/session.py``): attach (a
+replacement at ``on_fit_start``, a first start at ``on_train_start``), the start of each
+iteration, each micro-batch (the ``forward`` phase and the batch digest), the end of
+training (``summary.json``). In both modes it writes one ``metrics.jsonl`` row per
+committed step on rank 0, with the lean loop's schema (``train/loop.py`` ``StepMetrics``);
+a replacement rank 0 writes the rows its predecessor did not, once.
 """
 
 from __future__ import annotations
 
-import math
+import json
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import lightning.pytorch as pl
-import torch
-import torch.distributed as dist
 
-from ..metrics.writer import JsonlWriter
-from ..train.data import local_batch_digest
+from ..metrics.writer import JsonlWriter, write_json
 from ..steps import Phase
+from . import session as sessions
+
+LEAN_KEYS = ("step", "loss", "loss_hex", "consumed_samples", "step_time_s", "grad_norm", "lr",
+             "batch_hash")
+
+
+class MetricsRows:
+    """``metrics.jsonl`` on rank 0: a row per step, never twice."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.writer = JsonlWriter(path, enabled=enabled)
+        self.path = Path(path)
+        self.last = 0
+
+    def read_last(self) -> None:
+        """The last step already in the file (a replacement rank 0)."""
+        if self.path.exists():
+            lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+            self.last = json.loads(lines[-1])["step"] if lines else 0
+
+    def write(self, row: dict[str, Any]) -> None:
+        if row["step"] > self.last:
+            self.writer.write({k: row[k] for k in LEAN_KEYS if k in row})
+            self.last = row["step"]
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 class CheckpointlessCallback(pl.Callback):
-    """Phases and metrics of each step; ``run_dir``: where metrics.jsonl goes (rank 0)."""
+    """Session moments and ``metrics.jsonl``; ``run_dir``: where the record goes (rank 0)."""
 
     def __init__(self, run_dir: Optional[str] = None) -> None:
         self.run_dir = run_dir
-        self.metrics: Optional[JsonlWriter] = None
-        self._start = 0.0
-        self._micro: list[dict[str, torch.Tensor]] = []
-        self._forward_step = 0
+        self.rows: Optional[MetricsRows] = None
+
+    def _session(self) -> Optional[sessions.CheckpointlessSession]:
+        return sessions.current()
 
     # ------------------------------------------------------------------ Lightning
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if _driven(trainer):  # nemo/driver.py runs the steps and writes the record
-            return
         run_dir = Path(self.run_dir or trainer.default_root_dir)
-        self.metrics = JsonlWriter(run_dir / "metrics.jsonl", enabled=trainer.global_rank == 0)
+        if self.rows is None:
+            self.rows = MetricsRows(run_dir / "metrics.jsonl", enabled=trainer.global_rank == 0)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        _first(trainer, self)
+        session = self._session()
+        if session is not None and session.new:
+            session.attach(trainer)
+            if trainer.global_rank == 0:
+                assert self.rows is not None
+                self.rows.read_last()
+                for step in sorted(session.journal.steps):
+                    record = session.journal.steps[step].record
+                    if record is not None and "lr" in record:
+                        self.rows.write(record)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        session = self._session()
+        if session is None:
+            return
+        if not session.attached:
+            session.attach(trainer)
+        session.training_starts()
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any,
                              batch_idx: int) -> None:
-        self._start = time.perf_counter()
-        self._micro = []
-        _hooks(trainer)(Phase.DATA, trainer.global_step + 1)
+        session = self._session()
+        if session is not None:
+            session.begin_iteration()
+        else:
+            _local(trainer).begin(trainer.global_step + 1)
 
     def on_megatron_microbatch_start(self, step: Any, batch: Any, forward_callback: Any) -> None:
         """NeMo's Megatron-step event: one per micro-batch, with the batch itself."""
-        trainer = step.trainer
-        if _driven(trainer):
-            return
-        if isinstance(batch, dict) and batch.get("tokens") is not None:
-            self._micro.append({"tokens": batch["tokens"]})
-        current = trainer.global_step + 1
-        if self._forward_step != current:
-            self._forward_step = current
-            _hooks(trainer)(Phase.FORWARD, current)
+        session = self._session()
+        if session is not None:
+            session.on_microbatch(batch)
+        else:
+            _local(step.trainer).on_microbatch(step.trainer, batch)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        step = trainer.global_step  # already counts the step just committed
-        _hooks(trainer)(Phase.AFTER_STEP, step)
-        record = self._record(trainer, step, outputs)
-        if self.metrics is not None:
-            self.metrics.write(record)
+        step = trainer.global_step  # the step just committed
+        session = self._session()
+        if session is not None:
+            entry = session.journal.steps.get(step)
+            record = entry.record if entry is not None else None
+        else:
+            hooks = getattr(trainer.strategy, "hooks", None)
+            if hooks is not None:
+                hooks(Phase.AFTER_STEP, step)
+            record = _local(trainer).records.pop(step, None)
+        if record is None:
+            return
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        record["lr"] = float(optimizer.param_groups[0]["lr"]) if optimizer is not None else None
+        if self.rows is not None:
+            self.rows.write(record)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        session = self._session()
+        if session is not None:
+            session.training_ends()
+            session.finish()
+        else:
+            self._summary(trainer)
+        if self.rows is not None:
+            self.rows.close()
+
+    def _summary(self, trainer: pl.Trainer) -> None:
         """summary.json (rank 0): final step and the core's state hash over every rank."""
         from ..megatron.state import job_digest
-        from ..metrics.writer import write_json
 
-        if _driven(trainer):
-            return
         optimizer = trainer.optimizers[0]
         chunks = getattr(optimizer, "model_chunks", None) or [m.module for m in
                                                               trainer.strategy.model]
@@ -83,57 +145,51 @@ class CheckpointlessCallback(pl.Callback):
                    "state_sha256": job_digest(chunks, getattr(optimizer, "mcore_optimizer",
                                                                optimizer)),
                    "world_size": trainer.world_size}
-        if self.metrics is not None:
-            self.metrics.close()
-            if self.metrics.enabled:
-                write_json(self.metrics.path.parent / "summary.json", summary)
-
-    # ------------------------------------------------------------------ record
-    def _record(self, trainer: pl.Trainer, step: int, outputs: Any) -> dict[str, Any]:
-        from megatron.core import parallel_state as ps
-
-        loss = _loss(outputs)
-        optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        last = getattr(optimizer, "last", None)
-        gbs = _global_batch_size(trainer)
-        return {
-            "step": step,
-            "loss": loss,
-            "loss_hex": float(loss).hex() if math.isfinite(loss) else repr(loss),
-            "consumed_samples": step * gbs,
-            "step_time_s": round(time.perf_counter() - self._start, 6),
-            "grad_norm": float(last.grad_norm) if last is not None else None,
-            "lr": float(optimizer.param_groups[0]["lr"]) if optimizer is not None else None,
-            "batch_hash": self._batch_hash(ps),
-        }
-
-    def _batch_hash(self, ps: Any) -> str:
-        """The lean loop's global-batch digest: each DP slice counted once, on every rank."""
-        value = torch.zeros(1, dtype=torch.int64)
-        first = ps.is_pipeline_first_stage()
-        if first and ps.get_tensor_model_parallel_rank() == 0 and \
-                ps.get_context_parallel_rank() == 0 and self._micro:
-            value += local_batch_digest(self._micro, dp_rank=ps.get_data_parallel_rank())
-        if dist.is_initialized():
-            dist.all_reduce(value)
-        return f"{int(value.item()) & (2**64 - 1):016x}"
+        if trainer.global_rank == 0:
+            run_dir = Path(self.run_dir or trainer.default_root_dir)
+            write_json(run_dir / "summary.json", summary)
 
 
-def _driven(trainer: Any) -> bool:
-    """The recovery manager drives the steps (``nemo/driver.py``, under ncl-launch)."""
-    return getattr(getattr(trainer, "strategy", None), "driven_hooks", None) is not None
+def _first(trainer: pl.Trainer, callback: pl.Callback) -> None:
+    """This callback runs first in every hook: its snapshot of an iteration's start
+    precedes every other callback's work in it."""
+    callbacks = trainer.callbacks
+    if callbacks and callbacks[0] is not callback and callback in callbacks:
+        callbacks.remove(callback)
+        callbacks.insert(0, callback)
 
 
-def _hooks(trainer: pl.Trainer):
-    hooks = getattr(trainer.strategy, "hooks", None)
-    return hooks if hooks is not None else (lambda phase, step: None)
+class LocalSteps:
+    """Without the agent (torchrun): the step's micro-batches and records (no recovery)."""
+
+    def __init__(self) -> None:
+        self.micro: list[dict[str, Any]] = []
+        self.records: dict[int, dict[str, Any]] = {}
+        self.started = time.perf_counter()
+        self._forward_mark = 0
+
+    def begin(self, step: int) -> None:
+        self.micro = []
+        self.started = time.perf_counter()
+
+    def on_microbatch(self, trainer: Any, batch: Any) -> None:
+        tokens = batch.get("tokens") if isinstance(batch, dict) else None
+        if tokens is not None:
+            self.micro.append({"tokens": tokens})
+        step = trainer.global_step + 1
+        if self._forward_mark != step:
+            self._forward_mark = step
+            hooks = getattr(trainer.strategy, "hooks", None)
+            if hooks is not None:
+                hooks(Phase.FORWARD, step)
 
 
-def _loss(outputs: Any) -> float:
-    value = outputs.get("loss") if isinstance(outputs, dict) else outputs
-    if torch.is_tensor(value):
-        return float(value.detach().float().cpu())
-    return float("nan") if value is None else float(value)
+def _local(trainer: Any) -> LocalSteps:
+    strategy = trainer.strategy
+    steps = getattr(strategy, "local_steps", None)
+    if steps is None:
+        steps = strategy.local_steps = LocalSteps()
+    return steps
 
 
 def _global_batch_size(trainer: pl.Trainer) -> int:

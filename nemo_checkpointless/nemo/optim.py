@@ -38,21 +38,32 @@ class CheckpointlessMcoreOptimizer(McoreDistributedOptimizer):
     """``McoreDistributedOptimizer`` whose step is split at the commit point.
 
     ``hooks`` is the strategy's HookList; ``step_of()`` returns the step being run
-    (Lightning's ``global_step + 1``). ``last`` keeps the latest step's
-    :class:`~nemo_checkpointless.megatron.optimizer.StepResult` for the metrics row.
+    (Lightning's ``global_step + 1``); ``session_of()`` the rank's recovery session under
+    ``ncl-launch`` (None under torchrun), which then runs the whole step as a recovery
+    point (``nemo/session.py``). ``last`` keeps the latest step's
+    :class:`~nemo_checkpointless.megatron.optimizer.StepResult`.
     """
 
-    def __init__(self, optim: Any, hooks: HookList, step_of: Callable[[], int]) -> None:
+    def __init__(self, optim: Any, hooks: HookList, step_of: Callable[[], int],
+                 session_of: Callable[[], Any] = lambda: None,
+                 on_step: Optional[Callable[[int, Any, Any], None]] = None) -> None:
         super().__init__(optim)
         self.hooks = hooks
         self.step_of = step_of
+        self.session_of = session_of
+        self.on_step = on_step
         self.last: Optional[mopt.StepResult] = None
 
     def step(self, closure: Optional[Callable[[], Any]] = None):
+        session = self.session_of()
+        if session is not None:
+            return session.compute(closure)
         loss = closure() if closure is not None else None
         step = self.step_of()
         clip = float(getattr(self.mcore_optimizer.config, "clip_grad", 0.0) or 0.0)
         prepared = mopt.prepare(self.mcore_optimizer, clip)
+        if self.on_step is not None:  # the record of the step (torchrun: no recovery)
+            self.on_step(step, loss, prepared)
         self.hooks(Phase.OPTIMIZER, step)  # commit barrier: the step is decided here
         if not prepared.found_inf:
             mopt.apply_update(self.mcore_optimizer)
@@ -75,11 +86,16 @@ class CheckpointlessOptimizerModule(MegatronOptimizerModule):
         super().__init__(*args, **kwargs)
         self.hooks = HookList()
         self.step_of: Callable[[], int] = lambda: 0
+        self.session_of: Callable[[], Any] = lambda: None
+        self.on_step: Optional[Callable[[int, Any, Any], None]] = None
 
-    def bind(self, hooks: HookList, step_of: Callable[[], int]) -> None:
+    def bind(self, hooks: HookList, step_of: Callable[[], int],
+             session_of: Callable[[], Any], on_step: Optional[Callable] = None) -> None:
         """Called by the strategy before the optimizer is built."""
         self.hooks = hooks
         self.step_of = step_of
+        self.session_of = session_of
+        self.on_step = on_step
 
     def optimizers(self, model: MegatronParallel) -> list:
         if not isinstance(model, MegatronParallel):
@@ -97,7 +113,8 @@ class CheckpointlessOptimizerModule(MegatronOptimizerModule):
             mcore_opt = get_megatron_optimizer(
                 self.config, chunks,
                 use_gloo_process_groups=AppState().use_gloo_process_groups)
-        opt = CheckpointlessMcoreOptimizer(mcore_opt, self.hooks, self.step_of)
+        opt = CheckpointlessMcoreOptimizer(mcore_opt, self.hooks, self.step_of,
+                                           self.session_of, self.on_step)
         opt.model_chunks = chunks
         return [opt]
 
@@ -108,12 +125,14 @@ class CheckpointlessOptimizerModule(MegatronOptimizerModule):
 
 def _param_group_keys_gather():
     """megatron's optimizer constructor all-gathers every rank's param-group keys; in the
-    fake world a driven job builds in (``nemo/driver.py``) that gather returns nothing, so
+    fake world a replacement builds in (``nemo/session.py``) that gather returns nothing, so
     it is answered locally (every rank of a dense GPT has the same keys)."""
     import contextlib
 
     import torch.distributed as dist
 
     if dist.is_initialized() and dist.get_backend() == "fake":
-        return mopt._local_all_gather_object()
+        from ..compat.megatron import local_all_gather_object
+
+        return local_all_gather_object()
     return contextlib.nullcontext()

@@ -3,14 +3,18 @@
 Every argument of ``nemo.lightning.MegatronStrategy`` is accepted and kept (the layout,
 DDP config, checkpoint options, ``num_distributed_optimizer_instances``, ...). Added:
 
-* ``tier`` / ``fallback``: the core's ``checkpointless`` settings (``config.py``);
+* ``tier`` / ``fallback``: the core's ``checkpointless`` settings: the tier's preset of
+  config parts (``config.CheckpointlessConfig.preset``), held as ``self.checkpointless``;
 * ``fault_plan``: the core's fault plan (``recovery/faults.py``), injected at the step
   phases on the ranks it names;
-* a :class:`~nemo_checkpointless.steps.HookList` (``self.hooks``) holding the
-  core's :class:`~nemo_checkpointless.recovery.commit.CommitProtocol` (commit barrier before
-  the optimizer update, RNG snapshot at each step start) for tiers 3 and 4, and the fault
-  injector. The optimizer (``nemo/optim.py``) and the callback (``nemo/callbacks.py``) call
-  it at the phases of each step;
+* the step hooks (``self.hooks``): under ``ncl-launch`` those of the rank's recovery
+  session (``nemo/session.py``: commit barrier, fault injector, recovery points); under
+  torchrun the core's :class:`~nemo_checkpointless.recovery.commit.CommitProtocol` (when
+  the parts recover in process) and the fault injector, without recovery;
+* under ``ncl-launch``: megatron's parallel state is built by NeMo in the world the
+  session formed (a first start) or in a world of fake groups (a replacement), with its
+  arguments recorded for the rebuild after a recovery; the training step, checkpoint
+  saves and removals go through the session;
 * CPU rehearsal: without CUDA, ``setup_distributed`` turns on the core's rehearsal mode
   (``nemo_checkpointless/cpu.py``) so NeMo's model, DDP and optimizer run on gloo.
 """
@@ -19,20 +23,21 @@ from __future__ import annotations
 
 import logging
 import os
+import traceback
 from typing import Any, Optional, Sequence
 
 from nemo.lightning.pytorch.strategies import MegatronStrategy
 
 from .. import cpu
-from ..config import FALLBACKS, TIERS, ConfigError
+from ..config import FALLBACKS, CheckpointlessConfig, ConfigError
+from ..launch.channel import ENV_FD
 from ..recovery.commit import CommitProtocol
 from ..recovery.faults import FaultInjector, parse_plan
 from ..steps import HookList
+from . import session as sessions
 from .optim import CheckpointlessOptimizerModule
 
 log = logging.getLogger(__name__)
-
-RECOVERY_TIERS = ("tier3", "tier4")
 
 
 class CheckpointlessMegatronStrategy(MegatronStrategy):
@@ -40,10 +45,9 @@ class CheckpointlessMegatronStrategy(MegatronStrategy):
 
     def __init__(self, *args: Any, tier: str = "tier4", fallback: str = "none",
                  fault_plan: Optional[Sequence[Any]] = None, **kwargs: Any) -> None:
-        if tier not in TIERS:
-            raise ConfigError(f"tier={tier!r}: use one of {', '.join(TIERS)}.")
         if fallback not in FALLBACKS:
             raise ConfigError(f"fallback={fallback!r}: use 'none' or 'disk'.")
+        self.checkpointless = CheckpointlessConfig.preset(tier, fallback=fallback)
         super().__init__(*args, **kwargs)
         self.tier = tier
         self.fallback = fallback
@@ -51,39 +55,38 @@ class CheckpointlessMegatronStrategy(MegatronStrategy):
         self.hooks = HookList()
         self.commit: Optional[CommitProtocol] = None
         self.rehearsal = False
-        # set by nemo/driver.py when the recovery manager drives the steps (ncl-launch):
-        # its hooks (commit protocol, fault injector) replace the strategy's own
-        self.driven_hooks: Optional[HookList] = None
+        self.session: Optional[sessions.CheckpointlessSession] = None
 
     # ------------------------------------------------------------------ start-up
     def setup_distributed(self) -> None:
-        if os.environ.get("NCL_AGENT_FD") is not None and self.tier in RECOVERY_TIERS \
-                and self.driven_hooks is None:
-            raise NotImplementedError(
-                "under ncl-launch a NeMo recipe recovers in process only when the recovery "
-                "manager drives its steps: run it through recipes/nemo_pretrain.py (which "
-                "uses nemo_checkpointless.nemo.driver.run_recipe_under_agent), or launch "
-                "with torchrun for a run without recovery")
+        self.session = sessions.current()
+        if self.session is None and os.environ.get(ENV_FD) is not None:
+            raise ConfigError(
+                "under ncl-launch a NeMo recipe runs through nemo_checkpointless's runner, "
+                "which opens the rank's recovery session before the recipe is built: "
+                "`ncl-launch ... recipes/nemo_pretrain.py recipe=...`, `ncl-launch ... "
+                "-m nemo_checkpointless.nemo.run <module:function|serialized recipe>`, or "
+                "NeMo-Run with nemo_checkpointless.nemo.NclLaunch; use torchrun for a run "
+                "without recovery")
+        if self.session is not None:
+            # gloo side groups cannot form in a replacement's fake world; every rank then
+            # builds (and rebuilds) the same groups without them
+            self.use_gloo_process_groups = False
         self.rehearsal = cpu.enable()
-        super().setup_distributed()
-        if self.driven_hooks is not None:
-            self._finish_setup_in_given_world()
-        self._install_hooks()
+        if self.rehearsal:
+            from ..compat import nemo_cpu
 
-    def _finish_setup_in_given_world(self) -> None:
-        """NeMo's ``setup_distributed`` returns early when a world exists (the driven job's
-        fake one) and skips megatron's parallel state and the data sampler: do both."""
-        from megatron.core import parallel_state
-        from nemo.lightning._strategy_lib import init_model_parallel
-
-        if not parallel_state.model_parallel_is_initialized():
-            init_model_parallel(self.model)
+            nemo_cpu.enable()
+        super().setup_distributed()  # NeMo returns early when the world exists
+        if self.session is not None:
+            self.session.layout.build(self.model)  # NeMo's set-up, arguments recorded
             if self.data_sampler:
                 self.data_sampler.setup(self.cluster_environment.global_rank())
+        self._install_hooks()
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
-        """In the fake world of a driven job's set-up every rank keeps its own value (what
-        it broadcasts, a log directory, is the same on every rank)."""
+        """In a replacement's fake world every rank keeps its own value (what Lightning
+        broadcasts at set-up, a checkpoint directory, is the same on every rank)."""
         import torch.distributed as dist
 
         if dist.is_initialized() and dist.get_backend() == "fake":
@@ -93,18 +96,19 @@ class CheckpointlessMegatronStrategy(MegatronStrategy):
     def _install_hooks(self) -> None:
         import torch.distributed as dist
 
+        if self.session is not None:
+            self.hooks = self.session.hooks
+            self._bind_optimizer_module()
+            return
         world = dist.get_world_size() if dist.is_initialized() else 1
         rank = dist.get_rank() if dist.is_initialized() else 0
-        trainer = getattr(self, "trainer", None)
+        trainer = getattr(self, "trainer", None) or getattr(self.lightning_module, "trainer",
+                                                             None)
         max_steps = trainer.max_steps if trainer is not None and trainer.max_steps > 0 \
             else 1 << 30  # Lightning's -1: no limit
         faults = parse_plan(self.fault_plan, world, max_steps)
-        if self.driven_hooks is not None:
-            self.hooks = self.driven_hooks
-            self._bind_optimizer_module()
-            return
         hooks = []
-        if self.tier in RECOVERY_TIERS:
+        if self.checkpointless.recovery != "none":
             self.commit = CommitProtocol()
             hooks.append(self.commit)
         if faults:
@@ -120,13 +124,109 @@ class CheckpointlessMegatronStrategy(MegatronStrategy):
         module = getattr(self, "_lightning_module", None) or getattr(self, "model", None)
         optim = getattr(module, "optim", None)
         if isinstance(optim, CheckpointlessOptimizerModule):
-            optim.bind(self.hooks, self._current_step)
-        elif optim is not None and self.tier in RECOVERY_TIERS:
+            optim.bind(self.hooks, self._current_step, lambda: self.session, self._record_step)
+        elif optim is not None and self.checkpointless.recovery != "none":
             raise ConfigError(
-                f"tier={self.tier} needs the optimizer split at the commit point: use "
+                f"tier={self.tier} recovers in process and needs the optimizer split at the "
+                "commit point: use "
                 "nemo_checkpointless.nemo.CheckpointlessOptimizerModule (apply_checkpointless "
                 f"swaps it in), not {type(optim).__name__}.")
 
     def _current_step(self) -> int:
         trainer = getattr(self, "trainer", None)
         return (trainer.global_step if trainer is not None else 0) + 1
+
+    def _record_step(self, step: int, loss: Any, prepared: Any) -> None:
+        """Without the agent: the step's ``metrics.jsonl`` record (the callback writes it)."""
+        import math
+        import time
+
+        from ..compat.lightning_fit import closure_loss
+        from .callbacks import _local
+        from .driver import batch_hash
+
+        steps = _local(self.trainer)
+        value = closure_loss(loss)
+        gbs = int(self.data_sampler.global_batch_size)
+        steps.records[step] = {
+            "step": step, "loss": value,
+            "loss_hex": value.hex() if math.isfinite(value) else repr(value),
+            "consumed_samples": step * gbs,
+            "step_time_s": round(time.perf_counter() - steps.started, 6),
+            "grad_norm": None if prepared.found_inf else float(prepared.grad_norm),
+            "batch_hash": batch_hash(steps.micro)}
+
+    # ------------------------------------------------------------------ recovery points
+    def training_step(self, dataloader_iter: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.session is None:
+            return super().training_step(dataloader_iter, *args, **kwargs)
+        parent = super()
+        return self.session.training_step(
+            lambda it: parent.training_step(it, *args, **kwargs), dataloader_iter)
+
+    def save_checkpoint(self, checkpoint: dict, filepath: Any,
+                        storage_options: Optional[Any] = None) -> None:
+        if self.session is None:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        parent = super()
+        return self.session.save_checkpoint(
+            lambda ckpt: parent.save_checkpoint(ckpt, filepath, storage_options), checkpoint)
+
+    def remove_checkpoint(self, filepath: Any) -> None:
+        """Idempotent: a replacement rank 0 may repeat a removal its predecessor did."""
+        from nemo.lightning.ckpt_utils import ckpt_to_dir
+
+        if self.session is not None and not os.path.lexists(ckpt_to_dir(filepath)):
+            return
+        super().remove_checkpoint(filepath)
+
+    def load_checkpoint(self, checkpoint_path: Any, selective_restore: bool = False) -> Any:
+        """NeMo's load, with Adam's state created first: megatron-core 0.16's distributed
+        optimizer builds the sharded state dict to load into from its own state, and
+        asserts (``len(steps) == 1``) while Adam has not made it yet (before a first step).
+        Created as Adam would create it (zeros, step 0), then overwritten by the load."""
+        from ..megatron.shards import make_state_contiguous
+
+        for optimizer in self.optimizers:
+            make_state_contiguous(getattr(optimizer, "mcore_optimizer", optimizer))
+        return super().load_checkpoint(checkpoint_path, selective_restore)
+
+    def load_optimizer_state_dict(self, checkpoint: Any, selective_restore: bool = False) -> None:
+        """NeMo's, made exact for torch's Adam (no Transformer Engine / Apex):
+
+        * without autograd: with fp32 parameters megatron's main params are views of the
+          model's (leaves that require grad), and megatron-core 0.16 copies the loaded
+          state into them in place;
+        * Adam's step count, one tensor per parameter: megatron-core 0.16 keeps the step in
+          the param groups of its checkpoint, gives every parameter's state one *shared*
+          step tensor (which torch's Adam then advances once per parameter at every step),
+          and copies over it a per-parameter step the checkpoint does not hold (the value
+          of the state it loaded into). Each parameter's step is set from its group."""
+        import torch
+
+        from ..megatron.optimizer import leaf_optimizers
+
+        with torch.no_grad():
+            super().load_optimizer_state_dict(checkpoint, selective_restore)
+            for optimizer in self.optimizers:
+                for leaf in leaf_optimizers(getattr(optimizer, "mcore_optimizer", optimizer)):
+                    inner = leaf.optimizer
+                    for group in inner.param_groups:
+                        if "step" not in group:
+                            continue
+                        for param in group["params"]:
+                            state = inner.state.get(param)
+                            if state is not None and "step" in state:
+                                old = state["step"]  # where torch's Adam keeps it
+                                state["step"] = torch.tensor(float(group["step"]),
+                                                             dtype=torch.float32,
+                                                             device=old.device)
+
+    def on_exception(self, exception: BaseException) -> None:
+        """Under ncl-launch an error that escaped recovery ends this process at once, as a
+        failed rank (Lightning's teardown could wait on peers); the agent replaces it."""
+        if self.session is None:
+            return super().on_exception(exception)
+        log.error("rank failed: %s", "".join(traceback.format_exception(exception))[-4000:])
+        logging.shutdown()
+        os._exit(1)

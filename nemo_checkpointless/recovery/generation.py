@@ -53,7 +53,7 @@ from ..state import OptimizerShard, RankState, RngStreams
 from ..steps import FrontEnd, HookList, Phase, StepDriver, Stopped
 from ..timeouts import Timeouts
 from .commit import CommitProtocol
-from .failures import Verdict, classify
+from .failures import Fatal, Verdict, classify
 from .faults import FaultInjector, parse_plan
 from .interrupt import ComputeInterrupt
 from .link import AgentLink
@@ -126,6 +126,9 @@ class RecoveryLoop:
         self.driver: Optional[StepDriver] = None
         self.reconciler: Optional[Reconciler] = None
         self._prebuilt = False
+        self._built_in_world = False  # attach(): the front-end built in the joined world
+        self._joined_early: Optional[int] = None  # join(): the generation joined already
+        self.fresh_start = False  # the last generation joined started the job afresh
         self.old_roles: dict[int, str] = {}
         self.timeline: Optional[RecoveryTimeline] = None
         if self.replacement:
@@ -166,19 +169,13 @@ class RecoveryLoop:
     def run(self, driver: Optional[StepDriver] = None) -> dict[str, Any]:
         """Train to max_steps through any number of recoveries; return the summary.
 
-        ``driver``: one already built (``nemo/driver.py`` builds NeMo's objects in a
-        world of fake groups before the job's world exists): its groups are forgotten
-        here and rebound to the real ones when generation ``gen`` is joined. Without it,
-        the front-end builds one after the rendezvous.
+        ``driver``: one already built in a world of fake groups before the job's world
+        existed: its groups are forgotten here and rebound to the real ones when
+        generation ``gen`` is joined. Without it, the front-end builds one after the
+        rendezvous.
         """
         if driver is not None:
-            from megatron.core import parallel_state
-
-            self.driver = driver
-            self._prebuilt = True
-            if parallel_state.model_parallel_is_initialized():
-                self.old_roles.update(group_roles())
-            forget_all_groups()
+            self._take_prebuilt(driver)
         first = True
         while True:
             try:
@@ -190,13 +187,85 @@ class RecoveryLoop:
                 self._train()
                 return self._finish()
             except BaseException as err:  # noqa: BLE001 - classified right below
-                if poisons_context(err):  # a sticky CUDA error: this process is done
-                    self.link.exit_device_error(str(err).splitlines()[0][:500])
-                if self._verdict(err) is Verdict.FATAL:
-                    raise
-                log.warning("failure detected: %s", str(err).splitlines()[0][:200])
-                if self.timeline is None:
-                    self.timeline = RecoveryTimeline(from_gen=self.joined_gen)
+                self._on_failure(err)
+
+    # ------------------------------------------------------------------ owned loops
+    # A front-end whose framework runs the training loop (NeMo 2: Lightning's fit) calls
+    # these instead of run(): join (a first start forms its world before the framework
+    # builds in it), attach (the built driver), recover (a failure it caught inside a
+    # step), step_done (a step committed) and finish (the job's end, once).
+
+    def join(self) -> None:
+        """Form the current generation's world now, before the front-end builds in it (a
+        first start). A replacement builds in a world of fake groups instead and goes
+        straight to :meth:`attach`."""
+        self._join(self.gen)
+        self._joined_early = self.gen
+
+    def attach(self, driver: StepDriver) -> None:
+        """Settle the generation with the front-end's built driver: rebuild and rebind its
+        groups if it was built in a fake world, agree on the committed step, stream state
+        to this rank if it replaces one. Failures meanwhile are recovered from."""
+        if self._joined_early == self.gen:
+            self.driver = driver
+            self._built_in_world = True
+        else:
+            self._take_prebuilt(driver)
+        self._settle(lambda: self._enter(self.gen))
+
+    def recover(self, err: BaseException) -> None:
+        """The front-end caught ``err`` inside a step: raise it unless it is recoverable;
+        else abort, join the next generation and settle it (again after any failure in the
+        meantime). Returns with the driver at the agreed committed step."""
+        self._on_failure(err)
+        self._settle(self._recover)
+
+    def step_done(self, metrics: Any) -> None:
+        """A step committed: a recovery before it is over; progress and the non-finite
+        check; a stop every rank agreed on at its commit barrier (raises ``Stopped``)."""
+        driver = self.driver
+        assert driver is not None
+        if self.timeline is not None:
+            self._first_step_done()
+        self.progress.on_step(metrics)
+        if self.commit.stop_after is not None and driver.step >= self.commit.stop_after:
+            self._stop()
+
+    def finish(self) -> dict[str, Any]:
+        """The job's end (summary, the final barrier); the caller recovers a failure in it
+        and calls it again."""
+        return self._finish()
+
+    def _settle(self, attempt: Callable[[], None]) -> None:
+        while True:
+            try:
+                attempt()
+                return
+            except BaseException as err:  # noqa: BLE001 - classified right below
+                self._on_failure(err)
+                attempt = self._recover
+
+    def _take_prebuilt(self, driver: StepDriver) -> None:
+        """A driver built in a world of fake groups: remember its groups' roles (rebound to
+        the real groups on joining) and forget the fake ones."""
+        from megatron.core import parallel_state
+
+        self.driver = driver
+        self._prebuilt = True
+        if parallel_state.model_parallel_is_initialized():
+            self.old_roles.update(group_roles())
+        forget_all_groups()
+
+    def _on_failure(self, err: BaseException) -> None:
+        """Re-raise ``err`` unless it is recoverable; open the recovery's record."""
+        if poisons_context(err):  # a sticky CUDA error: this process is done
+            self.link.exit_device_error(str(err).splitlines()[0][:500])
+        if self._verdict(err) is Verdict.FATAL:
+            raise err
+        log.warning("failure detected: %s", str(err).splitlines()[0][:200] if str(err)
+                    else type(err).__name__)
+        if self.timeline is None:
+            self.timeline = RecoveryTimeline(from_gen=self.joined_gen)
 
     def _finish(self) -> dict[str, Any]:
         """The job's end, inside the recoverable region: the last durable save lands, the
@@ -266,6 +335,8 @@ class RecoveryLoop:
                 self.old_roles.update(group_roles())
         abort_communicators(self.store.endpoints)
         forget_all_groups()
+        if self._built_in_world:  # built in the world just aborted: rebound on joining
+            self._built_in_world, self._prebuilt = False, True
         timeline.mark("abort", time.perf_counter() - t0)
         t1 = time.perf_counter()
         wait = self.timeouts.recovery_s
@@ -277,26 +348,43 @@ class RecoveryLoop:
         timeline.wait_generation = time.perf_counter() - t1
         self._enter(target)
 
-    def _enter(self, gen: int) -> None:
-        """Join generation ``gen``: world, parallel state, driver objects, agreement."""
+    def _join(self, gen: int) -> float:
+        """Rendezvous with every rank of generation ``gen`` (the world exists after it);
+        returns the seconds it took."""
         self.link.activate(gen)
         self.joined_gen = gen
         t0 = time.perf_counter()
         rendezvous(self.store, gen, self.rank, self.world_size, self.backend,
                    self.timeouts.delta("recovery_s"), self.timeouts.pg(self.backend),
                    cancelled=self.link.superseded)
-        t1 = time.perf_counter()
+        seconds = time.perf_counter() - t0
         self._tidy_store(gen)
+        return seconds
+
+    def _enter(self, gen: int) -> None:
+        """Join generation ``gen``: world, parallel state, driver objects, agreement."""
+        t0 = time.perf_counter()
+        if self._joined_early == gen:  # join() formed it before the front-end built
+            self._joined_early = None
+            t1 = t0
+        else:
+            t1 = t0 + self._join(gen)
         # a fresh start: no rank of this world holds training state yet (the job's first
         # generation, or a failure hit every rank before any finished its set-up)
         fresh = not self._anyone_has_state()
+        self.fresh_start = fresh
         self.commit.stop_after = None  # re-agreed at the next barrier (the request stays)
-        if fresh and self.driver is not None and not self._prebuilt:
+        if fresh and self.driver is not None and not self._prebuilt and \
+                not self._built_in_world:
+            if self.front_end is None:  # its framework built it: nothing here rebuilds it
+                raise Fatal("a failure hit every rank before any finished its set-up; the "
+                            "front-end's set-up is not recovered in process: start the job "
+                            "again")
             self.driver = None  # half-built by a failed start: build again, with the rest
             self.reconciler = None
         if fresh:
             self.injector.fire("startup", 1)
-        built = self.driver is None or self._prebuilt
+        built = self.driver is None or self._prebuilt or self._built_in_world
         if self.driver is None:
             assert self.front_end is not None
             # a warm spare's prebuilt model has zero-filled weights for peers to fill: in
@@ -308,6 +396,9 @@ class RecoveryLoop:
         elif self._prebuilt:
             self._prebuilt = False
             self._rebuild()
+            self._attach()
+        elif self._built_in_world:  # attach() after join(): built in this very world
+            self._built_in_world = False
             self._attach()
         else:
             self._rebuild()

@@ -304,3 +304,27 @@ def test_a_node_replaced_on_another_host_is_found_through_its_published_endpoint
                     3 * SECONDS)
     assert stale.refresh_endpoints()[1] == moved.endpoint   # a new agent's stale peer list
     assert stale.get(key) == b"after"
+
+
+def test_a_generation_forms_its_world_over_fresh_connections(job, servers):
+    """Every server replaced at its address since the last generation (a lost node came
+    back): the connections cached from before are stale, and a gloo address key sent on
+    one without an ack would vanish. rendezvous() forms the world over fresh ones."""
+    import torch
+
+    from nemo_checkpointless.comm.rendezvous import rendezvous
+
+    store = connect(eps(servers), job, 5 * SECONDS)
+    for k in range(16):  # a connection to every server, cached on this thread
+        store.set(f"warm/{k}", "1")
+    for i, old in enumerate(list(servers)):
+        port = old.port
+        old.stop()
+        servers[i] = StoreServer("127.0.0.1", port, job).start()
+    rendezvous(store, 1, 0, 1, "gloo", 5 * SECONDS, 5 * SECONDS, cancelled=lambda: False)
+    try:
+        x = torch.ones(2)
+        dist.all_reduce(x)
+        assert x.tolist() == [1.0, 1.0]
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,208 @@
+"""Real NeMo jobs as real processes: torchrun, ncl-launch (one agent or several), and what
+they leave behind (metrics.jsonl, summary.json, events.jsonl, TensorBoard, checkpoints)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+REPO = Path(__file__).resolve().parents[2]
+ENTRY = REPO / "recipes" / "nemo_pretrain.py"
+STEPS = 8
+
+
+def free_port() -> int:
+    from nemo_checkpointless.comm.world import free_port as _free_port
+
+    return _free_port()
+
+
+def nemo_env(**extra: str) -> dict[str, str]:
+    from nemo_checkpointless.nemo.launch_env import AGENT_ENV
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", NCL_FORCE_CPU="1", PYTHONUNBUFFERED="1",
+               NCL_HANG_TIMEOUT_S="30",  # NeMo's set-up is slow on 2 shared cores
+               **AGENT_ENV)
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Job:
+    """A finished job: exit code, output, and rank 0's files."""
+
+    returncode: int
+    output: str
+    run_dir: Path
+
+    def check(self) -> "Job":
+        assert self.returncode == 0, self.output[-8000:]
+        return self
+
+    @property
+    def metrics(self) -> list[dict]:
+        path = self.run_dir / "metrics.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    @property
+    def summary(self) -> dict:
+        return json.loads((self.run_dir / "summary.json").read_text())
+
+    @property
+    def events(self) -> list[dict]:
+        path = self.run_dir / "events.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    @property
+    def log_dir(self) -> Path:
+        return self.run_dir / "log"
+
+    def tensorboard(self) -> dict[tuple[int, str], list[float]]:
+        """(step, tag) -> every value written, in file order (TensorBoard's event files)."""
+        from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+        rows: dict[tuple[int, str], list[float]] = {}
+        pattern = str(self.log_dir / "tb_logs" / "*" / "**" / "events.out.tfevents.*")
+        for path in sorted(glob.glob(pattern, recursive=True)):
+            for event in EventFileLoader(path).Load():
+                for value in event.summary.value:
+                    number = value.simple_value if value.HasField("simple_value") \
+                        else value.tensor.float_val[0]
+                    rows.setdefault((int(event.step), value.tag), []).append(number)
+        return rows
+
+    def checkpoints(self) -> list[Path]:
+        return sorted(Path(p) for p in glob.glob(str(self.log_dir / "*" / "checkpoints" / "*"))
+                      if not p.endswith("-last"))
+
+
+def base_args(run_dir: Path, *overrides: str) -> list[str]:
+    return ["recipe=tiny_llama", f"trainer.max_steps={STEPS}", f"run_dir={run_dir}",
+            f"log.log_dir={run_dir}/log", *overrides]
+
+
+def torchrun(nproc: int, run_dir: Path, *overrides: str, timeout: float = 900) -> Job:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(ENTRY),
+           *base_args(run_dir, f"trainer.devices={nproc}", *overrides)]
+    return _run(cmd, run_dir, timeout)
+
+
+def ncl_launch(nproc: int, run_dir: Path, *overrides: str, spares: int = 1,
+               timeout: float = 900, script: Optional[list[str]] = None) -> Job:
+    cmd = [sys.executable, "-m", "nemo_checkpointless.launch.agent", "--nproc-per-node",
+           str(nproc), "--spares", str(spares), "--master-port", str(free_port()),
+           *(script or [str(ENTRY), *base_args(run_dir, f"trainer.devices={nproc}",
+                                               *overrides)])]
+    return _run(cmd, run_dir, timeout)
+
+
+def _run(cmd: list[str], run_dir: Path, timeout: float, env: Optional[dict] = None) -> Job:
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    log = run_dir.parent / f"{run_dir.name}.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env or nemo_env(), stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+            code = -9
+    text = log.read_text()
+    if code == -9:
+        text += f"\n[test] killed after {timeout}s"
+    return Job(code, text, run_dir)
+
+
+class Agents:
+    """Several ncl-launch agents on this machine, each one node of the job."""
+
+    def __init__(self, nnodes: int, nproc: int, run_dir: Path, *overrides: str) -> None:
+        self.nnodes, self.nproc, self.run_dir = nnodes, nproc, run_dir
+        self.peers = ",".join(f"127.0.0.1:{free_port()}" for _ in range(nnodes))
+        self.args = base_args(run_dir, f"trainer.devices={nproc}",
+                              f"trainer.num_nodes={nnodes}", *overrides)
+        self.env = nemo_env(NCL_JOB_ID="nemo-" + secrets.token_hex(3),
+                            NCL_JOB_SECRET=secrets.token_hex(16))
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.logs: list[Path] = []
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+
+    def start(self, node: int, spares: int = 0) -> None:
+        log = self.run_dir.parent / f"agent{node}-{len(self.logs)}.log"
+        self.logs.append(log)
+        cmd = [sys.executable, "-m", "nemo_checkpointless.launch.agent", "--nnodes",
+               str(self.nnodes), "--nproc-per-node", str(self.nproc), "--node-rank", str(node),
+               "--peers", self.peers, "--spares", str(spares), str(ENTRY), *self.args]
+        self.procs[node] = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=open(log, "w"),
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+
+    def start_standby(self) -> None:
+        """A warm standby node: it takes over whichever node is lost first."""
+        log = self.run_dir.parent / f"standby-{len(self.logs)}.log"
+        self.logs.append(log)
+        cmd = [sys.executable, "-m", "nemo_checkpointless.launch.agent", "--standby",
+               "--nnodes", str(self.nnodes), "--nproc-per-node", str(self.nproc), "--peers",
+               self.peers, "--standby-host", "127.0.0.3", "--spares", "0", str(ENTRY),
+               *self.args]
+        self.procs[-1] = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=open(log, "w"),
+                                          stderr=subprocess.STDOUT, start_new_session=True)
+
+    def kill_node(self, node: int) -> None:
+        from nemo_checkpointless.launch.agent import kill_node
+
+        kill_node(self.procs[node].pid)
+        self.procs[node].wait()
+
+    def wait_for_step(self, step: int, timeout: float = 900) -> None:
+        deadline = time.monotonic() + timeout
+        path = self.run_dir / "metrics.jsonl"
+        while time.monotonic() < deadline:
+            if path.exists() and len(path.read_text().splitlines()) >= step:
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"step {step} not reached:\n{self.output()[-6000:]}")
+
+    def output(self) -> str:
+        return "\n".join(p.read_text() for p in self.logs if p.exists())
+
+    def wait(self, timeout: float = 900) -> Job:
+        deadline = time.monotonic() + timeout
+        codes = []
+        try:
+            for proc in self.procs.values():
+                codes.append(proc.wait(timeout=max(1.0, deadline - time.monotonic())))
+        finally:
+            for proc in self.procs.values():
+                if proc.poll() is None:
+                    os.killpg(proc.pid, 9)
+        return Job(max(codes) if codes else 1, self.output(), self.run_dir)
+
+
+def plan(*faults: tuple[int, int, str, str]) -> str:
+    items = ",".join(f"{{rank:{r},step:{s},phase:{p},kind:{k}}}" for r, s, p, k in faults)
+    return f"fault.plan=[{items}]"
+
+
+def assert_same_run(got: Job, want: Job, first_step: int = 1) -> None:
+    """Bit for bit: every metrics row from ``first_step`` on, and the state hash."""
+    rows, ref = got.metrics, [r for r in want.metrics if r["step"] >= first_step]
+    assert [r["step"] for r in rows] == list(range(first_step, STEPS + 1)), \
+        "one row per committed step"
+    for key in ("loss_hex", "batch_hash", "consumed_samples", "lr", "grad_norm"):
+        assert [r[key] for r in rows] == [r[key] for r in ref], key
+    assert got.summary["state_sha256"] == want.summary["state_sha256"]
+
+
+def deterministic(rows: dict[tuple[int, str], list[float]]) -> dict[tuple[int, str], Any]:
+    """TensorBoard rows without wall-clock values."""
+    return {k: v for k, v in rows.items() if "time" not in k[1]}
