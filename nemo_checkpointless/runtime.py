@@ -44,8 +44,24 @@ def run_pretrain(node: Any, run_dir: str | Path) -> dict[str, Any]:
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     setup_logging("spare" if os.environ.get("NCL_SPARE") == "1" else rank)
+    require_supported_megatron()
     cfg = load_and_validate(node, world_size)
     return run_lean(cfg, Path(run_dir))
+
+
+def require_supported_megatron() -> None:
+    """Start-up check of the installed megatron-core (``compat/megatron_versions.py``):
+    exits with status 2 naming the supported releases when a surface the package calls is
+    missing. Replacements and warm spares skip it: the job's first ranks passed it."""
+    from .compat.megatron_versions import check_megatron_core
+
+    if "1" in (os.environ.get("NCL_SPARE"), os.environ.get("NCL_REPLACEMENT")):
+        return
+    try:
+        check_megatron_core()
+    except RuntimeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 def run_lean(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:

@@ -112,9 +112,11 @@ def run_recipe(recipe: Any, run_dir: Optional[str] = None) -> Any:
     """Build and call ``recipe`` on this rank (see the module docstring)."""
     from nemo_checkpointless import cpu
     from nemo_checkpointless.launch.channel import Channel
+    from nemo_checkpointless.runtime import require_supported_megatron
 
     channel = Channel.from_env()
     cpu.enable()  # no-op with CUDA
+    require_supported_megatron()
     if channel is None:
         return fdl.build(recipe)()
     from nemo_checkpointless.logs import setup_logging

@@ -39,3 +39,18 @@ def test_cached_collective_answers_are_forgotten_on_every_chained_optimizer():
     assert chained._has_grad_norm_group_cache is None
     assert all(getattr(o, "_has_grad_norm_group_cache", None) is None for o in inner)
     assert mv.forget_collective_caches(chained) == 0
+
+
+def test_a_rank_starting_on_an_unsupported_release_exits_2_with_the_fix(monkeypatch, capsys):
+    from nemo_checkpointless.runtime import require_supported_megatron
+
+    monkeypatch.delenv("NCL_SPARE", raising=False)
+    monkeypatch.delenv("NCL_REPLACEMENT", raising=False)
+    monkeypatch.setattr(mv, "missing_surfaces", lambda: ["a surface this test removed"])
+    with pytest.raises(SystemExit) as exit_:
+        require_supported_megatron()
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "a surface this test removed" in err and "pip install" in err
+    monkeypatch.setenv("NCL_REPLACEMENT", "1")  # a replacement: the first ranks checked it
+    require_supported_megatron()
