@@ -22,8 +22,9 @@ $(STAMP): pyproject.toml requirements/pins.txt
 demo: $(STAMP)
 	$(PY) scripts/demo.py
 
+# tests/nemo runs in its own env (make test-nemo); its conftest would shadow tests/conftest.
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not matrix and not slurm" $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -m "not matrix and not slurm" $(PYTEST_ARGS) --ignore=tests/nemo tests
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit
@@ -32,7 +33,7 @@ test-dist: $(STAMP)
 	$(PY) -m pytest -q -m "not matrix" tests/dist
 
 test-matrix: $(STAMP)
-	$(PY) -m pytest -q -m matrix tests
+	$(PY) -m pytest -q -m matrix --ignore=tests/nemo tests
 
 test-slurm: $(STAMP)
 	bash scripts/slurm/local_cluster.sh start
