@@ -101,7 +101,10 @@ class ProgressWatch:
         self.last_heartbeat = now
 
     def stalled(self, now: float) -> None:
-        """The agent aborted this rank's communicators: it must unwind within ``unwind``."""
+        """The agent aborted this rank's communicators: it must unwind within ``unwind``
+        (a rank judged by heartbeats only, or not at all, is left as it is)."""
+        if self.mode in (Mode.OFF, Mode.HEARTBEAT):
+            return
         self.mode = Mode.UNWINDING
         self._arm(now, self.unwind)
 

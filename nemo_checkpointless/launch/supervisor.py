@@ -320,7 +320,7 @@ class NodeAgent:
 
     def _abort_stalled(self, stalled: list[tuple[int, str]], now: float) -> None:
         """Ranks wait without progress while their processes live: abort every rank's
-        communicators (a new generation); those that do not unwind are killed later."""
+        communicators (a new generation); any rank that does not unwind is killed later."""
         ranks = [rank for rank, _ in stalled]
         for rank, why in stalled:
             log.error("rank %d: %s", rank, why)
@@ -334,8 +334,10 @@ class NodeAgent:
         for child in self.ranks.values():
             child.watch.new_generation(now)
             child.channel.send(protocol.Gen(gen=self.gen))
-        for rank in ranks:
-            self.ranks[rank].watch.stalled(now)
+            # every rank's communicators are aborted, so every rank must unwind: the one
+            # stuck outside any collective need not be among the first found waiting
+            if not (child.finished or child.done):
+                child.watch.stalled(now)
 
     def _stop_job(self, rank: int, child: Child, code: Optional[int]) -> int:
         if child.fatal is not None:

@@ -69,9 +69,11 @@ def test_gil_held_in_setup_is_not_a_hang_and_a_blocked_rank_is(tmp_path, referen
     assert gaps and max(gaps) >= 9.0, out[-3000:]
     # step 4: rank 2 waits with a live heartbeat; everyone aborts; only rank 2 stays stuck
     assert "[test] rank 2 blocks before step 4 with the GIL released" in out
-    assert re.search(r"rank 2: no progress for [\d.]+s waiting for a step after step 3 "
+    # (which ranks are found waiting first depends on when each reported step 3: under
+    # load rank 2 need not be among them; every rank must unwind either way)
+    assert re.search(r"rank \d: no progress for [\d.]+s waiting for a step after step 3 "
                      r"\(limit [\d.]+s\) while its heartbeat is alive", out), out[-4000:]
-    assert re.search(r"ranks \[[0-3, ]*2[0-3, ]*\] stalled: moved the job to generation 1", out)
+    assert re.search(r"ranks \[[0-3, ]+\] stalled: moved the job to generation 1", out)
     assert re.search(r"rank 2: did not unwind within 20s after its communicators were "
                      r"aborted .*: killing it", out), out[-4000:]
     killed = re.findall(r"rank (\d): .*: killing it", out)
