@@ -84,20 +84,13 @@ def python_run(overrides: list[str], run_dir: Path, timeout: float = 120,
     return RunResult(proc.returncode, proc.stdout + proc.stderr, run_dir)
 
 
-def ncl_launch(nproc: int, overrides: list[str], run_dir: Path, *, spares: int = 1,
-               timeout: float = 300, agent_args: list[str] | None = None,
-               env: dict[str, str] | None = None) -> RunResult:
-    """One ``ncl-launch`` agent (one node) running recipes/pretrain.py."""
-    cmd = [sys.executable, "-m", "nemo_checkpointless.launch.agent",
-           "--nproc-per-node", str(nproc), "--spares", str(spares),
-           "--master-port", str(free_port()), *(agent_args or []),
-           str(PRETRAIN), *overrides, f"hydra.run.dir={run_dir}"]
-    full_env = _env()
-    full_env.update(env or {})
+def run_job(cmd: list[str], run_dir: Path, env: dict[str, str], timeout: float) -> RunResult:
+    """Run a job's command in its own session, output to ``<run_dir>-agent.log``; on
+    timeout kill its whole process group (agent, ranks, spares) and say so."""
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     log = run_dir.parent / f"{run_dir.name}-agent.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=run_dir.parent, env=full_env, stdout=out,
+        proc = subprocess.Popen(cmd, cwd=run_dir.parent, env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         try:
             code = proc.wait(timeout=timeout)
@@ -107,8 +100,21 @@ def ncl_launch(nproc: int, overrides: list[str], run_dir: Path, *, spares: int =
             code = -9
     text = log.read_text()
     if code == -9:
-        text += f"\n[test] ncl-launch killed after {timeout}s timeout"
+        text += f"\n[test] {Path(cmd[0]).name} killed after {timeout}s timeout"
     return RunResult(code, text, run_dir)
+
+
+def ncl_launch(nproc: int, overrides: list[str], run_dir: Path, *, spares: int = 1,
+               timeout: float = 300, agent_args: list[str] | None = None,
+               env: dict[str, str] | None = None, script: Path = PRETRAIN) -> RunResult:
+    """One ``ncl-launch`` agent (one node) running ``script`` (recipes/pretrain.py)."""
+    cmd = [sys.executable, "-m", "nemo_checkpointless.launch.agent",
+           "--nproc-per-node", str(nproc), "--spares", str(spares),
+           "--master-port", str(free_port()), *(agent_args or []),
+           str(script), *overrides, f"hydra.run.dir={run_dir}"]
+    full_env = _env()
+    full_env.update(env or {})
+    return run_job(cmd, run_dir, full_env, timeout)
 
 
 class FaultFreeRuns:

@@ -207,3 +207,10 @@ def refresh_cached_ranks(chunks: Iterable[Any]) -> int:
                 bucket_group.intra_distributed_optimizer_instance_rank = group.rank()
                 count += 1
     return count
+
+
+def current_roles() -> dict[int, str]:
+    """:func:`group_roles` of megatron's parallel state, or nothing before it is set up."""
+    from megatron.core import parallel_state
+
+    return group_roles() if parallel_state.model_parallel_is_initialized() else {}

@@ -19,7 +19,6 @@ built by a :class:`~nemo_checkpointless.steps.FrontEnd` (or handed over already 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -31,9 +30,6 @@ import torch
 import torch.distributed as dist
 
 from .. import device
-from ..checkpoint.config import directory as checkpoint_directory
-from ..checkpoint.config import make_checkpointer
-from ..checkpoint.driver import CheckpointHook, resume
 from ..comm.abort import (abort_communicators, forget_all_groups,
                           release_forgotten_groups_in_background)
 from ..comm.init import report_store_ops
@@ -44,12 +40,11 @@ from ..compat.megatron_versions import forget_collective_caches
 from ..config import RunConfig
 from ..gpu.health import poisons_context
 from ..megatron import groups
-from ..megatron.rebind import group_roles, rebind
+from ..megatron.rebind import current_roles, rebind
 from ..metrics.events import EventLog, read_events, summarize_recoveries
 from ..metrics.progress import Progress
 from ..metrics.timeline import RecoveryTimeline
 from ..replication.replica_map import UnrecoverableError
-from ..state import OptimizerShard, RankState, RngStreams
 from ..steps import FrontEnd, HookList, Phase, StepDriver, Stopped
 from ..timeouts import Timeouts
 from .commit import CommitProtocol
@@ -57,7 +52,9 @@ from .failures import Fatal, Verdict, classify
 from .faults import FaultInjector, parse_plan
 from .interrupt import ComputeInterrupt
 from .link import AgentLink
-from .reconcile import DiskSource, Reconciler
+from .owned import OwnedLoopEntries
+from .job import JobEdges
+from .reconcile import Reconciler
 from .spares import WarmSpare
 
 log = logging.getLogger(__name__)
@@ -74,7 +71,7 @@ class _ReportProgress:
             self.link.progress(step)
 
 
-class RecoveryLoop:
+class RecoveryLoop(OwnedLoopEntries):
     """Runs one rank started by ncl-launch to ``max_steps`` through any number of failures.
 
     ``interrupt``: stop forward/backward at the next module when a failure is announced.
@@ -134,11 +131,9 @@ class RecoveryLoop:
         if self.replacement:
             self.timeline = RecoveryTimeline(from_gen=self.gen - 1)
         self.joined_gen = -1
-        ck = cfg.checkpointless
-        self.disk_source = ck.recovery == "disk"
-        self.disk = self.disk_source or ck.fallback == "disk"
-        self.checkpoint_root = checkpoint_directory(cfg.checkpoint, self.run_dir)
-        self.durable: Optional[Any] = None  # checkpoint.DurableCheckpointer, once attached
+        self.edges = JobEdges(cfg, self.run_dir, rank=self.rank, world_size=self.world_size,
+                              commit=self.commit, injector=self.injector, events=self.events,
+                              after_transfer=after_transfer)
         self.summary: Optional[dict[str, Any]] = None
         self._ops_mark: dict = {}
         self._cleaned_gen = 0
@@ -189,71 +184,12 @@ class RecoveryLoop:
             except BaseException as err:  # noqa: BLE001 - classified right below
                 self._on_failure(err)
 
-    # ------------------------------------------------------------------ owned loops
-    # A front-end whose framework runs the training loop (NeMo 2: Lightning's fit) calls
-    # these instead of run(): join (a first start forms its world before the framework
-    # builds in it), attach (the built driver), recover (a failure it caught inside a
-    # step), step_done (a step committed) and finish (the job's end, once).
-
-    def join(self) -> None:
-        """Form the current generation's world now, before the front-end builds in it (a
-        first start). A replacement builds in a world of fake groups instead and goes
-        straight to :meth:`attach`."""
-        self._join(self.gen)
-        self._joined_early = self.gen
-
-    def attach(self, driver: StepDriver) -> None:
-        """Settle the generation with the front-end's built driver: rebuild and rebind its
-        groups if it was built in a fake world, agree on the committed step, stream state
-        to this rank if it replaces one. Failures meanwhile are recovered from."""
-        if self._joined_early == self.gen:
-            self.driver = driver
-            self._built_in_world = True
-        else:
-            self._take_prebuilt(driver)
-        self._settle(lambda: self._enter(self.gen))
-
-    def recover(self, err: BaseException) -> None:
-        """The front-end caught ``err`` inside a step: raise it unless it is recoverable;
-        else abort, join the next generation and settle it (again after any failure in the
-        meantime). Returns with the driver at the agreed committed step."""
-        self._on_failure(err)
-        self._settle(self._recover)
-
-    def step_done(self, metrics: Any) -> None:
-        """A step committed: a recovery before it is over; progress and the non-finite
-        check; a stop every rank agreed on at its commit barrier (raises ``Stopped``)."""
-        driver = self.driver
-        assert driver is not None
-        if self.timeline is not None:
-            self._first_step_done()
-        self.progress.on_step(metrics)
-        if self.commit.stop_after is not None and driver.step >= self.commit.stop_after:
-            self._stop()
-
-    def finish(self) -> dict[str, Any]:
-        """The job's end (summary, the final barrier); the caller recovers a failure in it
-        and calls it again."""
-        return self._finish()
-
-    def _settle(self, attempt: Callable[[], None]) -> None:
-        while True:
-            try:
-                attempt()
-                return
-            except BaseException as err:  # noqa: BLE001 - classified right below
-                self._on_failure(err)
-                attempt = self._recover
-
     def _take_prebuilt(self, driver: StepDriver) -> None:
         """A driver built in a world of fake groups: remember its groups' roles (rebound to
         the real groups on joining) and forget the fake ones."""
-        from megatron.core import parallel_state
-
         self.driver = driver
         self._prebuilt = True
-        if parallel_state.model_parallel_is_initialized():
-            self.old_roles.update(group_roles())
+        self.old_roles.update(current_roles())
         forget_all_groups()
 
     def _on_failure(self, err: BaseException) -> None:
@@ -277,8 +213,9 @@ class RecoveryLoop:
             self._first_step_done()
         self.link.pause("finish")  # no more steps: the initial timeout covers the end
         self.injector.fire("finish", driver.step)
-        if self.durable is not None:
-            self.durable.wait()
+        durable = self.edges.durable
+        if durable is not None:
+            durable.wait()
         summary = driver.finish()
         if self.rank == 0:
             summary["recoveries"] = summarize_recoveries(read_events(self.run_dir /
@@ -288,8 +225,8 @@ class RecoveryLoop:
         dist.barrier()  # every rank is past the last collective: the job is done
         if self.rank == 0:  # agents do not replace a rank that dies from here on
             self.store.set("job/finished", "1")
-        if self.durable is not None:
-            self.durable.close()
+        if durable is not None:
+            durable.close()
         self.summary = summary
         return summary
 
@@ -310,11 +247,7 @@ class RecoveryLoop:
         driver = self.driver
         assert driver is not None
         self.link.pause("stop")
-        if self.durable is not None:
-            CheckpointHook(self.durable, driver, RngStreams()).save_now()
-        else:
-            log.warning("stopping after step %d without a checkpoint (checkpoint.interval=0):"
-                        " a new job starts from its last one", driver.step)
+        self.edges.save_for_stop(driver)
         dist.barrier()  # every rank's files and rank 0's manifest are written
         if self.rank == 0:
             log.warning("stopped after step %d as asked; a new job with the same run "
@@ -328,11 +261,8 @@ class RecoveryLoop:
         self.link.unwound()
         t0 = time.perf_counter()
         if self.driver is not None:
-            from megatron.core import parallel_state
-
-            if parallel_state.model_parallel_is_initialized():
-                # accumulate: objects may still hold groups of an earlier, failed attempt
-                self.old_roles.update(group_roles())
+            # accumulate: objects may still hold groups of an earlier, failed attempt
+            self.old_roles.update(current_roles())
         abort_communicators(self.store.endpoints)
         forget_all_groups()
         if self._built_in_world:  # built in the world just aborted: rebound on joining
@@ -406,13 +336,13 @@ class RecoveryLoop:
             self.interrupt.install(self.driver.model)
         assert self.reconciler is not None
         if fresh:
-            self._begin_job()
-        elif self.durable is not None:
-            self.durable.settle()  # the save a failure interrupted: completed or dropped
+            self.edges.begin(self.driver, self.reconciler)
+        elif self.edges.durable is not None:
+            self.edges.durable.settle()  # the save a failure interrupted: completed or dropped
         t2 = time.perf_counter()
         transfer = self.reconciler.run(recovering=self.timeline is not None)
         if self.rank == 0:
-            self._ensure_metrics_row(transfer["committed_step"])
+            self.edges.ensure_metrics_row(self.driver, transfer["committed_step"])
         t3 = time.perf_counter()
         log.info("joined generation %d: rendezvous %.3fs, %s %.3fs, agreement+state %.3fs",
                  gen, t1 - t0, "skeleton" if built else "rebuild+rebind", t2 - t1, t3 - t2)
@@ -453,84 +383,9 @@ class RecoveryLoop:
         return bool(flag.item())
 
     def _attach(self) -> None:
-        """First entry of a newly built driver: its state, durable checkpoints, reconciler."""
-        driver = self.driver
-        assert driver is not None
-        self.commit.start_at(driver.step)
-        state = RankState({"driver": driver, "commit": self.commit,
-                           "optimizer": OptimizerShard(driver.optimizer)})
-        if self.durable is None:
-            self.durable = make_checkpointer(self.cfg.checkpoint, self.run_dir,
-                                             under_agent=True)
-        if self.durable is not None:
-            driver.hooks.add(CheckpointHook(
-                self.durable, driver, RngStreams(),
-                on_save=lambda step: self.injector.fire("checkpoint", step)))
-        disk = None
-        if self.disk:
-            if self.durable is None:
-                raise UnrecoverableError(
-                    "recovery from disk needs durable checkpoints: set checkpoint.interval")
-            disk = DiskSource(self.durable, self.checkpoint_root, verify=self.cfg.checkpoint.verify)
-        self.reconciler = Reconciler(
-            driver, self.commit, state, rank=self.rank, world_size=self.world_size,
-            use_distributed_optimizer=self.cfg.strategy.use_distributed_optimizer,
-            disk=disk, disk_source=self.disk_source,
-            on_recovery=lambda step: self.injector.fire("recovery", step),
-            after_transfer=self.after_transfer)
-
-    def _begin_job(self) -> None:
-        """Every rank built fresh: resume from the newest verified durable checkpoint (a
-        new job of a chain), else start at step 0; then the preflight (collective)."""
-        driver, reconciler = self.driver, self.reconciler
-        assert driver is not None and reconciler is not None
-        ck = self.cfg.checkpoint
-        resumed = None
-        if ck.resume == "auto":  # the RNG too, unless the data-parallel size changed
-            resumed = resume(driver, self.checkpoint_root, RngStreams(), verify_data=ck.verify)
-            self.commit.start_at(driver.step)
-        if resumed is None and self.disk and self.durable is not None:
-            # something to roll back to before the first scheduled save
-            CheckpointHook(self.durable, driver, RngStreams()).save_now()
-        reconciler.has_state = True
-        self._preflight()
-
-    def _preflight(self) -> None:
-        """Before training: say which ranks no peer can restore (no replica anywhere)."""
-        if self.rank == 0:
-            from ..plan import PlanError, preflight_report
-
-            per_node = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
-            try:
-                log.info("layout plan:\n%s", preflight_report(self.cfg, self.world_size,
-                                                              per_node))
-            except PlanError as err:  # the run-time check below still applies
-                log.warning("layout planner: %s", err)
-        assert self.reconciler is not None
-        lonely = self.reconciler.unprotected()
-        if lonely and self.rank == 0:
-            s = self.cfg.strategy
-            log.warning(
-                "ranks %s hold optimizer shards with no replica: a failure of any of them "
-                "cannot be recovered from peers. Set strategy."
-                "num_distributed_optimizer_instances=2 (needs data-parallel x context-parallel "
-                "size divisible by 2; now %d instance(s)) or checkpointless.fallback=disk.",
-                lonely, s.num_distributed_optimizer_instances)
-            self.events.write("preflight", unprotected_ranks=lonely)
-
-    def _ensure_metrics_row(self, committed: int) -> None:
-        """Rank 0 writes the committed step's row if its metrics file lacks it (rank 0 was
-        replaced, or rolled the step forward from a peer's record)."""
-        driver = self.driver
-        assert driver is not None and driver.metrics is not None
-        path = self.run_dir / "metrics.jsonl"
-        last = 0
-        if path.exists():
-            lines = [line for line in path.read_text().splitlines() if line.strip()]
-            last = json.loads(lines[-1])["step"] if lines else 0
-        record = driver.last_record
-        if last < committed and record is not None and record["step"] == committed:
-            driver.metrics.write(record)
+        """First entry of a newly built driver: wired to checkpoints and the reconciler."""
+        assert self.driver is not None
+        self.reconciler = self.edges.attach(self.driver)
 
     def _first_step_done(self) -> None:
         timeline, self.timeline = self.timeline, None

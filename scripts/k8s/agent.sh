@@ -10,8 +10,10 @@
 set -u
 log=/tmp/ncl-agent.log
 child=0
+signalled=0
 # shellcheck disable=SC2329  # forward: called from the traps below
 forward() {
+    signalled=1
     if ((child > 0)); then kill -"$1" "$child" 2>/dev/null || true; fi
 }
 trap 'forward TERM' TERM
@@ -22,9 +24,12 @@ run() { # run the agent in the background, so that this shell can pass signals o
     child=$!
     local code
     while :; do
+        signalled=0
         wait "$child"
         code=$?
-        kill -0 "$child" 2>/dev/null || break # a trapped signal interrupted the wait
+        # a trapped signal interrupts the wait (status 128+n) whether or not the agent has
+        # exited yet: wait again for the agent's own exit status
+        ((signalled && code > 128)) || break
     done
     child=0
     return "$code"

@@ -14,15 +14,12 @@ The run ends bit for bit equal to the fault-free run.
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import RunResult, _env, free_port
+from conftest import RunResult, ncl_launch
 from test_recovery import BASE, LAYOUTS, assert_exact, events, reference  # noqa: F401
 
 pytestmark = [pytest.mark.timeout(600)]
@@ -33,23 +30,8 @@ SCRIPT = Path(__file__).resolve().parent / "scripts" / "pretrain_with_stall.py"
 def launch(overrides: list[str], run_dir: Path, env: dict[str, str], spares: int = 1,
            timeout: float = 400) -> RunResult:
     """One agent, 4 ranks, running ``SCRIPT`` (recipes/pretrain.py with a misbehaviour)."""
-    cmd = [sys.executable, "-m", "nemo_checkpointless.launch.agent", "--nproc-per-node", "4",
-           "--spares", str(spares), "--master-port", str(free_port()), str(SCRIPT),
-           *overrides, f"hydra.run.dir={run_dir}"]
-    full_env = _env()
-    full_env.update(env)
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    log = run_dir.parent / f"{run_dir.name}-agent.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=run_dir.parent, env=full_env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            code = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-            code = -9
-    return RunResult(code, log.read_text(), run_dir)
+    return ncl_launch(4, overrides, run_dir, spares=spares, timeout=timeout, env=env,
+                      script=SCRIPT)
 
 
 def test_gil_held_in_setup_is_not_a_hang_and_a_blocked_rank_is(tmp_path, reference):

@@ -342,6 +342,7 @@ if [[ $FAKE_MODE == taken && $1 != --standby ]]; then
 fi
 trap 'echo "got USR1" >>"$FAKE_ARGS"; exit 143' USR1
 trap 'echo "got TERM" >>"$FAKE_ARGS"; exit 143' TERM
+touch "$FAKE_ARGS.trapped"  # its traps are set: a signal from now on is seen
 [[ $FAKE_MODE == wait ]] && for ((i = 0; i < 300; i++)); do sleep 0.1 & wait $!; done
 exit 0
 """
@@ -408,10 +409,9 @@ def test_pod_script_passes_shellcheck():
 def test_pod_command_passes_usr1_to_the_agent(tmp_path):
     proc, args_file = pod_command("jobset", tmp_path, "wait")
     deadline = time.monotonic() + 20
-    while not args_file.exists():
+    while not Path(f"{args_file}.trapped").exists():  # not args_file: its traps come later
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    time.sleep(0.3)
     proc.send_signal(signal.SIGUSR1)  # what tini passes on from the preStop hook
     assert proc.wait(timeout=20) == 143
     assert "got USR1" in args_file.read_text()
