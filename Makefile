@@ -110,3 +110,16 @@ $(STAMP_LATEST): pyproject.toml requirements/latest.txt
 test-latest: $(STAMP_LATEST)
 	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY_LATEST) -m pytest -q -p no:warnings $(PYTEST_ARGS) \
 		$(LATEST_CORE_TESTS) tests/bridge
+
+# The NeMo 2 and Megatron-Bridge front-ends through a real Slurm (issues #23, #24): sbatch of
+# scripts/slurm/pretrain.sbatch with ENTRY=nemo (in .venv-nemo) and ENTRY=bridge (in
+# .venv-latest), and NeMo-Run's SlurmExecutor with NclLaunch, each losing a rank and ending
+# bit for bit as without the fault, on the single-node Slurm of local_cluster.sh. The batch
+# script picks no venv by itself: the test names each one (NCL_VENV). Run after test-nemo
+# and test-latest have built their venvs.
+.PHONY: test-slurm-entries
+
+test-slurm-entries: $(STAMP) $(STAMP_NEMO) $(STAMP_LATEST)
+	bash scripts/slurm/local_cluster.sh start
+	NCL_TEST_VENV_NEMO=$(abspath $(VENV_NEMO)) NCL_TEST_VENV_LATEST=$(abspath $(VENV_LATEST)) \
+		$(PY) -m pytest -q -p no:warnings -m slurm $(PYTEST_ARGS) tests/e2e/test_slurm_entries.py

@@ -48,6 +48,8 @@ class CheckpointlessMegatronStrategy(MegatronStrategy):
         if fallback not in FALLBACKS:
             raise ConfigError(f"fallback={fallback!r}: use 'none' or 'disk'.")
         self.checkpointless = CheckpointlessConfig.preset(tier, fallback=fallback)
+        if kwargs.get("cluster_environment") is None and os.environ.get(ENV_FD) is not None:
+            kwargs["cluster_environment"] = _agent_environment()
         super().__init__(*args, **kwargs)
         self.tier = tier
         self.fallback = fallback
@@ -230,3 +232,18 @@ class CheckpointlessMegatronStrategy(MegatronStrategy):
         log.error("rank failed: %s", "".join(traceback.format_exception(exception))[-4000:])
         logging.shutdown()
         os._exit(1)
+
+
+def _agent_environment() -> Any:
+    """Lightning's cluster environment for a rank that ``ncl-launch`` started.
+
+    The agent defines the world (``RANK``, ``LOCAL_RANK``, ``NODE_RANK``, ``WORLD_SIZE``,
+    ``MASTER_ADDR``/``MASTER_PORT``), as it does off a cluster, where Lightning picks its
+    plain ``LightningEnvironment`` for it. Inside a Slurm step Lightning would pick
+    ``SLURMEnvironment`` instead, which reads the agent's step (one task per node:
+    ``SLURM_NTASKS=1``, ``SLURM_PROCID=0``) as the world and stops with "You set
+    `devices=2` in Lightning, but the number of tasks per node configured in SLURM
+    `--ntasks-per-node=1` does not match"."""
+    from lightning.pytorch.plugins.environments import LightningEnvironment
+
+    return LightningEnvironment()

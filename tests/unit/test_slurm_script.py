@@ -480,3 +480,25 @@ def test_sigterm_stops_every_agent_and_leaves_the_requeue_to_slurm(stop_env):
     recs = records(stop_env)
     assert {"scancel": "TERM"} in recs and {"requeue": "4242"} not in recs
     assert "every agent checkpointed and stopped" in result.stderr
+
+
+def test_nemo_entry_forks_its_ranks_from_a_zygote_that_imported_nemo(fake_slurm):
+    """scripts/slurm/nemo.env is what NeMo-Run's NclLaunch exports (AGENT_ENV), read for
+    ENTRY=nemo only; the submitting environment still wins."""
+    from nemo_checkpointless.nemo.launch_env import AGENT_ENV
+
+    lines = [l for l in (SLURM / "nemo.env").read_text().splitlines()
+             if l.strip() and not l.startswith("#")]
+    assert dict(l.split("=", 1) for l in lines) == AGENT_ENV
+
+    def from_files(env: dict) -> set[str]:
+        result = run_sbatch(dict(env, NCL_DRY_RUN="1"))
+        assert result.returncode == 0, result.stderr
+        (line,) = [l for l in result.stderr.splitlines() if "environment from files:" in l]
+        return set(line.split("environment from files: ", 1)[1].split(" ")[0].split(","))
+
+    assert set(AGENT_ENV) <= from_files(dict(fake_slurm, ENTRY="nemo"))
+    assert not set(AGENT_ENV) & from_files(dict(fake_slurm, ENTRY="lean"))
+    kept = run_sbatch(dict(fake_slurm, ENTRY="nemo", NCL_DRY_RUN="1",
+                           JE_ARROW_MALLOC_CONF="x")).stderr
+    assert "kept from the submitting environment: JE_ARROW_MALLOC_CONF" in kept
