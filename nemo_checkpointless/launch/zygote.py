@@ -30,7 +30,9 @@ agent refuses such a zygote (and starts its processes with exec instead).
 Lifetime: the zygote and its children stay in the agent's process group, so a whole-node
 ``killpg`` ends them all. The zygote dies with the agent (``PR_SET_PDEATHSIG``, and it exits
 when the agent's end of the socket closes); every child dies with the zygote: no rank or
-spare outlives its agent.
+spare outlives its agent. The zygote is a child subreaper: what a dead child leaves
+behind (its own helper processes) is adopted and ended when the child's exit is reaped
+(``orphans.py``).
 """
 
 from __future__ import annotations
@@ -315,6 +317,9 @@ def serve() -> None:
     _die_with_parent()
     if os.getppid() != agent_pid:  # the agent died before the line above
         os._exit(1)
+    from .orphans import adopt_orphans
+
+    adopt_orphans()  # what a dead rank leaves behind becomes ours to end (orphans.py)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a ^C is the agent's to handle
     sys.path[0] = os.path.dirname(os.path.realpath(script))  # as `python SCRIPT` has it
     sock = socket.socket(fileno=fd)
@@ -356,6 +361,7 @@ def _serve(sock: socket.socket) -> tuple[dict[str, Any], int]:
     selector.register(sock, selectors.EVENT_READ)
     selector.register(wake_r, selectors.EVENT_READ)
     me = os.getpid()
+    forked: set[int] = set()
     try:
         while True:
             for key, _ in selector.select():
@@ -364,7 +370,7 @@ def _serve(sock: socket.socket) -> tuple[dict[str, Any], int]:
                         os.read(wake_r, 4096)
                     except BlockingIOError:
                         pass
-                    _reap(sock)
+                    _reap(sock, forked)
                     continue
                 try:
                     data, ancdata, msg_flags, _ = sock.recvmsg(
@@ -402,6 +408,7 @@ def _serve(sock: socket.socket) -> tuple[dict[str, Any], int]:
                     os.close(wake_w)
                     return request, fds[0]
                 os.close(fds[0])
+                forked.add(pid)
                 _send(sock, {"t": "started", "pid": pid})
     except OSError:
         if os.getpid() != me:  # a child failed to set up: report it as an error (exit 1)
@@ -409,7 +416,12 @@ def _serve(sock: socket.socket) -> tuple[dict[str, Any], int]:
         os._exit(0)  # the agent is gone
 
 
-def _reap(sock: socket.socket) -> None:
+def _reap(sock: socket.socket, forked: set[int]) -> None:
+    """Report the exits of the children forked on request; after one, end the orphans it
+    left behind (adopted by the zygote, a child subreaper; their own exits are not
+    reported)."""
+    from .orphans import end_orphans
+
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -417,7 +429,14 @@ def _reap(sock: socket.socket) -> None:
             return
         if pid == 0:
             return
+        if pid not in forked:  # an adopted orphan, ended below
+            continue
+        forked.discard(pid)
         _send(sock, {"t": "exit", "pid": pid, "code": os.waitstatus_to_exitcode(status)})
+        ended = end_orphans(forked)
+        if ended:
+            print(f"ncl-zygote: ended {len(ended)} process(es) that process {pid} left behind:"
+                  f" {ended}", file=sys.stderr, flush=True)
 
 
 def _run_child(request: dict[str, Any], fd: int) -> None:
