@@ -44,12 +44,13 @@ from ..launch.channel import Channel
 from ..megatron.rebind import group_roles, groups_by_role
 from ..recovery.failures import Fatal
 from ..recovery.generation import RecoveryLoop
-from ..steps import HookList, Phase
+from ..steps import HookList, Phase, Stopped
 from ..train.loop import finish_step
 from .driver import NemoStepDriver, batch_hash
 from .journal import Journal, StepEntry, detached
 from .loggers import LoggerGuard
 from .parallel import ParallelLayout
+from .stop import StopRequest, checkpoint_and_leave
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,7 @@ class CheckpointlessSession:
         self._pos_override: Optional[Callable[[Position], Position]] = None
         self._pending_metrics: Optional[dict[str, Any]] = None
         self._init_global_step: Optional[int] = None
+        self.stop = StopRequest()  # a stop every rank agreed on (nemo/stop.py)
 
     # ------------------------------------------------------------------ start, end
     @classmethod
@@ -230,8 +232,12 @@ class CheckpointlessSession:
         self._begin(0)
 
     def begin_iteration(self) -> None:
-        """``on_train_batch_start`` (the first callback): iteration S = global_step + 1."""
-        self._begin(int(self.trainer.global_step) + 1)
+        """``on_train_batch_start`` (the first callback): iteration S = global_step + 1;
+        or, the job having agreed to stop after step S - 1, its checkpoint and the exit."""
+        completed = int(self.trainer.global_step)
+        self._begin(completed + 1)
+        if self.stop.due(completed):
+            checkpoint_and_leave(self, completed)
 
     def training_ends(self) -> None:
         """``on_train_end``: its recovery points continue the last iteration's (a
@@ -351,6 +357,7 @@ class CheckpointlessSession:
     def _package(self, meeting: Position) -> dict[str, Any]:
         package = self.journal.package(meeting[0])
         package["versions"] = lightning_fit.logger_versions(self.trainer)
+        package["stop_after"] = self.stop.step
         return package
 
     def _load(self, package: dict[str, Any], meeting: Position) -> None:
@@ -360,6 +367,7 @@ class CheckpointlessSession:
         assert driver is not None and self.loggers is not None
         self.catch_up = meeting
         self.journal.adopt(package, meeting[0])
+        self.stop.agreed(package.get("stop_after"))
         snapshot = package.get("snapshot")
         if snapshot is not None:
             lightning_fit.restore(trainer, snapshot)
@@ -422,8 +430,14 @@ class CheckpointlessSession:
         loop = self.loop
         assert loop is not None
         if state["metrics"] is not None:  # computed here (not replayed, not rolled forward)
-            self._guarded(lambda: loop.step_done(state["metrics"]))
+            self._guarded(lambda: self._step_done(loop, state["metrics"]))
         return result
+
+    def _step_done(self, loop: RecoveryLoop, metrics: Any) -> None:
+        try:
+            loop.step_done(metrics)
+        except Stopped as stop:  # agreed at this step's barrier: leave after its iteration
+            self.stop.agreed(stop.step)
 
     def training_step(self, run: Callable[[Iterator[Any]], Any],
                       dataloader_iter: Iterator[Any]) -> Any:
