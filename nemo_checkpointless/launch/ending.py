@@ -1,5 +1,4 @@
-"""How a node agent ends: a failure nothing repairs, a stop another agent announced, a GPU
-that failed its probe, or every rank finished.
+"""How a node agent ends: an unrepairable failure, another agent's stop, a failed GPU, the finish.
 
 Each function takes the :class:`~.supervisor.NodeAgent` (lock held where it says so) and
 returns the agent's exit code (``protocol.py``). A stop with ``EXIT_UNRECOVERABLE`` is
