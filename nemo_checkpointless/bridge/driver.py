@@ -25,7 +25,8 @@ Its state (``steps.StepDriver``'s ``state_dict``): the step, the data position
 metrics row; the optimizer shard travels beside it (``state.OptimizerShard``). Between
 steps Bridge's validation, test evaluation and checkpoint saves take as long as they take:
 before each, the driver tells the agent (``pause``), whose hang detection then allows the
-initial timeout until the next step.
+initial timeout until the next step. A stop every rank agreed on (``stop_after``) gets
+Bridge's own checkpoint of its step once Bridge's loop is done with it (``bridge/stop.py``).
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ class BridgeStepDriver:
     def __init__(self, cfg: Any, forward: RecordingForwardStep, hooks: HookList,
                  run_dir: Path, timeouts: Timeouts,
                  pause: Callable[[str], None] = lambda reason: None,
-                 callbacks: Any = None) -> None:
+                 callbacks: Any = None,
+                 stop_after: Callable[[], Optional[int]] = lambda: None) -> None:
         self.cfg = cfg
         self.forward = forward
         self.hooks = hooks
@@ -87,6 +89,7 @@ class BridgeStepDriver:
         self.timeouts = timeouts
         self.pause = pause
         self.callbacks = callbacks
+        self.stop_after = stop_after  # the step every rank agreed to stop after, if any
         self.step = 0
         self.position = DataPosition()
         self.coords: Optional[parallel.Coordinates] = None
@@ -201,6 +204,11 @@ class BridgeStepDriver:
             raise RuntimeError(f"Bridge's training loop ended at iteration {self.step} before "
                                f"train.train_iters={self.cfg.train.train_iters} (its exit "
                                "conditions: train.exit_interval, exit_duration_in_mins, ...)")
+        agreed = self.stop_after()
+        if agreed is not None and self.step >= agreed:  # Bridge's checkpoint for the stop
+            from .stop import save_for_stop
+
+            save_for_stop(self)
         assert self._last_metrics is not None
         return self._last_metrics
 
@@ -365,14 +373,30 @@ class _CachedDatasets:
 
 
 def _refuse_checkpoint_load(cfg: Any) -> None:
+    """Under ncl-launch set-up happens in a fake world, where Bridge cannot load a
+    checkpoint: refuse one, except Bridge's own save directory (the recipes' default
+    ``load = save``) while the core's durable checkpoints are on: a new job of the chain
+    resumes from the core's checkpoint of the same run (a stop writes both), so Bridge's
+    set-up is told not to load (``checkpoint.load`` becomes None)."""
     from megatron.bridge.training.utils.checkpoint_utils import checkpoint_exists
 
+    from ..checkpoint.config import enabled
     from ..config import ConfigError
+    from .apply import checkpointless_of
 
+    load, save = getattr(cfg.checkpoint, "load", None), getattr(cfg.checkpoint, "save", None)
+    if load and save and Path(load).resolve() == Path(save).resolve() and \
+            enabled(checkpointless_of(cfg).checkpoint, under_agent=True):
+        if checkpoint_exists(load):
+            log.info("checkpoint.load=%s is Bridge's own save directory: under ncl-launch a "
+                     "new job resumes from the core's durable checkpoint "
+                     "(checkpointless.checkpoint.resume), not from Bridge's", load)
+        cfg.checkpoint.load = None
     for key in ("load", "pretrained_checkpoint"):
         path = getattr(cfg.checkpoint, key, None)
         if path and checkpoint_exists(path):
             raise ConfigError(
                 f"checkpoint.{key}={path} holds a checkpoint: under ncl-launch the job starts "
-                "from its recipe's initial state and recovers from peers. Resume a Bridge "
+                "from its recipe's initial state, or from the core's durable checkpoint of "
+                "the same run directory, and recovers from peers. Resume a Bridge "
                 f"checkpoint with Bridge's own launch (torchrun), or set checkpoint.{key}=null.")

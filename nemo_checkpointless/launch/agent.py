@@ -12,7 +12,9 @@ A replacement node is a new agent started with the same ``--node-rank``. A *stan
 (``--standby``) has no node rank of its own and takes over the first node that is lost
 (``standby.py``). Ranks and spares are forked from a zygote (``--spawn fork``, the
 default; ``zygote.py``) or started with exec. Every timeout is a flag or an ``NCL_*``
-variable (``timeouts.py``); the agent exports the resolved values to its ranks.
+variable (``timeouts.py``); the agent exports the resolved values to its ranks. So are the
+limits on repeated failures (``limits.py``): a rank whose processes die
+``--max-start-failures`` times in a row before completing a step stops the job (exit 3).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Optional
 
 from ..comm.store import JobIdentity, parse_endpoints
 from ..timeouts import TimeoutConfigError, Timeouts
+from .limits import AgentLimits, LimitConfigError
 
 
 def _add_timeout_flags(p: argparse.ArgumentParser) -> None:
@@ -38,6 +41,14 @@ def _add_timeout_flags(p: argparse.ArgumentParser) -> None:
                            metavar="S" if f.name != "hang_factor" else "X",
                            help=f"{meta['meaning']} ({meta['env']}; default "
                                 f"{meta['default_doc']})")
+
+
+def _add_limit_flags(p: argparse.ArgumentParser) -> None:
+    for f in dataclasses.fields(AgentLimits):
+        meta = f.metadata
+        p.add_argument(meta["flag"], dest=f"limit_{f.name}", default=None, metavar="N",
+                       help=f"{meta['meaning']} ({meta['env']}; default {f.default}; "
+                            "0: no limit)")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -84,6 +95,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         "leave the placement to the OS (NCL_CPU_BIND)")
     p.add_argument("--job-id", default=os.environ.get("NCL_JOB_ID"))
     _add_timeout_flags(p)
+    _add_limit_flags(p)
     p.add_argument("script")
     p.add_argument("script_args", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
@@ -92,6 +104,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
             flags={f.name: getattr(args, f"timeout_{f.name}", None)
                    for f in dataclasses.fields(Timeouts)}, env=os.environ)
     except TimeoutConfigError as err:
+        p.error(str(err))
+    try:
+        args.limits = AgentLimits.resolve(
+            flags={f.name: getattr(args, f"limit_{f.name}", None)
+                   for f in dataclasses.fields(AgentLimits)}, env=os.environ)
+    except LimitConfigError as err:
         p.error(str(err))
     if args.spawn not in ("fork", "exec"):
         p.error(f"--spawn (or NCL_SPAWN) must be 'fork' or 'exec', not {args.spawn!r}")

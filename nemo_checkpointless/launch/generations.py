@@ -8,6 +8,11 @@ events). Claims keep concurrent agents from acting twice on one loss:
 * ``node/<n>/lost/<owner>``: one agent declares node ``n`` lost, once per incarnation
   of that node (``owner``: the id of the agent that last started it), so the agents that
   all see the same server gone, one after the other, make one generation of it.
+
+``job/stopped`` records that an agent stopped the job for good (a rank that cannot be
+recovered, a rank whose processes keep failing before their first step); the generation
+announcing it carries ``job_stopped``, so every other agent stops too, and a standby does
+not take over a node that left on purpose.
 """
 
 from __future__ import annotations
@@ -76,3 +81,26 @@ def declare_lost(store: Any, node: int, ranks: list[int], declared_by: str,
         "reason": f"node {node} lost: {reason} (declared by {declared_by})",
         "node": node, "ranks": ranks, "lost_owner": owner, "declared_by": declared_by,
         "detected_at": time.time()})  # no fault_at: those keys may live on the lost shard
+
+
+JOB_STOPPED_KEY = "job/stopped"
+
+
+def announce_job_stop(store: Any, node: Optional[int], ranks: list[int], reason: str,
+                      exit_code: int, stopped_by: str) -> int:
+    """The job ends for good: recorded under ``job/stopped``, then announced by a new
+    generation whose record has ``job_stopped`` (every agent waits on those)."""
+    record = {"reason": reason, "node": node, "ranks": ranks, "exit_code": exit_code,
+              "stopped_by": stopped_by, "detected_at": time.time()}
+    store.set(JOB_STOPPED_KEY, json.dumps(record))
+    return bump_generation(store, dict(record, job_stopped=True))
+
+
+def job_stop(store: Any) -> Optional[dict[str, Any]]:
+    """The record of an agent that stopped the job for good, or None."""
+    try:
+        if not store.check([JOB_STOPPED_KEY]):
+            return None
+        return json.loads(store.get(JOB_STOPPED_KEY))
+    except Exception:  # noqa: BLE001 - unreadable: nothing says the job stopped
+        return None

@@ -36,6 +36,8 @@ class Child:
     local_rank: Optional[int] = None
     recovery: bool = True
     hello: bool = False  # the rank reported its recovery mode: start-up went through
+    progress: bool = False  # it reports its steps (Hello): ``steps`` means something
+    steps: int = 0  # steps it completed (Step messages) since it took its rank
     done: bool = False  # training finished: teardown may block, no hang checks
     finished: bool = False
     hung_up: bool = False  # its channel closed: it is exiting, watch for the exit code
@@ -57,8 +59,10 @@ class Child:
         for msg in messages:
             if isinstance(msg, protocol.Hello):
                 self.hello, self.recovery = True, msg.recovery
+                self.progress = msg.reports_progress
                 self.watch.hello(msg.reports_progress, now)
             elif isinstance(msg, protocol.Step):
+                self.steps += 1
                 self.watch.step(msg.step, now)
             elif isinstance(msg, protocol.Pause):
                 self.watch.expect_first(now)

@@ -7,7 +7,9 @@ claim per node and generation wins), serves the node's store shard from its own 
 bumps the generation with ``taken_over_by`` in the record and hands the lost node's ranks
 to its warm processes: a whole node comes back as fast as one rank, without waiting for
 the scheduler. From then on it is that node's agent (``supervisor.NodeAgent``). An agent
-that was only unreachable (a partition) sees the record and stops its ranks.
+that was only unreachable (a partition) sees the record and stops its ranks. Nodes that left
+because an agent stopped the job for good (``generations.job_stop``) are not taken over: the
+standby exits with the job's exit code.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from ..comm.store import StoreServer
 from ..comm.world import free_port
-from .generations import bump_generation, claim_takeover, fault_time
+from .generations import bump_generation, claim_takeover, fault_time, job_stop
 from .peers import PROBE_INTERVAL_S, ServerWatch, probe
 
 if TYPE_CHECKING:
@@ -52,6 +54,12 @@ def wait_for_lost_node(agent: "NodeAgent") -> bool:
             # several nodes lost at once is nothing a standby can take over either
             log.info("standby node: every node's store server is gone (%d of %d had "
                      "finished when last seen): the job ended", last_done, len(replies))
+            return False
+        stopped = job_stop(agent.quick_store) if lost else None
+        if stopped is not None:  # the nodes left on purpose: nothing to take over
+            log.error("standby node: the job was stopped by node %s: %s", stopped.get("node"),
+                      stopped.get("reason"))
+            agent.job_stopped = stopped
             return False
         for node in lost:
             if claim_takeover(agent.store, node):

@@ -8,11 +8,14 @@ rank's messages (``protocol.py``) and acts on them:
 * a rank whose CUDA context is poisoned (``DeviceError`` / ``EXIT_DEVICE_ERROR``) is
   handed on only after its GPU passed a health probe (``gpu_health.py``); a GPU that fails
   makes the agent exit with ``EXIT_NODE_UNHEALTHY`` so that the node is replaced.
-* hangs are judged by progress (``progress.py``): a stopped rank is killed and replaced;
-  ranks that wait with their process alive get their communicators aborted (a new
-  generation) and are killed only if they do not unwind.
+* hangs are judged by progress (``progress.py``, acted on in ``hangs.py``): a stopped rank
+  is killed and replaced; ranks that wait with their process alive get their communicators
+  aborted (a new generation) and are killed only if they do not unwind.
 * a rank that says the job cannot recover (``Fatal``, ``EXIT_UNRECOVERABLE``), or one that
-  fails without recovery or before its start-up went through, stops the job.
+  fails without recovery or before its start-up went through, stops the job; so does a rank
+  whose processes die ``--max-start-failures`` times in a row before completing a step
+  (``start_failures.py``). A stop with ``EXIT_UNRECOVERABLE`` is announced to every agent,
+  which stop too (``ending.py``: every way an agent ends).
 * other nodes are watched through their store servers (``peers.py``): a node that stays
   unreachable is declared lost at once.
 
@@ -36,13 +39,13 @@ from typing import Any, Optional
 
 from .. import allocator
 from ..comm.store import JobIdentity, StoreServer, connect, parse_endpoints
-from . import gpu_health, protocol
+from . import ending, gpu_health, hangs, protocol
 from .environment import child_base_env
-from .generations import (bump_generation, current_generation, declare_lost, fault_time,
-                          read_record)
+from .generations import bump_generation, current_generation, fault_time, read_record
+from .limits import AgentLimits
 from .peers import PeerWatch
-from .progress import Verdict
 from .spawner import Child, ChildSpec, Spawner, kill_all
+from .start_failures import StartFailures
 
 log = logging.getLogger("ncl.agent")
 
@@ -73,6 +76,9 @@ class NodeAgent:
         self.stop_signal: Optional[str] = None  # set by the signal handler
         self.stop_requested = False  # SIGTERM/SIGUSR1 passed on: stop after a checkpoint
         self.stopped = False  # a rank stopped so (exit code 143): so does this agent
+        self.job_stopped: Optional[dict[str, Any]] = None  # another agent stopped the job
+        limits = getattr(args, "limits", None) or AgentLimits()
+        self.start_failures = StartFailures(limits.max_start_failures)
         self.replacement = False
         self.refill_at: Optional[float] = None
         self.peer_watch: Optional[PeerWatch] = None
@@ -186,6 +192,8 @@ class NodeAgent:
             except Exception:  # noqa: BLE001 - timeout or a store hiccup: look again
                 continue
             self._fence(nxt)
+            if ending.stopped_elsewhere(self, nxt):
+                return
             with self.lock:
                 if nxt > self.gen:
                     self.gen = nxt
@@ -214,8 +222,9 @@ class NodeAgent:
             from .standby import wait_for_lost_node
 
             if not wait_for_lost_node(self):
-                self.stop_spares()  # the job finished without needing this standby
-                return 0
+                ending.stop_spares(self)  # the job ended without needing this standby
+                return int(self.job_stopped.get("exit_code") or protocol.EXIT_UNRECOVERABLE) \
+                    if self.job_stopped is not None else 0
         else:
             self.start()
         while True:
@@ -227,6 +236,8 @@ class NodeAgent:
             for key, _ in self.selector.select(timeout=poll):
                 self._read(key)
             with self.lock:
+                if self.job_stopped is not None:
+                    return ending.follow_job_stop(self)
                 self._ask_ranks_to_stop()
                 code = self._check_ranks()
                 if code is not None:
@@ -237,7 +248,7 @@ class NodeAgent:
                     while len(self.spares) < self.args.spares:
                         self.spares.append(self.spawn(None, None, replacement=True))
             if all(c.finished for c in self.ranks.values()):
-                code = self._finish()
+                code = ending.finish(self)
                 return protocol.EXIT_STOPPED if self.stopped and code == 0 else code
 
     def _read(self, key: selectors.SelectorKey) -> None:
@@ -257,6 +268,8 @@ class NodeAgent:
             if child.finished:
                 continue
             code = child.proc.poll()
+            if code is not None and not child.hung_up:
+                self._drain(child)  # its last messages (a Step, a Fatal) before judging
             if code == 0:
                 child.finished = True
                 child.watch.stop()
@@ -274,24 +287,41 @@ class NodeAgent:
             elif code is not None and (child.fatal is not None or not child.recovery
                                        or not child.hello
                                        or code == protocol.EXIT_UNRECOVERABLE):
-                return self._stop_job(rank, child, code)
+                return ending.stop_job(self, rank, child, code)
             elif code is not None and (code == protocol.EXIT_DEVICE_ERROR
                                        or child.device_error is not None):
-                escalate = self._probe_device(rank, child, code)
+                escalate = self._probe_device(rank, child, code) or self.replace(
+                    rank, child, f"device error ({child.device_error or code}); its GPU "
+                                 "passed the health probe")
                 if escalate is not None:
                     return escalate
-                self._replace(rank, child, f"device error ({child.device_error or code}); "
-                                           "its GPU passed the health probe")
                 acted = True
             elif code is not None:
-                self._replace(rank, child, f"exit code {code}")
+                escalate = self.replace(rank, child, f"exit code {code}")
+                if escalate is not None:
+                    return escalate
                 acted = True
             elif child.fatal is not None and \
                     time.monotonic() - child.fatal_at > FATAL_EXIT_GRACE_S:
-                return self._stop_job(rank, child, None)
+                return ending.stop_job(self, rank, child, None)
         if not acted:  # judge hangs only when this loop did not block on other work
-            self._judge_hangs()
+            return hangs.judge_hangs(self)
         return None
+
+    def _drain(self, child: Child) -> None:
+        """Read what an exited rank sent before its channel closed."""
+        while not child.hung_up:
+            messages = child.channel.receive(timeout=0)
+            if messages is None:
+                try:
+                    self.selector.unregister(child.channel.sock)
+                except (KeyError, ValueError):
+                    pass
+                child.hung_up = True
+            elif not messages:
+                return
+            else:
+                child.take(messages, time.monotonic())
 
     def _job_finished(self) -> bool:
         """Rank 0 marks the job finished once every rank passed its final barrier."""
@@ -299,62 +329,6 @@ class NodeAgent:
             return bool(self.quick_store.check(["job/finished"]))
         except Exception:  # noqa: BLE001 - unknown: treat the exit as a failure
             return False
-
-    def _judge_hangs(self) -> None:
-        now = time.monotonic()
-        stalled: list[tuple[int, str]] = []
-        for rank, child in list(self.ranks.items()):
-            if child.finished or child.hung_up or child.proc.poll() is not None:
-                continue
-            verdict, why = child.watch.verdict(now)
-            if verdict is Verdict.KILL:
-                log.error("rank %d: %s: killing it", rank, why)
-                child.proc.kill()
-                child.proc.wait()
-                self._replace(rank, child, f"hung: {why}")
-                return
-            if verdict is Verdict.STALL:
-                stalled.append((rank, why))
-        if stalled:
-            self._abort_stalled(stalled, now)
-
-    def _abort_stalled(self, stalled: list[tuple[int, str]], now: float) -> None:
-        """Ranks wait without progress while their processes live: abort every rank's
-        communicators (a new generation); any rank that does not unwind is killed later."""
-        ranks = [rank for rank, _ in stalled]
-        for rank, why in stalled:
-            log.error("rank %d: %s", rank, why)
-        self.gen = bump_generation(self.store, {
-            "reason": f"ranks {ranks} made no progress: aborting every rank's communicators",
-            "node": self.node_rank, "ranks": [], "stalled": ranks,
-            "detected_at": time.time(), "fault_at": fault_time(self.quick_store, ranks)})
-        log.warning("ranks %s stalled: moved the job to generation %d (every rank aborts its "
-                    "communicators; a rank that has not unwound within %gs is killed)",
-                    ranks, self.gen, self.timeouts.unwind_s)
-        for child in self.ranks.values():
-            child.watch.new_generation(now)
-            child.channel.send(protocol.Gen(gen=self.gen))
-            # every rank's communicators are aborted, so every rank must unwind: the one
-            # stuck outside any collective need not be among the first found waiting
-            if not (child.finished or child.done):
-                child.watch.stalled(now)
-
-    def _stop_job(self, rank: int, child: Child, code: Optional[int]) -> int:
-        if child.fatal is not None:
-            why = f"and reports that the job cannot recover: {child.fatal}"
-        elif code == protocol.EXIT_UNRECOVERABLE:
-            why = "and cannot be recovered"
-        elif not child.recovery:
-            why = "recovery is off"
-        else:
-            why = "before it started training (bad config or environment?)"
-        log.error("rank %d failed (exit code %s) %s: stopping the job", rank,
-                  "none yet" if code is None else code, why)
-        self.stopping = True
-        kill_all([*self.ranks.values(), *self.spares])
-        if code is None or code <= 0:
-            return protocol.EXIT_UNRECOVERABLE if child.fatal is not None else 1
-        return code
 
     def _probe_device(self, rank: int, child: Child, code: int) -> Optional[int]:
         """Probe the GPU of a rank that left it with a device error; an exit code when the
@@ -375,19 +349,20 @@ class NodeAgent:
                   "scheduler or a standby node replaces it", device, rank,
                   child.device_error or f"exit code {code}", result.detail,
                   protocol.EXIT_NODE_UNHEALTHY)
-        self.stopping = True
-        kill_all([*self.ranks.values(), *self.spares])
-        try:  # tell the job now instead of waiting for the peers to miss our server
-            declare_lost(self.store, self.node_rank, self.local_rank_ids(), self.owner_id,
-                         f"GPU {device} failed its health probe")
-        except Exception as err:  # noqa: BLE001 - the peers' watch declares it anyway
-            log.warning("could not declare this node lost: %s", err)
-        self.spawner.stop_zygote()
-        return protocol.EXIT_NODE_UNHEALTHY
+        return ending.unhealthy_node(self, device)
 
-    def _replace(self, rank: int, dead: Child, reason: str) -> None:
+    def replace(self, rank: int, dead: Child, reason: str) -> Optional[int]:
+        """Hand a dead rank to a spare or a fresh process, in a new generation; an exit
+        code instead when its processes keep dying before their first step."""
         detected = time.time()
-        log.error("rank %d failed (%s): replacing it", rank, reason)
+        stepped = dead.steps > 0 or not dead.progress
+        if self.start_failures.record(rank, dead.proc.pid, reason, stepped):
+            return ending.end_job(self, rank, self.start_failures.message(rank),
+                                  protocol.EXIT_UNRECOVERABLE)
+        count = self.start_failures.count(rank)
+        log.error("rank %d failed (%s): replacing it%s", rank, reason,
+                  f" ({count} of --max-start-failures {self.start_failures.limit} in a row "
+                  "before a step)" if count and self.start_failures.limit else "")
         try:
             self.selector.unregister(dead.channel.sock)
         except (KeyError, ValueError):
@@ -411,6 +386,7 @@ class NodeAgent:
             if child.rank != rank:
                 child.watch.new_generation(now)
                 child.channel.send(protocol.Gen(gen=self.gen))
+        return None
 
     def assign(self, spare: Child, rank: int, local_rank: Optional[int],
                node_rank: Optional[int], now: float) -> None:
@@ -426,39 +402,6 @@ class NodeAgent:
                  self.gen)
         if local_rank is not None:
             self._bind(spare, local_rank)
-
-    # ------------------------------------------------------------------ finish
-    def stop_spares(self) -> None:
-        self.stopping = True
-        for spare in self.spares:
-            spare.proc.kill()
-        for spare in self.spares:
-            spare.proc.wait()
-        self.spawner.stop_zygote()
-
-    def _finish(self) -> int:
-        self.stop_spares()
-        try:
-            self.store.add("job/nodes_done", 1)
-            deadline = time.monotonic() + self.timeouts.store_s
-            while self.server is not None and time.monotonic() < deadline:
-                if int(self.store.add("job/nodes_done", 0)) >= self.args.nnodes:
-                    break
-                time.sleep(0.05)
-        except Exception as err:  # noqa: BLE001 - the store may be gone with another node
-            log.warning("could not wait for the other nodes: %s", err)
-        self._remove_data_cache()
-        if self.server is not None:
-            self.server.stop()
-        log.info("node %d: all ranks finished", self.node_rank)
-        return 0
-
-    def _remove_data_cache(self) -> None:
-        """The job's shared-memory batch cache on this node (tier 2) is no longer needed."""
-        from ..data.shm_cache import remove_job_cache
-
-        root = os.environ.get("NCL_DATA_CACHE_PATH", "/dev/shm")
-        remove_job_cache(root, self.identity.job_id)
 
     def request_stop(self, signum: int, *_: Any) -> None:
         """Signal handler for SIGTERM or SIGUSR1 (a scheduler's stop, a time limit): the job

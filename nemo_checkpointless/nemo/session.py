@@ -23,20 +23,22 @@ skipped (the step is replayed from the peer's record, a validation's outcome is 
 from the peer), so its callbacks end in the state its peers' are in. A survivor that
 fell one point behind where a collective with a result completed elsewhere cannot catch
 up and leaves, to be replaced (a rare race; barriers and saves simply count as done).
+
+This module holds the session's life (open, attach, close), its iteration marks and the
+recovery points' mechanism (:meth:`CheckpointlessSession.section`) with the points other
+than the step; the step is ``step.py`` (:class:`~.step.StepPoint`), the meeting and the
+catch-up ``meeting.py`` (:class:`~.meeting.Meeting`), a stop on request ``stop.py``.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import sys
-import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 
-from .. import device, runtime
+from .. import runtime
 from ..comm.world import fake_world
 from ..compat import collectives, lightning_fit
 from ..config import RunConfig
@@ -44,20 +46,19 @@ from ..launch.channel import Channel
 from ..megatron.rebind import group_roles, groups_by_role
 from ..recovery.failures import Fatal
 from ..recovery.generation import RecoveryLoop
-from ..steps import HookList, Phase
-from ..train.loop import finish_step
-from .driver import NemoStepDriver, batch_hash
-from .journal import Journal, StepEntry, detached
+from ..steps import HookList
+from .driver import NemoStepDriver
+from .journal import Journal, StepEntry
 from .loggers import LoggerGuard
+from .meeting import Meeting, Position
 from .parallel import ParallelLayout
+from .step import StepPoint
+from .stop import StopRequest, checkpoint_and_leave
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Position = tuple[int, int]
 PRESTART = -1  # a replacement between its attach and Lightning's on_train_start
-FRESH, SURVIVOR, NEW = 0, 1, 2
-EXIT_BEHIND = 1  # the agent replaces a rank that exits non-zero
 
 _current: Optional["CheckpointlessSession"] = None
 
@@ -67,29 +68,7 @@ def current() -> Optional["CheckpointlessSession"]:
     return _current
 
 
-class ReplayIterator(Iterator[Any]):
-    """The step's micro-batches: those already drawn in an earlier attempt of the same
-    step first, then new ones from Lightning's iterator."""
-
-    def __init__(self, source: Iterator[Any], drawn: list[Any]) -> None:
-        self.source = source
-        self.drawn = drawn
-        self.next_index = 0
-
-    def __next__(self) -> Any:
-        if self.next_index < len(self.drawn):
-            item = self.drawn[self.next_index]
-        else:
-            item = next(self.source)
-            self.drawn.append(item)
-        self.next_index += 1
-        return item
-
-    def __getattr__(self, name: str) -> Any:  # done / fetched / length of Lightning's
-        return getattr(self.source, name)
-
-
-class CheckpointlessSession:
+class CheckpointlessSession(StepPoint, Meeting):
     """A rank's recovery loop, recovery points and catch-up (module docstring)."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, channel: Channel) -> None:
@@ -123,6 +102,7 @@ class CheckpointlessSession:
         self._pos_override: Optional[Callable[[Position], Position]] = None
         self._pending_metrics: Optional[dict[str, Any]] = None
         self._init_global_step: Optional[int] = None
+        self.stop = StopRequest()  # a stop every rank agreed on (nemo/stop.py)
 
     # ------------------------------------------------------------------ start, end
     @classmethod
@@ -230,8 +210,12 @@ class CheckpointlessSession:
         self._begin(0)
 
     def begin_iteration(self) -> None:
-        """``on_train_batch_start`` (the first callback): iteration S = global_step + 1."""
-        self._begin(int(self.trainer.global_step) + 1)
+        """``on_train_batch_start`` (the first callback): iteration S = global_step + 1;
+        or, the job having agreed to stop after step S - 1, its checkpoint and the exit."""
+        completed = int(self.trainer.global_step)
+        self._begin(completed + 1)
+        if self.stop.due(completed):
+            checkpoint_and_leave(self, completed)
 
     def training_ends(self) -> None:
         """``on_train_end``: its recovery points continue the last iteration's (a
@@ -302,170 +286,6 @@ class CheckpointlessSession:
                 self._remember_groups()
                 self._guarded(lambda: loop.recover(err))
 
-    def _meet(self, pos: Optional[Position]) -> None:
-        """Every rank of the new world reports where it stands; the job meets at the
-        furthest survivor's point; a replacement gets what it needs to catch up."""
-        from megatron.core import parallel_state as ps
-
-        world = torch.distributed.get_world_size()
-        kind = NEW if self.new else (SURVIVOR if pos is not None and pos[0] >= 0 else FRESH)
-        step, index = pos if pos is not None else (0, 0)
-        mine = device.control_tensor([kind, step, index, int(self._resultless),
-                                      int(ps.is_pipeline_last_stage())], torch.int64)
-        table = device.zeros(world * 5, torch.int64)
-        collectives.original("all_gather_into_tensor")(table, mine)
-        rows = table.view(world, 5).tolist()
-        survivors = [(r, (row[1], row[2]), row[4]) for r, row in enumerate(rows)
-                     if row[0] == SURVIVOR]
-        newcomers = any(row[0] == NEW for row in rows)
-        if not survivors:  # the job is at its start: agree on the loggers' versions
-            versions = [lightning_fit.logger_versions(self.trainer)]
-            collectives.original("broadcast_object_list")(versions, src=0)
-            lightning_fit.set_logger_versions(self.trainer, versions[0])
-            return
-        meeting = max(p for _, p, _ in survivors)
-        if newcomers:
-            at_meeting = [(not last, r) for r, p, last in survivors if p == meeting]
-            src = min(at_meeting)[1]  # prefer the last pipeline stage: it logs the loss
-            box = [self._package(meeting) if self.rank == src else None]
-            collectives.original("broadcast_object_list")(box, src=src)
-            if kind == NEW:
-                self._load(box[0], meeting)
-        if kind == SURVIVOR and (step, index) < meeting:
-            if self._resultless:
-                self._behind_done = True  # it completed elsewhere; nothing to learn from it
-            else:
-                self._leave(meeting)
-        log.info("recovery point: step %d, point %d%s", meeting[0], meeting[1],
-                 " (a replacement catches up)" if newcomers else "")
-
-    def _leave(self, meeting: Position) -> None:
-        log.error("this rank missed the result of a collective its peers completed (they "
-                  "are at step %d, point %d): leaving so that a replacement takes its place",
-                  *meeting)
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(EXIT_BEHIND)
-
-    def _package(self, meeting: Position) -> dict[str, Any]:
-        package = self.journal.package(meeting[0])
-        package["versions"] = lightning_fit.logger_versions(self.trainer)
-        return package
-
-    def _load(self, package: dict[str, Any], meeting: Position) -> None:
-        """A replacement: stand where Lightning stood at the start of the meeting's
-        iteration, data after the committed step, and write the rows rank 0 lost."""
-        trainer, driver = self.trainer, self.driver
-        assert driver is not None and self.loggers is not None
-        self.catch_up = meeting
-        self.journal.adopt(package, meeting[0])
-        snapshot = package.get("snapshot")
-        if snapshot is not None:
-            lightning_fit.restore(trainer, snapshot)
-            self._pending_metrics = snapshot["callback_metrics"]
-        lightning_fit.set_logger_versions(trainer, package["versions"])
-        sampler = trainer.strategy.data_sampler
-        sampler.init_consumed_samples = driver.consumed_samples
-        sampler.prev_consumed_samples = driver.consumed_samples
-        sampler.if_first_step = 1
-        self._init_global_step = driver.step
-        if trainer.global_rank == 0:
-            self.loggers.read_existing()
-            rows = self.loggers.replay(package.get("rows", {}))
-            if rows:
-                log.warning("wrote %d logger rows the previous rank 0 had not", rows)
-        log.warning("replacement: catching up with the job at step %d, point %d "
-                    "(committed step %d)", meeting[0], meeting[1], driver.step)
-
-    # ------------------------------------------------------------------ the step
-    def compute(self, closure: Callable[[], Any]) -> tuple[Any, Optional[float], None]:
-        """The optimizer's ``step(closure)``: the whole step as one recovery point."""
-        driver = self.driver
-        assert driver is not None
-        step = int(self.trainer.global_step) + 1
-        inner, after = lightning_fit.split_closure(closure)
-        state: dict[str, Any] = {"after": False, "loss": None, "metrics": None}
-
-        def hooks_after_closure() -> None:
-            if not state["after"]:
-                state["after"] = True
-                after()
-
-        def run(attempt: int) -> tuple[Any, Optional[float], None]:
-            if driver.step < step:
-                self._micro_reset()
-                self.hooks(Phase.DATA, step)
-                start = time.perf_counter()
-                state["loss"] = inner()
-                hooks_after_closure()
-                loss = lightning_fit.closure_loss(self.journal.step(step).output)
-                state["metrics"] = finish_step(driver, step, loss, start,
-                                               batch_hash(self.micro), driver.clip_grad)
-            elif step not in self._ran:  # a replacement: its peers computed this step
-                self._replay = self.journal.steps.get(step)
-                if self._replay is None:
-                    raise RuntimeError(f"no record of step {step} to catch up from")
-                try:
-                    state["loss"] = inner()
-                finally:
-                    self._replay = None
-                hooks_after_closure()
-            entry = self.journal.step(step)
-            return state["loss"], entry.grad_norm, None
-
-        self._pos_override = lambda p: (p[0], p[1] + 1) if driver.step >= step else p
-        try:
-            result = self.section("step", run, skip=lambda: run(0))
-        finally:
-            self._pos_override = None
-        loop = self.loop
-        assert loop is not None
-        if state["metrics"] is not None:  # computed here (not replayed, not rolled forward)
-            self._guarded(lambda: loop.step_done(state["metrics"]))
-        return result
-
-    def training_step(self, run: Callable[[Iterator[Any]], Any],
-                      dataloader_iter: Iterator[Any]) -> Any:
-        """The strategy's ``training_step``: the same micro-batches in every attempt of a
-        step; a replay logs what the peer's step logged and returns its output."""
-        module = self.trainer.lightning_module
-        step = int(self.trainer.global_step) + 1
-        if self._replay is not None:
-            for name, value, kwargs in self._replay.logs:
-                module.log(name, value, **kwargs)
-            return self._replay.output
-        if self._data_step != step:
-            self._data_step, self._drawn = step, []
-        entry = StepEntry()
-        with lightning_fit.recording_logs(module, entry.logs):
-            out = run(ReplayIterator(dataloader_iter, self._drawn))
-        entry.output = detached(out)
-        self.journal.steps[step] = entry
-        self._ran.add(step)
-        return out
-
-    def _committed(self, step: int, metrics: Any, prepared: Any) -> None:
-        entry = self.journal.step(step)
-        entry.grad_norm = None if prepared.found_inf else float(prepared.grad_norm)
-        record = metrics.record()
-        record.pop("lr", None)
-        record.pop("time", None)
-        entry.record = record
-
-    def on_microbatch(self, batch: Any) -> None:
-        """NeMo's Megatron-step event, once per micro-batch: the digest and ``forward``."""
-        tokens = batch.get("tokens") if isinstance(batch, dict) else None
-        if tokens is not None:
-            self.micro.append({"tokens": tokens})
-        step = int(self.trainer.global_step) + 1
-        if self._forward_mark != step:
-            self._forward_mark = step
-            self.hooks(Phase.FORWARD, step)
-
-    def _micro_reset(self) -> None:
-        self.micro = []
-        self._forward_mark = 0
 
     # ------------------------------------------------------------------ other points
     def validation(self, run: Callable[[], Any]) -> Any:

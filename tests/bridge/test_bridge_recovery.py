@@ -10,6 +10,8 @@ the ``state_sha256``, and checks that each fault fired.
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 
 from bridge_runs import Agents, assert_same_run, ncl_launch, needs_bridge, plan, torchrun
@@ -102,3 +104,42 @@ def test_checkpoint_written_after_recoveries_resumes_in_bridge(reference, recove
                            "checkpoint.save=null"], tmp_path / "resumed").check()
     assert "successfully loaded checkpoint" in resumed.output
     assert_same_run(resumed, reference, steps=range(5, STEPS + 1))
+
+
+def test_sigterm_writes_bridge_and_core_checkpoints_and_both_resume_exactly(reference,
+                                                                            tmp_path):
+    """SIGTERM to the agent after step 5, with the recipes' default of Bridge loading from
+    its own save directory (``checkpoint.load`` = ``checkpoint.save``): every rank finishes
+    the step they agree on; Bridge's checkpoint of it (its save_interval, 4, does not cover
+    it unless the stop lands on 4's multiple) and the core's durable one are written, and
+    the agent exits 143. Then Bridge's own resume (torchrun, the latest checkpoint) and a
+    new ncl-launch job with the same command (the core's checkpoint) both continue exactly
+    as the run without the stop."""
+    ckpt = tmp_path / "ckpt"
+    args = [*BASE, f"checkpoint.save={ckpt}", f"checkpoint.load={ckpt}"]
+    first = Agents(1, 2, args, tmp_path / "run")
+    first.start(0)
+    first.wait_for_step(5)
+    first.procs[0].send_signal(signal.SIGTERM)
+    stopped = first.wait()
+    assert stopped.returncode == 143, stopped.output[-8000:]
+    stop = stopped.metrics[-1]["step"]
+    assert 5 <= stop < STEPS, stop
+    assert (ckpt / f"iter_{stop:07d}").is_dir()
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == str(stop)
+    core = tmp_path / "run" / "checkpoints" / f"iter_{stop:07d}" / "ncl_manifest.json"
+    assert core.exists()
+    how = "written by its save_interval" if stop % 4 == 0 else "written to"
+    assert f"stopping after iteration {stop}: Bridge's checkpoint of it" in stopped.output
+    assert how in stopped.output
+
+    bridge = torchrun(2, [*BASE, f"checkpoint.load={ckpt}", "checkpoint.save=null"],
+                      tmp_path / "bridge-resumed").check()
+    assert "successfully loaded checkpoint" in bridge.output
+    assert_same_run(bridge, reference, steps=range(stop + 1, STEPS + 1))
+
+    second = Agents(1, 2, args, tmp_path / "run")
+    second.start(0)
+    chained = second.wait()
+    assert f"resumed at step {stop}" in chained.output, chained.output[-8000:]
+    assert_same_run(chained, reference)  # rows 1..8 across both jobs, the same end state

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -160,3 +162,37 @@ def test_a_stop_signal_checkpoints_and_the_next_job_continues(tier, sig, tmp_pat
     result = second.wait(timeout=400)
     assert_exact(result, reference("dp4"))
     assert f"resumed at step {last}" in result.output
+
+
+def test_a_rank_whose_replacements_keep_failing_at_start_up_stops_the_job(tmp_path):
+    """Rank 3 is killed in step 3; every process that takes its place then fails in its
+    recovery, before completing a step (five such faults are planned). After
+    --max-start-failures (default 3) of them in a row, node 1's agent stops the job with
+    exit code 3 and a message naming the rank, each process's end and its log, instead of
+    replacing it for ever; node 0's agent follows with the same code. Ranks 0-2 died with
+    steps in between and are never limited (they are not named)."""
+    start_up = [(3, 2, "recovery", "exception")] * 5
+    agents = Agents(2, 2, [*BASE, *DP4, plan((3, 3, "forward", "kill"), *start_up)],
+                    tmp_path / "run", spares=1)
+    for node in (0, 1):
+        agents.start(node)
+    t0 = time.monotonic()
+    result = agents.wait(timeout=300)
+    elapsed = time.monotonic() - t0
+    codes = {node: proc.returncode for node, proc in agents.procs.items()}
+    assert codes == {0: 3, 1: 3}, result.output[-6000:]
+    fired = [(e["fault_rank"], e["step"], e["phase"], e["kind"])
+             for e in events(result.run_dir) if e["event"] == "fault"]
+    assert sorted(fired) == sorted([(3, 3, "forward", "kill"), *start_up[:3]])
+    node1 = agents.logs[1].read_text()
+    stop = re.search(r"rank 3 failed 3 times in a row before completing a step \(pid \d+: "
+                     r"exit code 1; pid \d+: exit code 1; pid \d+: exit code 1\): not starting "
+                     r"another process for it \(--max-start-failures 3\)\. Its output is in "
+                     r"this agent's log \((.+?)\).*: stopping the job \(exit code 3\)", node1)
+    assert stop, node1[-6000:]
+    assert Path(stop.group(1)) == agents.logs[1].resolve()
+    assert "(2 of --max-start-failures 3 in a row before a step)" in node1
+    assert re.search(r"\[agent 0\] ERROR: the job was stopped by node 1 \(agent:\S+\): rank 3 "
+                     "failed 3 times", result.output), result.output[-6000:]
+    # three recoveries' worth of start-ups, not minutes of them
+    assert elapsed < 150, elapsed
