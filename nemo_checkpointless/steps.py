@@ -65,7 +65,9 @@ class StepDriver(Protocol):
     ``train_step`` (which stops at the commit barrier through ``hooks`` and then calls
     ``commit``); ``commit`` alone rolls a prepared step forward. ``state_dict`` /
     ``load_state_dict`` carry everything a replacement needs besides the optimizer shard
-    (step counter, data position, schedule, last metrics record).
+    (step counter, data position, schedule, last metrics record). Optional:
+    ``writes_stop_checkpoint = True`` where the front-end's framework writes the checkpoint
+    of a stop on request itself (the core then neither writes nor misses one).
     """
 
     hooks: HookList

@@ -135,7 +135,7 @@ def run_bridge_under_agent(cfg: Any, run_dir: str | Path, channel: Any,
         driver = BridgeStepDriver(cfg, RecordingForwardStep(forward_step), loop.step_hooks,
                                   root, loop.timeouts, pause=loop.link.pause,
                                   callbacks=list(callbacks) or None,
-                                  stop_after=lambda: loop.commit.stop_after).build()
+                                  stop_after=lambda: loop.stop_after).build()
         return loop.run(driver)
 
     return run_under_agent(core, root, channel, train=train)

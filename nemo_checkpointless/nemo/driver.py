@@ -44,6 +44,9 @@ class _NoRows:
 class NemoStepDriver:
     """One rank's NeMo objects, read and set by the recovery loop."""
 
+    # a stop's checkpoint is the trainer's ModelCheckpoint's (nemo/stop.py), not the core's
+    writes_stop_checkpoint = True
+
     def __init__(self, trainer: Any, hooks: HookList, layout: ParallelLayout,
                  run_dir: Path) -> None:
         self.trainer = trainer

@@ -14,7 +14,8 @@ On a failure anywhere in the job, every healthy rank:
 6. restores the RNG that starts the next step and trains on.
 
 The loop knows no front-end: it drives a :class:`~nemo_checkpointless.steps.StepDriver`
-built by a :class:`~nemo_checkpointless.steps.FrontEnd` (or handed over already built).
+built by a :class:`~nemo_checkpointless.steps.FrontEnd` (or handed over already built);
+a job's edges are in ``job.py``, the entry points of a loop a framework owns in ``owned.py``.
 """
 
 from __future__ import annotations
@@ -45,30 +46,19 @@ from ..metrics.events import EventLog, read_events, summarize_recoveries
 from ..metrics.progress import Progress
 from ..metrics.timeline import RecoveryTimeline
 from ..replication.replica_map import UnrecoverableError
-from ..steps import FrontEnd, HookList, Phase, StepDriver, Stopped
+from ..steps import FrontEnd, HookList, StepDriver, Stopped
 from ..timeouts import Timeouts
 from .commit import CommitProtocol
 from .failures import Fatal, Verdict, classify
 from .faults import FaultInjector, parse_plan
 from .interrupt import ComputeInterrupt
-from .link import AgentLink
+from .link import AgentLink, ReportProgress
 from .owned import OwnedLoopEntries
 from .job import JobEdges
 from .reconcile import Reconciler
 from .spares import WarmSpare
 
 log = logging.getLogger(__name__)
-
-
-class _ReportProgress:
-    """Step hook: tell the agent each completed step (it judges hangs by progress)."""
-
-    def __init__(self, link: AgentLink) -> None:
-        self.link = link
-
-    def on_phase(self, phase: Phase, step: int) -> None:
-        if phase is Phase.AFTER_STEP:
-            self.link.progress(step)
 
 
 class RecoveryLoop(OwnedLoopEntries):
@@ -119,7 +109,7 @@ class RecoveryLoop(OwnedLoopEntries):
         # which process holds which rank from which generation on (benchmarks read it)
         self.events.write("rank_process", pid=os.getpid(), host=socket.gethostname(),
                           generation=self.gen, replacement=self.replacement)
-        self.step_hooks = HookList([self.commit, self.injector, _ReportProgress(self.link)])
+        self.step_hooks = HookList([self.commit, self.injector, ReportProgress(self.link)])
         self.driver: Optional[StepDriver] = None
         self.reconciler: Optional[Reconciler] = None
         self._prebuilt = False
@@ -229,6 +219,11 @@ class RecoveryLoop(OwnedLoopEntries):
             durable.close()
         self.summary = summary
         return summary
+
+    @property
+    def stop_after(self) -> Optional[int]:
+        """The step every rank agreed (at its commit barrier) to stop after, if any."""
+        return self.commit.stop_after
 
     def _train(self) -> None:
         driver = self.driver
@@ -353,8 +348,8 @@ class RecoveryLoop(OwnedLoopEntries):
         """Rank 0: report the store traffic and drop older generations' keys."""
         if self.rank != 0 or not hasattr(self.store, "server_op_counts"):
             return
-        phase = "start-up" if gen == 0 else "recovery"
-        _, self._ops_mark = report_store_ops(self.store, phase, self._ops_mark, gen)
+        _, self._ops_mark = report_store_ops(self.store, "start-up" if gen == 0 else
+                                             "recovery", self._ops_mark, gen)
         if gen > 0:  # nobody reads an older generation's keys again
             for old in range(max(0, self._cleaned_gen), gen):
                 self.store.delete_prefix(f"pg/{old}/")

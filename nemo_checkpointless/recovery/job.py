@@ -93,10 +93,11 @@ class JobEdges:
         self._preflight(reconciler)
 
     def save_for_stop(self, driver: StepDriver) -> None:
-        """A stop every rank agreed on: the final durable checkpoint of this step."""
+        """A stop every rank agreed on: the final durable checkpoint of this step (a driver
+        whose framework writes its own, ``writes_stop_checkpoint``, needs none)."""
         if self.durable is not None:
             CheckpointHook(self.durable, driver, RngStreams()).save_now()
-        else:
+        elif not getattr(driver, "writes_stop_checkpoint", False):
             log.warning("stopping after step %d without a checkpoint (checkpoint.interval=0):"
                         " a new job starts from its last one", driver.step)
 

@@ -23,6 +23,7 @@ from typing import Any, Callable, NoReturn, Optional
 
 from ..launch import protocol
 from ..launch.channel import Channel
+from ..steps import Phase
 from ..timeouts import Timeouts
 
 log = logging.getLogger(__name__)
@@ -213,3 +214,14 @@ class AgentLink:
 
     def send(self, message: "protocol.Message | dict[str, Any]") -> None:
         self.channel.send(message)
+
+
+class ReportProgress:
+    """Step hook: tell the agent each completed step (it judges hangs by progress)."""
+
+    def __init__(self, link: AgentLink) -> None:
+        self.link = link
+
+    def on_phase(self, phase: Phase, step: int) -> None:
+        if phase is Phase.AFTER_STEP:
+            self.link.progress(step)
