@@ -11,7 +11,7 @@ set -u
 log=/tmp/ncl-agent.log
 child=0
 signalled=0
-# shellcheck disable=SC2329  # forward: called from the traps below
+# shellcheck disable=SC2317,SC2329  # forward: called from the traps below
 forward() {
     signalled=1
     if ((child > 0)); then kill -"$1" "$child" 2>/dev/null || true; fi
