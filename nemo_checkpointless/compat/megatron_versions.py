@@ -1,8 +1,10 @@
 """Which megatron-core releases the package supports, and its version-dependent surfaces.
 
 Supported: megatron-core 0.15 to 0.19 (:data:`SUPPORTED`). 0.17 and later need Python 3.12.
-CI runs two of them: 0.16.1 on Python 3.11 (``make test``) and 0.19.2 on Python 3.12
-(``make test-latest``). Everything here is found by feature detection, never by comparing
+CI runs two of them (:data:`TESTED`): 0.16.1 on Python 3.11 (``make test``) and 0.19.2 on
+Python 3.12 (``make test-latest``); the newest patch of each other series runs with
+``make test-megatron MCORE=<release>`` (:data:`RUN_BY_HAND`, not in CI; docs/bridge.md,
+"Supported versions"). Everything here is found by feature detection, never by comparing
 version numbers; the number only goes into messages.
 
 * :func:`legacy_tokenizer_base`: the base class of the package's tokenizer. megatron-core
@@ -39,13 +41,17 @@ log = logging.getLogger(__name__)
 
 SUPPORTED = ("0.15", "0.16", "0.17", "0.18", "0.19")
 TESTED = {"0.16.1": "Python 3.11 (make test)", "0.19.2": "Python 3.12 (make test-latest)"}
+# the other series' newest patches: requirements/mcore-<release>.txt, make test-megatron
+RUN_BY_HAND = {"0.15.3": "Python 3.11", "0.17.1": "Python 3.12", "0.18.2": "Python 3.12"}
 
 
 def supported_text() -> str:
     """One sentence naming the supported and the tested releases."""
     tested = ", ".join(f"{v} on {where}" for v, where in TESTED.items())
+    by_hand = ", ".join(RUN_BY_HAND)
     return (f"nemo-checkpointless supports megatron-core {SUPPORTED[0]} to {SUPPORTED[-1]} "
-            f"(0.17 and later need Python 3.12; CI runs {tested})")
+            f"(0.17 and later need Python 3.12; CI runs {tested}; {by_hand} pass "
+            f"make test-megatron)")
 
 
 def installed_version() -> str:

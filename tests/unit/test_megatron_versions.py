@@ -98,3 +98,20 @@ def test_dp_reshardable_buckets_take_torch_adams_step_on_every_release():
     assert mc.adapt_dp_reshardable_steps() is (not before)
     assert mc._buckets_take_steps(DistributedOptimizer.sharded_param_state_dp_reshardable)
     assert mc.adapt_dp_reshardable_steps() is (not before)  # idempotent
+
+
+def test_every_supported_series_has_a_pinned_release_that_runs():
+    """Each declared series is run: by CI (requirements/pins.txt, latest.txt) or by
+    `make test-megatron MCORE=<release>` (requirements/mcore-<release>.txt)."""
+    from pathlib import Path
+
+    requirements = Path(__file__).resolve().parents[2] / "requirements"
+    pinned = {"0.16.1": requirements / "pins.txt", "0.19.2": requirements / "latest.txt"}
+    assert set(mv.TESTED) == set(pinned)
+    for release, python in mv.RUN_BY_HAND.items():
+        text = (requirements / f"mcore-{release}.txt").read_text()
+        assert f"# python: {python.split()[-1]}\n" in text
+        pinned[release] = requirements / f"mcore-{release}.txt"
+    for release, path in pinned.items():
+        assert f"\nmegatron-core=={release}\n" in path.read_text(), path
+    assert sorted({".".join(r.split(".")[:2]) for r in pinned}) == sorted(mv.SUPPORTED)
