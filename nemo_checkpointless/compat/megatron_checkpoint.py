@@ -207,7 +207,6 @@ def megatron_version() -> str:
     return str(__version__)
 
 
-
 def adapt_dp_reshardable_steps() -> bool:
     """Keep torch Adam's per-parameter ``step`` out of the ``dp_reshardable`` buckets where
     this megatron-core does not (see module doc). Idempotent; returns whether it applies."""
