@@ -123,3 +123,49 @@ test-slurm-entries: $(STAMP) $(STAMP_NEMO) $(STAMP_LATEST)
 	bash scripts/slurm/local_cluster.sh start
 	NCL_TEST_VENV_NEMO=$(abspath $(VENV_NEMO)) NCL_TEST_VENV_LATEST=$(abspath $(VENV_LATEST)) \
 		$(PY) -m pytest -q -p no:warnings -m slurm $(PYTEST_ARGS) tests/e2e/test_slurm_entries.py
+
+# Every declared megatron-core release (issue #20), one at a time, outside CI (time):
+# `make test-megatron MCORE=0.17.1` builds .venv-mcore-0.17.1 from
+# requirements/mcore-0.17.1.txt (its `# python: 3.x` line names the interpreter: $(PYTHON_MCORE)
+# if set, else python3.x on PATH, else the newest pyenv 3.x) and runs the latest lane's core
+# subset and tests/unit there. Releases with a file: ls requirements/mcore-*.txt. Results and
+# timings: docs/bridge.md, "Version matrix". VENV_MCORE puts the env elsewhere.
+MCORE        ?=
+PYTHON_MCORE ?=
+VENV_MCORE   ?= .venv-mcore-$(MCORE)
+REQ_MCORE    := requirements/mcore-$(MCORE).txt
+PY_MCORE     := $(VENV_MCORE)/bin/python
+PIP_MCORE    := $(PY_MCORE) -m pip install -q --disable-pip-version-check
+STAMP_MCORE  := $(VENV_MCORE)/.installed
+MCORE_TESTS  ?= $(filter-out tests/unit/%,$(LATEST_CORE_TESTS)) tests/unit
+
+ifneq ($(filter venv-megatron test-megatron,$(MAKECMDGOALS)),)
+ifeq ($(wildcard $(REQ_MCORE)),)
+$(error MCORE=$(MCORE) has no pinned requirements file ($(REQ_MCORE)); pass one of: $(patsubst requirements/mcore-%.txt,MCORE=%,$(wildcard requirements/mcore-*.txt)) (0.16.1 runs in make test, 0.19.2 in make test-latest))
+endif
+endif
+
+.PHONY: venv-megatron test-megatron
+
+venv-megatron: $(STAMP_MCORE)
+
+$(STAMP_MCORE): pyproject.toml $(REQ_MCORE)
+	@want=$$(sed -n 's/^# python: //p' $(REQ_MCORE)); py="$(PYTHON_MCORE)"; \
+	if [ -z "$$py" ]; then \
+	  for c in python$$want $$(ls -d $$(pyenv root 2>/dev/null)/versions/$$want*/bin/python$$want 2>/dev/null | sort -rV); do \
+	    if "$$c" -c "import sys; sys.exit('%d.%d' % sys.version_info[:2] != '$$want')" 2>/dev/null; then py="$$c"; break; fi; \
+	  done; \
+	fi; \
+	if [ -z "$$py" ]; then \
+	  echo "error: megatron-core $(MCORE) is pinned for Python $$want ($(REQ_MCORE)) and none was found: install it (apt-get install python$$want python$$want-venv, or pyenv install $$want) or pass PYTHON_MCORE=/path/to/python$$want" >&2; \
+	  exit 1; \
+	fi; \
+	echo "venv-megatron $(MCORE): $$py -> $(VENV_MCORE)"; \
+	test -x $(PY_MCORE) || "$$py" -m venv $(VENV_MCORE)
+	$(PIP_MCORE) torch==$$(sed -n 's/^torch==//p' $(REQ_MCORE))
+	$(PIP_MCORE) -r $(REQ_MCORE)
+	$(PIP_MCORE) --no-deps -e .
+	touch $(STAMP_MCORE)
+
+test-megatron: $(STAMP_MCORE)
+	OMP_NUM_THREADS=1 $(PY_MCORE) -m pytest -q -p no:warnings $(PYTEST_ARGS) $(MCORE_TESTS)

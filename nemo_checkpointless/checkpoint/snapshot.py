@@ -84,6 +84,9 @@ def state_dict(chunks: list[torch.nn.Module], optimizer: Any, *, is_loading: boo
                rank_state: Any = None, with_rank_state: bool = True) -> dict[str, Any]:
     """megatron's sharded state dict of the model chunks and the optimizer, plus this
     rank's own state object."""
+    from ..compat.megatron_checkpoint import adapt_dp_reshardable_steps
+
+    adapt_dp_reshardable_steps()  # megatron-core 0.15 with torch's Adam (once per process)
     metadata = sharding_metadata()
     sd = model_state(chunks, metadata)
     sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=is_loading,

@@ -26,17 +26,27 @@ private pieces of megatron-core 0.16 and torch 2.13, all kept here:
   step 2 came back with step 3). The original state tensors (the flat, contiguous buffers
   peer replication relies on) are put back, holding the loaded values and the
   checkpoint's step from the param groups.
+* :func:`adapt_dp_reshardable_steps`: megatron-core 0.16 and later keep torch Adam's
+  per-parameter ``step`` (a 0-dim tensor) out of the ``dp_reshardable`` buckets (the step
+  travels in the param groups; the load keeps the live one, as above). 0.15 treats it as a
+  bucket slice and fails its shape assertion on every save and load once Adam's state
+  exists (always, here: the state is created with the optimizer). Where a probe of the
+  release's own ``sharded_param_state_dp_reshardable`` shows that, the step is left out of
+  the buckets and a load keeps the live one: what 0.16 does.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
+
+from ..device import HOST
 
 BACKEND = ("torch_dist", 1)
 
@@ -196,3 +206,90 @@ def megatron_version() -> str:
         return "unknown"
     return str(__version__)
 
+
+def adapt_dp_reshardable_steps() -> bool:
+    """Keep torch Adam's per-parameter ``step`` out of the ``dp_reshardable`` buckets where
+    this megatron-core does not (see module doc). Idempotent; returns whether it applies."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer as DO
+
+    shard = DO.sharded_param_state_dp_reshardable
+    if getattr(shard, "_ncl_without_steps", False):
+        return True
+    if _buckets_take_steps(shard) is not False:
+        return False
+    set_states = DO._set_main_param_and_optimizer_states
+
+    @functools.wraps(shard)
+    def sharded_param_state_dp_reshardable(self: Any, *args: Any, **kwargs: Any) -> Any:
+        get = self.get_parameter_state_dp_reshardable
+        self.get_parameter_state_dp_reshardable = lambda: _without_steps(get())
+        try:
+            return shard(self, *args, **kwargs)
+        finally:
+            del self.get_parameter_state_dp_reshardable
+
+    @functools.wraps(set_states)
+    def _set_main_param_and_optimizer_states(self: Any, model_param: Any, tensors: Any) -> Any:
+        if "step" not in tensors:  # left out above: the live step stays (0.16's behaviour)
+            group, order = self.model_param_group_index_map[model_param]
+            main = self.optimizer.param_groups[group]["params"][order]
+            live = self.optimizer.state.get(main, {}).get("step")
+            if live is not None:
+                tensors = {**tensors, "step": live}
+        return set_states(self, model_param, tensors)
+
+    sharded_param_state_dp_reshardable._ncl_without_steps = True  # type: ignore[attr-defined]
+    DO.sharded_param_state_dp_reshardable = sharded_param_state_dp_reshardable  # type: ignore
+    DO._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states  # type: ignore
+    return True
+
+
+def _without_steps(state: dict) -> dict:
+    """The bucket state with 0-dim ``step`` entries dropped (in place)."""
+    for gbuf_idx, by_dtype in state.items():
+        if not isinstance(gbuf_idx, int):
+            continue
+        for buckets in by_dtype.values():
+            for bucket in buckets:
+                for tensors in bucket:
+                    step = tensors.get("step")
+                    if isinstance(step, torch.Tensor) and step.dim() == 0:
+                        del tensors["step"]
+    return state
+
+
+def _buckets_take_steps(shard: Any) -> Optional[bool]:
+    """Run the release's ``sharded_param_state_dp_reshardable`` on a one-parameter bucket,
+    with and without a 0-dim ``step``: True if both pass, False if only the one without
+    does, None if neither (the stand-in optimizer no longer fits this release)."""
+    from types import SimpleNamespace
+
+    class _OneRank:
+        rank = staticmethod(lambda: 0)
+        size = staticmethod(lambda: 1)
+
+    def passes(with_step: bool) -> bool:
+        # host tensors: the probe only builds a sharded state dict, no collective
+        zeros = functools.partial(torch.zeros, 4, device=HOST)  # host: see above
+        tensors: dict[str, Any] = {"param": zeros(), "exp_avg": zeros(),
+                                   "gbuf_local_start": 0, "gbuf_local_end": 4}
+        if with_step:
+            tensors["step"] = torch.tensor(1.0, device=HOST)  # host: see above
+        state = {"per_bucket_numel": [4], "per_bucket_numel_unpadded": [4],
+                 0: {torch.float32: [[tensors]]}}
+        stand_in = SimpleNamespace(
+            data_parallel_group=_OneRank(), data_parallel_group_idx=0,
+            distributed_optimizer_instance_id=0, gbuf_ranges=[{torch.float32: [{}]}],
+            buffers=[SimpleNamespace(buckets=[SimpleNamespace(numel_unpadded=4,
+                                                              grad_data=zeros())])],
+            get_parameter_state_dp_reshardable=lambda: state)
+        try:
+            shard(stand_in, {}, is_loading=False, metadata=None)
+        except Exception:  # noqa: BLE001 - the answer is whether it passes
+            return False
+        return True
+
+    without, with_ = passes(False), passes(True)
+    if not without:
+        return None
+    return with_

@@ -1,8 +1,10 @@
 """Which megatron-core releases the package supports, and its version-dependent surfaces.
 
 Supported: megatron-core 0.15 to 0.19 (:data:`SUPPORTED`). 0.17 and later need Python 3.12.
-CI runs two of them: 0.16.1 on Python 3.11 (``make test``) and 0.19.2 on Python 3.12
-(``make test-latest``). Everything here is found by feature detection, never by comparing
+CI runs two of them (:data:`TESTED`): 0.16.1 on Python 3.11 (``make test``) and 0.19.2 on
+Python 3.12 (``make test-latest``); the newest patch of each other series runs with
+``make test-megatron MCORE=<release>`` (:data:`RUN_BY_HAND`, not in CI; docs/bridge.md,
+"Supported versions"). Everything here is found by feature detection, never by comparing
 version numbers; the number only goes into messages.
 
 * :func:`legacy_tokenizer_base`: the base class of the package's tokenizer. megatron-core
@@ -15,6 +17,12 @@ version numbers; the number only goes into messages.
   time a step asks). A replacement rank starts with an empty cache and would run that
   all-reduce alone while its peers skip it: every rank forgets the cache after a recovery
   rebuilt the groups, so all of them ask again, together, at the next step.
+* :func:`dataset_cache_probe`: a ``GPTDataset`` far enough built to know the name of its
+  index cache, without building, reading or writing the indices. megatron-core 0.16 and
+  later defer loading the indices (``defer_npy_index_mmap``) and tell the path they would
+  load; 0.15 builds the indices in the constructor and, on a cache miss, saves them into
+  the cache itself (not atomically): there only the base class's constructor runs, which
+  computes the cache key, and the path is not told.
 * :func:`check_megatron_core`: the start-up check. It probes every megatron-core surface
   the package calls and names the supported versions when one is missing.
 """
@@ -27,19 +35,23 @@ import json
 import logging
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 log = logging.getLogger(__name__)
 
 SUPPORTED = ("0.15", "0.16", "0.17", "0.18", "0.19")
 TESTED = {"0.16.1": "Python 3.11 (make test)", "0.19.2": "Python 3.12 (make test-latest)"}
+# the other series' newest patches: requirements/mcore-<release>.txt, make test-megatron
+RUN_BY_HAND = {"0.15.3": "Python 3.11", "0.17.1": "Python 3.12", "0.18.2": "Python 3.12"}
 
 
 def supported_text() -> str:
     """One sentence naming the supported and the tested releases."""
     tested = ", ".join(f"{v} on {where}" for v, where in TESTED.items())
+    by_hand = ", ".join(RUN_BY_HAND)
     return (f"nemo-checkpointless supports megatron-core {SUPPORTED[0]} to {SUPPORTED[-1]} "
-            f"(0.17 and later need Python 3.12; CI runs {tested})")
+            f"(0.17 and later need Python 3.12; CI runs {tested}; {by_hand} pass "
+            f"make test-megatron)")
 
 
 def installed_version() -> str:
@@ -114,6 +126,20 @@ def legacy_tokenizer_base() -> type:
         if isinstance(base, type):
             return base
     return DatasetTokenizerBase
+
+
+def dataset_cache_probe(dataset_cls: type, config: Any, *args: Any) -> tuple[Any, Optional[str]]:
+    """``dataset_cls(*args, config)`` without its indices (see module doc): the probe (its
+    ``unique_description_hash`` and ``index_split`` name the cache files) and the path
+    megatron-core would load the document index from, or None where it does not say.
+    ``config`` is the probe's own (it may be changed)."""
+    if hasattr(config, "defer_npy_index_mmap"):
+        config.defer_npy_index_mmap = True
+        probe = dataset_cls(*args, config)
+        return probe, getattr(probe, "path_to_document_index", "")
+    probe = dataset_cls.__new__(dataset_cls)
+    super(dataset_cls, probe).__init__(*args, config)  # the key only; no indices
+    return probe, None
 
 
 _COLLECTIVE_CACHES = ("_has_grad_norm_group_cache",)

@@ -26,6 +26,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.utils import Split
 
+from nemo_checkpointless.compat.megatron_versions import dataset_cache_probe
 from nemo_checkpointless.data._fs import file_lock, private_tmp_dir
 from nemo_checkpointless.data._logging import quiet_logger
 from nemo_checkpointless.data.tokenizer import BPETokenizer
@@ -120,16 +121,13 @@ def build_gpt_dataset(
     def make(cfg: GPTDatasetConfig) -> GPTDataset:
         return GPTDataset(indexed, prefix, sequences, num_samples, Split.train, cfg)
 
-    # Cheap probe: with deferred mmaps the constructor only computes the cache key.
-    probe_config = make_gpt_config(prefix, seq_length, seed, cache_dir, tokenizer)
-    probe_config.defer_npy_index_mmap = True
-    probe = make(probe_config)
+    # Cheap probe: the cache key without the indices (how depends on the release).
+    probe, told = dataset_cache_probe(
+        GPTDataset, make_gpt_config(prefix, seq_length, seed, cache_dir, tokenizer),
+        indexed, prefix, sequences, num_samples, Split.train)
     files = _cache_files(probe, cache_dir)
-    if getattr(probe, "path_to_document_index", None) != files["document_index"]:
-        raise RuntimeError(
-            "this megatron-core names its GPTDataset index cache differently than "
-            "nemo_checkpointless.data expects; update _cache_files for it"
-        )
+    if told is not None and told != files["document_index"]:
+        raise _renamed_cache()
 
     def cached() -> bool:
         return all(map(os.path.isfile, files.values()))
@@ -143,4 +141,16 @@ def build_gpt_dataset(
                     built = make(in_memory)
                 with private_tmp_dir(cache_dir) as tmp_dir:
                     _save_and_publish(built, tmp_dir, cache_dir)
-    return make(config)
+    dataset = make(config)
+    # where the probe could not tell: the indices megatron-core opened are ours
+    if getattr(dataset.document_index, "filename", files["document_index"]) != files[
+            "document_index"]:
+        raise _renamed_cache()
+    return dataset
+
+
+def _renamed_cache() -> RuntimeError:
+    return RuntimeError(
+        "this megatron-core names its GPTDataset index cache differently than "
+        "nemo_checkpointless.data expects; update _cache_files for it"
+    )
