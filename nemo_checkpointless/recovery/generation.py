@@ -79,7 +79,6 @@ class RecoveryLoop(OwnedLoopEntries):
         self.run_dir = Path(run_dir)
         self.front_end = front_end
         self.timeouts = timeouts
-        self.after_transfer = after_transfer
         self.world_size = int(os.environ["WORLD_SIZE"])
         self.store = connect(parse_endpoints(os.environ["NCL_STORE_ENDPOINTS"]),
                              JobIdentity.from_env(), timeouts.delta("store_s"))
@@ -219,6 +218,15 @@ class RecoveryLoop(OwnedLoopEntries):
             durable.close()
         self.summary = summary
         return summary
+
+    @property
+    def after_transfer(self) -> Optional[Callable[..., Optional[float]]]:
+        """The measurement run right after a state transfer (set before the driver is built)."""
+        return self.edges.after_transfer
+
+    @after_transfer.setter
+    def after_transfer(self, measure: Optional[Callable[..., Optional[float]]]) -> None:
+        self.edges.after_transfer = measure
 
     @property
     def stop_after(self) -> Optional[int]:
