@@ -155,6 +155,19 @@ def wait_for_log(agents: Agents, pattern: re.Pattern, timeout: float = 60) -> re
     raise TimeoutError(f"{pattern.pattern!r} not in the agents' logs")
 
 
+def test_the_benchmarks_transfer_calibration_reaches_the_recovery_record(tmp_path, reference):
+    """``NCL_TRANSFER_CALIBRATE=1`` (scripts/bench/recovery_time.py) measures a raw send right
+    after the state transfer; the recovery's record carries it (it once did not: the
+    measurement was set on the loop after the reconciler had taken its copy)."""
+    faults = [(1, 3, "optimizer", "kill")]
+    result = ncl_launch(4, [*BASE, *LAYOUTS["dp4"], plan(*faults)], tmp_path / "run",
+                        env={"NCL_TRANSFER_CALIBRATE": "1"})
+    assert_exact(result, reference("dp4"))
+    assert_fired(result, faults)
+    (transfer,) = [e for e in events(result) if e.get("phase") == "state_transfer"]
+    assert transfer["bytes"] > 0 and transfer["raw_send_mb_per_s"] > 0, transfer
+
+
 def test_whole_node_lost_and_replaced(tmp_path, reference):
     """Node 1 dies whole. Agent 0's peer watch finds its store server gone and declares
     node 1's ranks lost (launch/peers.py) before anything replaces the node; only then
