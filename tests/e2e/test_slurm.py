@@ -93,7 +93,11 @@ def test_killed_node_is_taken_over_by_the_standby_and_the_run_is_exact(reference
     assert f"node rank 1: taken over by the standby on {host} (replacement 1 of 4)" in out
     assert "node 1 lost: this standby takes it over" in out
     assert "node rank 1: replacement" not in out  # no scheduler restart
-    assert "every node rank finished: ending the idle standby agents" in out
+    assert "standby 1: agent on" in out  # the host of the lost node got a new standby
+    # the new standby ends either way: it sees the job finish and leaves by itself, or the
+    # supervisor (which polls) finds every node rank done first and ends it
+    assert ("every node rank finished: ending the idle standby agents" in out
+            or "standby on " + host + " exited (code 0)" in out), out[-3000:]
     assert_exact(result, reference)
     assert len(result.summary["recoveries"]) == 1
     print(f"standby takeover run: {job.seconds:.1f} s, "
