@@ -23,8 +23,10 @@ import datetime
 import math
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Optional
+
+from . import knobs
 
 
 class TimeoutConfigError(ValueError):
@@ -33,9 +35,8 @@ class TimeoutConfigError(ValueError):
 
 def _knob(default: Optional[float], env: str, meaning: str, flag: Optional[str] = None,
           default_doc: Optional[str] = None, zero_ok: bool = False) -> Any:
-    return field(default=default, metadata={
-        "env": env, "flag": flag, "meaning": meaning, "zero_ok": zero_ok,
-        "default_doc": default_doc if default_doc is not None else f"{default:g}"})
+    return knobs.knob(default, env, meaning, flag=flag, default_doc=default_doc,
+                      zero_ok=zero_ok)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -116,20 +117,9 @@ class Timeouts:
                 env: Mapping[str, str] = os.environ) -> "Timeouts":
         """Each field from ``flags`` (field name -> value; None: not given), else from its
         environment variable, else its default."""
-        flags = flags or {}
-        unknown = set(flags) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise TypeError(f"unknown timeouts: {', '.join(sorted(unknown))}")
-        values: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            meta = f.metadata
-            given, source = flags.get(f.name), meta["flag"] or f.name
-            if given is None and env.get(meta["env"], "").strip():
-                given, source = env[meta["env"]], meta["env"]
-            if given is None:
-                continue
-            values[f.name] = _seconds(given, source, meta["zero_ok"])
-        return cls(**values)
+        return knobs.resolve(cls, lambda value, source, f: _seconds(value, source,
+                                                                     f.metadata["zero_ok"]),
+                             "timeouts", flags, env)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "Timeouts":
@@ -188,24 +178,12 @@ def _seconds(value: Any, source: str, zero_ok: bool) -> float:
 
 
 def render_markdown() -> str:
-    """The reference table (name, environment variable, flag, default, meaning)."""
-    rows = ["| field | environment | `ncl-launch` flag | default (s) | meaning |",
-            "|---|---|---|---|---|"]
-    for f in dataclasses.fields(Timeouts):
-        meta = f.metadata
-        flag = f"`{meta['flag']}`" if meta["flag"] else "-"
-        rows.append(f"| `{f.name}` | `{meta['env']}` | {flag} | {meta['default_doc']} | "
-                    f"{meta['meaning']} |")
-    return "\n".join(rows) + "\n"
+    """The reference table (field, flag, environment variable, default, meaning)."""
+    return knobs.render_markdown(Timeouts, default_header="default (s)")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv != ["--markdown"]:
-        print("usage: python -m nemo_checkpointless.timeouts --markdown", file=sys.stderr)
-        return 2
-    sys.stdout.write(render_markdown())
-    return 0
+    return knobs.markdown_main("nemo_checkpointless.timeouts", render_markdown, argv)
 
 
 if __name__ == "__main__":

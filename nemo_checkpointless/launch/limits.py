@@ -12,11 +12,12 @@ keeps the two equal).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Optional
+
+from .. import knobs
 
 
 class LimitConfigError(ValueError):
@@ -24,7 +25,7 @@ class LimitConfigError(ValueError):
 
 
 def _limit(default: int, env: str, flag: str, meaning: str) -> Any:
-    return field(default=default, metadata={"env": env, "flag": flag, "meaning": meaning})
+    return knobs.knob(default, env, meaning, flag=flag)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -45,18 +46,8 @@ class AgentLimits:
                 env: Mapping[str, str] = os.environ) -> "AgentLimits":
         """Each field from ``flags`` (field name -> value; None: not given), else from its
         environment variable, else its default."""
-        flags = flags or {}
-        unknown = set(flags) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise TypeError(f"unknown limits: {', '.join(sorted(unknown))}")
-        values: dict[str, int] = {}
-        for f in dataclasses.fields(cls):
-            given, source = flags.get(f.name), f.metadata["flag"]
-            if given is None and env.get(f.metadata["env"], "").strip():
-                given, source = env[f.metadata["env"]], f.metadata["env"]
-            if given is not None:
-                values[f.name] = _count(given, source)
-        return cls(**values)
+        return knobs.resolve(cls, lambda value, source, _f: _count(value, source), "limits",
+                             flags, env)
 
 
 def _count(value: Any, source: str) -> int:
@@ -68,23 +59,12 @@ def _count(value: Any, source: str) -> int:
 
 
 def render_markdown() -> str:
-    """The reference table (name, flag, environment variable, default, meaning)."""
-    rows = ["| field | `ncl-launch` flag | environment | default | meaning |",
-            "|---|---|---|---|---|"]
-    for f in dataclasses.fields(AgentLimits):
-        meta = f.metadata
-        rows.append(f"| `{f.name}` | `{meta['flag']}` | `{meta['env']}` | {f.default} | "
-                    f"{meta['meaning']} |")
-    return "\n".join(rows) + "\n"
+    """The reference table (field, flag, environment variable, default, meaning)."""
+    return knobs.render_markdown(AgentLimits)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv != ["--markdown"]:
-        print("usage: python -m nemo_checkpointless.launch.limits --markdown", file=sys.stderr)
-        return 2
-    sys.stdout.write(render_markdown())
-    return 0
+    return knobs.markdown_main("nemo_checkpointless.launch.limits", render_markdown, argv)
 
 
 if __name__ == "__main__":
