@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import pytest
+
+from job_processes import AgentGroup, FinishedJob, run_in_session
 
 REPO = Path(__file__).resolve().parents[1]
 PRETRAIN = REPO / "recipes" / "pretrain.py"
@@ -22,26 +22,8 @@ def free_port() -> int:
     return _free_port()
 
 
-@dataclass
-class RunResult:
-    """A finished run: exit code, output and the files rank 0 wrote."""
-
-    returncode: int
-    output: str
-    run_dir: Path
-
-    @property
-    def metrics(self) -> list[dict]:
-        path = self.run_dir / "metrics.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-    @property
-    def summary(self) -> dict:
-        return json.loads((self.run_dir / "summary.json").read_text())
-
-    def check(self) -> "RunResult":
-        assert self.returncode == 0, self.output[-6000:]
-        return self
+class RunResult(FinishedJob):
+    """A finished run of the core venv: exit code, output and the files rank 0 wrote."""
 
 
 def _env() -> dict[str, str]:
@@ -87,20 +69,8 @@ def python_run(overrides: list[str], run_dir: Path, timeout: float = 120,
 def run_job(cmd: list[str], run_dir: Path, env: dict[str, str], timeout: float) -> RunResult:
     """Run a job's command in its own session, output to ``<run_dir>-agent.log``; on
     timeout kill its whole process group (agent, ranks, spares) and say so."""
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
     log = run_dir.parent / f"{run_dir.name}-agent.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=run_dir.parent, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            code = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-            code = -9
-    text = log.read_text()
-    if code == -9:
-        text += f"\n[test] {Path(cmd[0]).name} killed after {timeout}s timeout"
+    code, text = run_in_session(cmd, log, cwd=run_dir.parent, env=env, timeout=timeout)
     return RunResult(code, text, run_dir)
 
 
@@ -133,89 +103,49 @@ class FaultFreeRuns:
         return self.cache[layout]
 
 
-class Agents:
+class Agents(AgentGroup):
     """Several ncl-launch agents on this machine, each behaving as one node."""
 
     def __init__(self, nnodes: int, nproc: int, overrides: list[str], run_dir: Path,
                  spares: int = 0) -> None:
         import secrets
 
-        self.nnodes, self.nproc, self.run_dir = nnodes, nproc, run_dir
+        env = _env()
+        env.update(NCL_JOB_ID="test-" + secrets.token_hex(3),
+                   NCL_JOB_SECRET=secrets.token_hex(16))
+        super().__init__(run_dir, env, cwd=run_dir.parent)
+        self.nnodes, self.nproc = nnodes, nproc
         self.peers = ",".join(f"127.0.0.1:{free_port()}" for _ in range(nnodes))
         self.overrides = [*overrides, f"hydra.run.dir={run_dir}"]
         self.spares = spares
-        self.env = _env()
-        self.env.update(NCL_JOB_ID="test-" + secrets.token_hex(3),
-                        NCL_JOB_SECRET=secrets.token_hex(16))
-        self.procs: dict[Any, subprocess.Popen] = {}
-        self.logs: list[Path] = []
-        run_dir.parent.mkdir(parents=True, exist_ok=True)
 
     def start(self, node: int, host: Optional[str] = None) -> subprocess.Popen:
         """Start node ``node``'s agent; ``host``: as a replacement on another host (another
         loopback address) and port, named in its own peer list only."""
-        log = self.run_dir.parent / f"agent{node}-{len(self.logs)}.log"
-        self.logs.append(log)
         peers = self.peers
         if host is not None:
             moved = self.peers.split(",")
             moved[node] = f"{host}:{free_port()}"
             peers = ",".join(moved)
-        cmd = [sys.executable, "-m", "nemo_checkpointless.launch.agent",
-               "--nnodes", str(self.nnodes), "--nproc-per-node", str(self.nproc),
-               "--node-rank", str(node), "--peers", peers, "--spares", str(self.spares),
-               str(PRETRAIN), *self.overrides]
-        proc = subprocess.Popen(cmd, cwd=self.run_dir.parent, env=self.env,
-                                stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        self.procs[node] = proc
-        return proc
+        return self.launch(node, f"agent{node}", [
+            sys.executable, "-m", "nemo_checkpointless.launch.agent",
+            "--nnodes", str(self.nnodes), "--nproc-per-node", str(self.nproc),
+            "--node-rank", str(node), "--peers", peers, "--spares", str(self.spares),
+            str(PRETRAIN), *self.overrides])
 
     def start_standby(self) -> subprocess.Popen:
         """A warm standby node: takes over whichever node is lost first."""
-        log = self.run_dir.parent / f"standby-{len(self.logs)}.log"
-        self.logs.append(log)
-        cmd = [sys.executable, "-m", "nemo_checkpointless.launch.agent", "--standby",
-               "--nnodes", str(self.nnodes), "--nproc-per-node", str(self.nproc),
-               "--peers", self.peers, "--standby-host", "127.0.0.3", "--spares", "0",
-               str(PRETRAIN), *self.overrides]
-        proc = subprocess.Popen(cmd, cwd=self.run_dir.parent, env=self.env,
-                                stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        self.procs[f"standby-{len(self.logs)}"] = proc
-        return proc
-
-    def kill_node(self, node: int) -> None:
-        from nemo_checkpointless.launch.agent import kill_node
-
-        kill_node(self.procs[node].pid)
-        self.procs[node].wait()
+        return self.launch(f"standby-{len(self.logs) + 1}", "standby", [
+            sys.executable, "-m", "nemo_checkpointless.launch.agent", "--standby",
+            "--nnodes", str(self.nnodes), "--nproc-per-node", str(self.nproc),
+            "--peers", self.peers, "--standby-host", "127.0.0.3", "--spares", "0",
+            str(PRETRAIN), *self.overrides])
 
     def wait(self, timeout: float = 300) -> RunResult:
-        import time
-
-        deadline = time.monotonic() + timeout
-        codes = []
-        try:
-            for proc in self.procs.values():
-                codes.append(proc.wait(timeout=max(1.0, deadline - time.monotonic())))
-        finally:
-            for proc in self.procs.values():
-                if proc.poll() is None:
-                    os.killpg(proc.pid, 9)
-        output = "\n".join(p.read_text() for p in self.logs if p.exists())
-        return RunResult(max(codes) if codes else 1, output, self.run_dir)
+        return RunResult(*self.wait_all(timeout), self.run_dir)
 
     def wait_for_step(self, step: int, timeout: float = 120) -> None:
-        import time
-
-        deadline = time.monotonic() + timeout
-        path = self.run_dir / "metrics.jsonl"
-        while time.monotonic() < deadline:
-            if path.exists() and len(path.read_text().splitlines()) >= step:
-                return
-            time.sleep(0.05)
-        raise TimeoutError(f"step {step} not reached")
+        super().wait_for_step(step, timeout)
 
 
 @pytest.fixture

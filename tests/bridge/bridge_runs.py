@@ -6,16 +6,15 @@ they skip (:data:`needs_bridge`)."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import secrets
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Optional
 
 import pytest
+
+from job_processes import AgentGroup, FinishedJob, run_in_session
 
 needs_bridge = pytest.mark.skipif(
     importlib.util.find_spec("megatron.bridge") is None,
@@ -40,48 +39,14 @@ def env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
     return out
 
 
-class Run:
-    """A finished run: exit code, output, and the files rank 0 wrote."""
-
-    def __init__(self, returncode: int, output: str, run_dir: Path) -> None:
-        self.returncode, self.output, self.run_dir = returncode, output, run_dir
-
-    @property
-    def metrics(self) -> list[dict]:
-        path = self.run_dir / "metrics.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-    @property
-    def summary(self) -> dict:
-        return json.loads((self.run_dir / "summary.json").read_text())
-
-    @property
-    def events(self) -> list[dict]:
-        path = self.run_dir / "events.jsonl"
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-    def check(self) -> "Run":
-        assert self.returncode == 0, self.output[-8000:]
-        return self
+class Run(FinishedJob):
+    """A finished Bridge run: exit code, output, and the files rank 0 wrote."""
 
 
 def _run(cmd: list[str], run_dir: Path, timeout: float, extra_env: Optional[dict]) -> Run:
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
     log = run_dir.parent / f"{run_dir.name}.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=run_dir.parent, env=env(extra_env), stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            code = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-            code = -9
-    text = log.read_text()
-    if code == -9:
-        text += f"\n[test] killed after {timeout}s"
+    code, text = run_in_session(cmd, log, cwd=run_dir.parent, env=env(extra_env),
+                                timeout=timeout)
     return Run(code, text, run_dir)
 
 
@@ -103,56 +68,28 @@ def ncl_launch(nproc: int, args: list[str], run_dir: Path, *, spares: int = 1,
     return _run(cmd, run_dir, timeout, extra_env)
 
 
-class Agents:
+class Agents(AgentGroup):
     """Several ncl-launch agents on this machine, each one node of the job."""
 
     def __init__(self, nnodes: int, nproc: int, args: list[str], run_dir: Path) -> None:
-        self.nnodes, self.nproc, self.run_dir = nnodes, nproc, run_dir
+        super().__init__(run_dir, env({"NCL_JOB_ID": "bridge-" + secrets.token_hex(3),
+                                       "NCL_JOB_SECRET": secrets.token_hex(16)}),
+                         cwd=run_dir.parent)
+        self.nnodes, self.nproc = nnodes, nproc
         self.peers = ",".join(f"127.0.0.1:{free_port()}" for _ in range(nnodes))
         self.args = [*args, f"hydra.run.dir={run_dir}"]
-        self.env = env({"NCL_JOB_ID": "bridge-" + secrets.token_hex(3),
-                        "NCL_JOB_SECRET": secrets.token_hex(16)})
-        self.procs: dict[int, subprocess.Popen] = {}
-        self.logs: list[Path] = []
-        run_dir.parent.mkdir(parents=True, exist_ok=True)
 
     def start(self, node: int) -> None:
-        log = self.run_dir.parent / f"agent{node}-{len(self.logs)}.log"
-        self.logs.append(log)
-        cmd = [sys.executable, "-m", "nemo_checkpointless.launch.agent", "--nnodes",
-               str(self.nnodes), "--nproc-per-node", str(self.nproc), "--node-rank", str(node),
-               "--peers", self.peers, "--spares", "0", str(ENTRY), *self.args]
-        self.procs[node] = subprocess.Popen(cmd, cwd=self.run_dir.parent, env=self.env,
-                                            stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                                            start_new_session=True)
-
-    def kill_node(self, node: int) -> None:
-        from nemo_checkpointless.launch.agent import kill_node
-
-        kill_node(self.procs[node].pid)
-        self.procs[node].wait()
+        self.launch(node, f"agent{node}", [
+            sys.executable, "-m", "nemo_checkpointless.launch.agent", "--nnodes",
+            str(self.nnodes), "--nproc-per-node", str(self.nproc), "--node-rank", str(node),
+            "--peers", self.peers, "--spares", "0", str(ENTRY), *self.args])
 
     def wait_for_step(self, step: int, timeout: float = 600) -> None:
-        deadline = time.monotonic() + timeout
-        path = self.run_dir / "metrics.jsonl"
-        while time.monotonic() < deadline:
-            if path.exists() and len(path.read_text().splitlines()) >= step:
-                return
-            time.sleep(0.05)
-        raise TimeoutError(f"step {step} not reached in {timeout}s")
+        super().wait_for_step(step, timeout)
 
     def wait(self, timeout: float = 900) -> Run:
-        deadline = time.monotonic() + timeout
-        codes = []
-        try:
-            for proc in self.procs.values():
-                codes.append(proc.wait(timeout=max(1.0, deadline - time.monotonic())))
-        finally:
-            for proc in self.procs.values():
-                if proc.poll() is None:
-                    os.killpg(proc.pid, 9)
-        output = "\n".join(p.read_text() for p in self.logs if p.exists())
-        return Run(max(codes) if codes else 1, output, self.run_dir)
+        return Run(*self.wait_all(timeout), self.run_dir)
 
 
 def plan(*faults: tuple[int, int, str, str]) -> str:

@@ -4,15 +4,13 @@ they leave behind (metrics.jsonl, summary.json, events.jsonl, TensorBoard, check
 from __future__ import annotations
 
 import glob
-import json
 import os
 import secrets
-import subprocess
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
+
+from job_processes import AgentGroup, FinishedJob, run_in_session
 
 REPO = Path(__file__).resolve().parents[2]
 ENTRY = REPO / "recipes" / "nemo_pretrain.py"
@@ -35,31 +33,8 @@ def nemo_env(**extra: str) -> dict[str, str]:
     return env
 
 
-@dataclass
-class Job:
-    """A finished job: exit code, output, and rank 0's files."""
-
-    returncode: int
-    output: str
-    run_dir: Path
-
-    def check(self) -> "Job":
-        assert self.returncode == 0, self.output[-8000:]
-        return self
-
-    @property
-    def metrics(self) -> list[dict]:
-        path = self.run_dir / "metrics.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-    @property
-    def summary(self) -> dict:
-        return json.loads((self.run_dir / "summary.json").read_text())
-
-    @property
-    def events(self) -> list[dict]:
-        path = self.run_dir / "events.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+class Job(FinishedJob):
+    """A finished NeMo job: exit code, output, and rank 0's files (NeMo's too)."""
 
     @property
     def log_dir(self) -> Path:
@@ -106,86 +81,41 @@ def ncl_launch(nproc: int, run_dir: Path, *overrides: str, spares: int = 1,
 
 
 def _run(cmd: list[str], run_dir: Path, timeout: float, env: Optional[dict] = None) -> Job:
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
     log = run_dir.parent / f"{run_dir.name}.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env or nemo_env(), stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            code = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-            code = -9
-    text = log.read_text()
-    if code == -9:
-        text += f"\n[test] killed after {timeout}s"
+    code, text = run_in_session(cmd, log, cwd=REPO, env=env or nemo_env(), timeout=timeout)
     return Job(code, text, run_dir)
 
 
-class Agents:
+class Agents(AgentGroup):
     """Several ncl-launch agents on this machine, each one node of the job."""
 
     def __init__(self, nnodes: int, nproc: int, run_dir: Path, *overrides: str) -> None:
-        self.nnodes, self.nproc, self.run_dir = nnodes, nproc, run_dir
+        super().__init__(run_dir, nemo_env(NCL_JOB_ID="nemo-" + secrets.token_hex(3),
+                                           NCL_JOB_SECRET=secrets.token_hex(16)), cwd=REPO)
+        self.nnodes, self.nproc = nnodes, nproc
         self.peers = ",".join(f"127.0.0.1:{free_port()}" for _ in range(nnodes))
         self.args = base_args(run_dir, f"trainer.devices={nproc}",
                               f"trainer.num_nodes={nnodes}", *overrides)
-        self.env = nemo_env(NCL_JOB_ID="nemo-" + secrets.token_hex(3),
-                            NCL_JOB_SECRET=secrets.token_hex(16))
-        self.procs: dict[int, subprocess.Popen] = {}
-        self.logs: list[Path] = []
-        run_dir.parent.mkdir(parents=True, exist_ok=True)
 
     def start(self, node: int, spares: int = 0) -> None:
-        log = self.run_dir.parent / f"agent{node}-{len(self.logs)}.log"
-        self.logs.append(log)
-        cmd = [sys.executable, "-m", "nemo_checkpointless.launch.agent", "--nnodes",
-               str(self.nnodes), "--nproc-per-node", str(self.nproc), "--node-rank", str(node),
-               "--peers", self.peers, "--spares", str(spares), str(ENTRY), *self.args]
-        self.procs[node] = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=open(log, "w"),
-                                            stderr=subprocess.STDOUT, start_new_session=True)
+        self.launch(node, f"agent{node}", [
+            sys.executable, "-m", "nemo_checkpointless.launch.agent", "--nnodes",
+            str(self.nnodes), "--nproc-per-node", str(self.nproc), "--node-rank", str(node),
+            "--peers", self.peers, "--spares", str(spares), str(ENTRY), *self.args])
 
     def start_standby(self) -> None:
         """A warm standby node: it takes over whichever node is lost first."""
-        log = self.run_dir.parent / f"standby-{len(self.logs)}.log"
-        self.logs.append(log)
-        cmd = [sys.executable, "-m", "nemo_checkpointless.launch.agent", "--standby",
-               "--nnodes", str(self.nnodes), "--nproc-per-node", str(self.nproc), "--peers",
-               self.peers, "--standby-host", "127.0.0.3", "--spares", "0", str(ENTRY),
-               *self.args]
-        self.procs[-1] = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=open(log, "w"),
-                                          stderr=subprocess.STDOUT, start_new_session=True)
-
-    def kill_node(self, node: int) -> None:
-        from nemo_checkpointless.launch.agent import kill_node
-
-        kill_node(self.procs[node].pid)
-        self.procs[node].wait()
+        self.launch(-1, "standby", [
+            sys.executable, "-m", "nemo_checkpointless.launch.agent", "--standby",
+            "--nnodes", str(self.nnodes), "--nproc-per-node", str(self.nproc), "--peers",
+            self.peers, "--standby-host", "127.0.0.3", "--spares", "0", str(ENTRY),
+            *self.args])
 
     def wait_for_step(self, step: int, timeout: float = 900) -> None:
-        deadline = time.monotonic() + timeout
-        path = self.run_dir / "metrics.jsonl"
-        while time.monotonic() < deadline:
-            if path.exists() and len(path.read_text().splitlines()) >= step:
-                return
-            time.sleep(0.05)
-        raise TimeoutError(f"step {step} not reached:\n{self.output()[-6000:]}")
-
-    def output(self) -> str:
-        return "\n".join(p.read_text() for p in self.logs if p.exists())
+        super().wait_for_step(step, timeout)
 
     def wait(self, timeout: float = 900) -> Job:
-        deadline = time.monotonic() + timeout
-        codes = []
-        try:
-            for proc in self.procs.values():
-                codes.append(proc.wait(timeout=max(1.0, deadline - time.monotonic())))
-        finally:
-            for proc in self.procs.values():
-                if proc.poll() is None:
-                    os.killpg(proc.pid, 9)
-        return Job(max(codes) if codes else 1, self.output(), self.run_dir)
+        return Job(*self.wait_all(timeout), self.run_dir)
 
 
 def plan(*faults: tuple[int, int, str, str]) -> str:
