@@ -52,4 +52,5 @@ def summarize_recoveries(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if e["phase"] == "first_step":
                 current["total_s"] = e.get("total_s")
                 current["resumed_step"] = e.get("step")
+                current["attempts"] = e.get("attempts", 1)
     return out
