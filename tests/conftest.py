@@ -10,16 +10,10 @@ from typing import Any, Optional
 
 import pytest
 
-from job_processes import AgentGroup, FinishedJob, run_in_session
+from job_processes import AgentGroup, FinishedJob, free_port, run_in_session
 
 REPO = Path(__file__).resolve().parents[1]
 PRETRAIN = REPO / "recipes" / "pretrain.py"
-
-
-def free_port() -> int:
-    from nemo_checkpointless.comm.world import free_port as _free_port
-
-    return _free_port()
 
 
 class RunResult(FinishedJob):
@@ -106,6 +100,8 @@ class FaultFreeRuns:
 class Agents(AgentGroup):
     """Several ncl-launch agents on this machine, each behaving as one node."""
 
+    result = RunResult
+
     def __init__(self, nnodes: int, nproc: int, overrides: list[str], run_dir: Path,
                  spares: int = 0) -> None:
         import secrets
@@ -113,39 +109,13 @@ class Agents(AgentGroup):
         env = _env()
         env.update(NCL_JOB_ID="test-" + secrets.token_hex(3),
                    NCL_JOB_SECRET=secrets.token_hex(16))
-        super().__init__(run_dir, env, cwd=run_dir.parent)
-        self.nnodes, self.nproc = nnodes, nproc
-        self.peers = ",".join(f"127.0.0.1:{free_port()}" for _ in range(nnodes))
-        self.overrides = [*overrides, f"hydra.run.dir={run_dir}"]
+        super().__init__(run_dir, env, cwd=run_dir.parent, nnodes=nnodes, nproc=nproc,
+                         entry=PRETRAIN, args=[*overrides, f"hydra.run.dir={run_dir}"])
         self.spares = spares
 
-    def start(self, node: int, host: Optional[str] = None) -> subprocess.Popen:
-        """Start node ``node``'s agent; ``host``: as a replacement on another host (another
-        loopback address) and port, named in its own peer list only."""
-        peers = self.peers
-        if host is not None:
-            moved = self.peers.split(",")
-            moved[node] = f"{host}:{free_port()}"
-            peers = ",".join(moved)
-        return self.launch(node, f"agent{node}", [
-            sys.executable, "-m", "nemo_checkpointless.launch.agent",
-            "--nnodes", str(self.nnodes), "--nproc-per-node", str(self.nproc),
-            "--node-rank", str(node), "--peers", peers, "--spares", str(self.spares),
-            str(PRETRAIN), *self.overrides])
-
-    def start_standby(self) -> subprocess.Popen:
-        """A warm standby node: takes over whichever node is lost first."""
-        return self.launch(f"standby-{len(self.logs) + 1}", "standby", [
-            sys.executable, "-m", "nemo_checkpointless.launch.agent", "--standby",
-            "--nnodes", str(self.nnodes), "--nproc-per-node", str(self.nproc),
-            "--peers", self.peers, "--standby-host", "127.0.0.3", "--spares", "0",
-            str(PRETRAIN), *self.overrides])
-
-    def wait(self, timeout: float = 300) -> RunResult:
-        return RunResult(*self.wait_all(timeout), self.run_dir)
-
-    def wait_for_step(self, step: int, timeout: float = 120) -> None:
-        super().wait_for_step(step, timeout)
+    def start(self, node: int, spares: Optional[int] = None,
+              host: Optional[str] = None) -> subprocess.Popen:
+        return super().start(node, self.spares if spares is None else spares, host)
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,15 +70,54 @@ def run_in_session(cmd: list[str], log: Path, *, cwd: Path, env: dict[str, str],
     return code, text
 
 
-class AgentGroup:
-    """Agents started one by one, each in its own session with its own log in the run
-    dir's parent; subclasses build the commands."""
+def free_port() -> int:
+    """A free TCP port on the loopback (the package's, imported when first needed)."""
+    from nemo_checkpointless.comm.world import free_port as pick
 
-    def __init__(self, run_dir: Path, env: dict[str, str], cwd: Path) -> None:
+    return pick()
+
+
+class AgentGroup:
+    """ncl-launch agents on this machine, the nodes of one job: started one by one, each in
+    its own session with its own log in the run dir's parent. A subclass names its entry
+    script, arguments, environment, result type and timeouts."""
+
+    result: type = FinishedJob  # what wait() returns
+    step_timeout: float = 120  # wait_for_step's default
+    wait_timeout: float = 300  # wait's default
+
+    def __init__(self, run_dir: Path, env: dict[str, str], cwd: Path, *, nnodes: int,
+                 nproc: int, entry: Path, args: list[str]) -> None:
         self.run_dir, self.env, self.cwd = run_dir, env, cwd
+        self.nnodes, self.nproc, self.entry, self.args = nnodes, nproc, entry, args
+        self.peers = ",".join(f"127.0.0.1:{free_port()}" for _ in range(nnodes))
         self.procs: dict[Any, subprocess.Popen] = {}
         self.logs: list[Path] = []
         run_dir.parent.mkdir(parents=True, exist_ok=True)
+
+    def agent_command(self, *options: str, spares: int = 0,
+                      peers: str | None = None) -> list[str]:
+        """The agent's command line: the job's shape, ``options``, the entry and its args."""
+        return [sys.executable, "-m", "nemo_checkpointless.launch.agent",
+                "--nnodes", str(self.nnodes), "--nproc-per-node", str(self.nproc),
+                "--peers", peers or self.peers, "--spares", str(spares), *options,
+                str(self.entry), *self.args]
+
+    def start(self, node: int, spares: int = 0, host: str | None = None) -> subprocess.Popen:
+        """Start node ``node``'s agent; ``host``: as a replacement on another host (another
+        loopback address) and port, named in its own peer list only."""
+        peers = None
+        if host is not None:
+            moved = self.peers.split(",")
+            moved[node] = f"{host}:{free_port()}"
+            peers = ",".join(moved)
+        return self.launch(node, f"agent{node}", self.agent_command(
+            "--node-rank", str(node), spares=spares, peers=peers))
+
+    def start_standby(self) -> subprocess.Popen:
+        """A warm standby node: it takes over whichever node is lost first."""
+        return self.launch(f"standby-{len(self.logs) + 1}", "standby", self.agent_command(
+            "--standby", "--standby-host", "127.0.0.3"))
 
     def launch(self, key: Any, name: str, cmd: list[str]) -> subprocess.Popen:
         """Start ``cmd`` as ``procs[key]``, its output in ``<name>-<n>.log``."""
@@ -95,7 +135,8 @@ class AgentGroup:
         kill_node(self.procs[node].pid)
         self.procs[node].wait()
 
-    def wait_for_step(self, step: int, timeout: float) -> None:
+    def wait_for_step(self, step: int, timeout: float | None = None) -> None:
+        timeout = timeout or self.step_timeout
         deadline = time.monotonic() + timeout
         path = self.run_dir / "metrics.jsonl"
         while time.monotonic() < deadline:
@@ -121,11 +162,15 @@ class AgentGroup:
                     os.killpg(proc.pid, 9)
         return (max(codes) if codes else 1), self.output()
 
+    def wait(self, timeout: float | None = None) -> Any:
+        """Every agent's end; the finished job as ``result``."""
+        return self.result(*self.wait_all(timeout or self.wait_timeout), self.run_dir)
+
     def stop_after(self, step: int) -> tuple[Any, int]:
         """A stop request: SIGTERM to node 0's agent once ``step`` is done; the finished job
         (``wait()``, its exit code asserted to be 143) and the last step it completed."""
         self.wait_for_step(step)
         self.procs[0].send_signal(signal.SIGTERM)
-        stopped = self.wait()  # the subclass's, which returns its FinishedJob
+        stopped = self.wait()
         assert stopped.returncode == 143, stopped.output[-8000:]
         return stopped, stopped.metrics[-1]["step"]

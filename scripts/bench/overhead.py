@@ -52,7 +52,6 @@ import json
 import os
 import statistics
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -63,6 +62,7 @@ from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _overhead_stats as stats  # noqa: E402
+from _proc import run_in_session  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 PRETRAIN = REPO / "recipes" / "pretrain.py"
@@ -164,15 +164,8 @@ def run_once(variant: str, recipe: str, steps: int, warmup: int, run_dir: Path,
     log_path = run_dir.parent / f"{run_dir.name}.log"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     t0 = time.perf_counter()
-    with open(log_path, "w") as log, RowClock(run_dir / "metrics.jsonl") as clock:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                cwd=REPO, start_new_session=True)
-        try:
-            code = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-            code = -9
+    with RowClock(run_dir / "metrics.jsonl") as clock:
+        code = run_in_session(cmd, log_path, cwd=REPO, env=env, timeout=timeout)
     wall = time.perf_counter() - t0
     cache_on = cache_was_on(cache_root)
     if code != 0:

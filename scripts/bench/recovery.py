@@ -56,7 +56,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -64,6 +63,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _recovery_report as report  # noqa: E402
+from _proc import run_in_session  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 PRETRAIN = REPO / "recipes" / "pretrain.py"
@@ -85,15 +85,7 @@ def bench_env() -> dict[str, str]:
 
 def run(cmd: list[str], log: Path, timeout: float) -> None:
     t0 = time.monotonic()
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=bench_env(), stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            code = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-            code = -9
+    code = run_in_session(cmd, log, cwd=REPO, env=bench_env(), timeout=timeout)
     if code != 0:
         tail = log.read_text()[-4000:]
         raise SystemExit(f"{' '.join(cmd[:6])} ... failed ({code}); log {log}:\n{tail}")

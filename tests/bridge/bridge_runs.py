@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import pytest
 
-from job_processes import AgentGroup, FinishedJob, run_in_session
+from job_processes import AgentGroup, FinishedJob, free_port, run_in_session
 
 needs_bridge = pytest.mark.skipif(
     importlib.util.find_spec("megatron.bridge") is None,
@@ -22,12 +22,6 @@ needs_bridge = pytest.mark.skipif(
 
 REPO = Path(__file__).resolve().parents[2]
 ENTRY = REPO / "recipes" / "bridge_pretrain.py"
-
-
-def free_port() -> int:
-    from nemo_checkpointless.comm.world import free_port as _free_port
-
-    return _free_port()
 
 
 def env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
@@ -71,25 +65,13 @@ def ncl_launch(nproc: int, args: list[str], run_dir: Path, *, spares: int = 1,
 class Agents(AgentGroup):
     """Several ncl-launch agents on this machine, each one node of the job."""
 
+    result, step_timeout, wait_timeout = Run, 600, 900
+
     def __init__(self, nnodes: int, nproc: int, args: list[str], run_dir: Path) -> None:
         super().__init__(run_dir, env({"NCL_JOB_ID": "bridge-" + secrets.token_hex(3),
                                        "NCL_JOB_SECRET": secrets.token_hex(16)}),
-                         cwd=run_dir.parent)
-        self.nnodes, self.nproc = nnodes, nproc
-        self.peers = ",".join(f"127.0.0.1:{free_port()}" for _ in range(nnodes))
-        self.args = [*args, f"hydra.run.dir={run_dir}"]
-
-    def start(self, node: int) -> None:
-        self.launch(node, f"agent{node}", [
-            sys.executable, "-m", "nemo_checkpointless.launch.agent", "--nnodes",
-            str(self.nnodes), "--nproc-per-node", str(self.nproc), "--node-rank", str(node),
-            "--peers", self.peers, "--spares", "0", str(ENTRY), *self.args])
-
-    def wait_for_step(self, step: int, timeout: float = 600) -> None:
-        super().wait_for_step(step, timeout)
-
-    def wait(self, timeout: float = 900) -> Run:
-        return Run(*self.wait_all(timeout), self.run_dir)
+                         cwd=run_dir.parent, nnodes=nnodes, nproc=nproc, entry=ENTRY,
+                         args=[*args, f"hydra.run.dir={run_dir}"])
 
 
 def plan(*faults: tuple[int, int, str, str]) -> str:

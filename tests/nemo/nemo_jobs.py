@@ -10,17 +10,11 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from job_processes import AgentGroup, FinishedJob, run_in_session
+from job_processes import AgentGroup, FinishedJob, free_port, run_in_session
 
 REPO = Path(__file__).resolve().parents[2]
 ENTRY = REPO / "recipes" / "nemo_pretrain.py"
 STEPS = 8
-
-
-def free_port() -> int:
-    from nemo_checkpointless.comm.world import free_port as _free_port
-
-    return _free_port()
 
 
 def nemo_env(**extra: str) -> dict[str, str]:
@@ -89,33 +83,14 @@ def _run(cmd: list[str], run_dir: Path, timeout: float, env: Optional[dict] = No
 class Agents(AgentGroup):
     """Several ncl-launch agents on this machine, each one node of the job."""
 
+    result, step_timeout, wait_timeout = Job, 900, 900
+
     def __init__(self, nnodes: int, nproc: int, run_dir: Path, *overrides: str) -> None:
         super().__init__(run_dir, nemo_env(NCL_JOB_ID="nemo-" + secrets.token_hex(3),
-                                           NCL_JOB_SECRET=secrets.token_hex(16)), cwd=REPO)
-        self.nnodes, self.nproc = nnodes, nproc
-        self.peers = ",".join(f"127.0.0.1:{free_port()}" for _ in range(nnodes))
-        self.args = base_args(run_dir, f"trainer.devices={nproc}",
-                              f"trainer.num_nodes={nnodes}", *overrides)
-
-    def start(self, node: int, spares: int = 0) -> None:
-        self.launch(node, f"agent{node}", [
-            sys.executable, "-m", "nemo_checkpointless.launch.agent", "--nnodes",
-            str(self.nnodes), "--nproc-per-node", str(self.nproc), "--node-rank", str(node),
-            "--peers", self.peers, "--spares", str(spares), str(ENTRY), *self.args])
-
-    def start_standby(self) -> None:
-        """A warm standby node: it takes over whichever node is lost first."""
-        self.launch(-1, "standby", [
-            sys.executable, "-m", "nemo_checkpointless.launch.agent", "--standby",
-            "--nnodes", str(self.nnodes), "--nproc-per-node", str(self.nproc), "--peers",
-            self.peers, "--standby-host", "127.0.0.3", "--spares", "0", str(ENTRY),
-            *self.args])
-
-    def wait_for_step(self, step: int, timeout: float = 900) -> None:
-        super().wait_for_step(step, timeout)
-
-    def wait(self, timeout: float = 900) -> Job:
-        return Job(*self.wait_all(timeout), self.run_dir)
+                                           NCL_JOB_SECRET=secrets.token_hex(16)), cwd=REPO,
+                         nnodes=nnodes, nproc=nproc, entry=ENTRY,
+                         args=base_args(run_dir, f"trainer.devices={nproc}",
+                                        f"trainer.num_nodes={nnodes}", *overrides))
 
 
 def plan(*faults: tuple[int, int, str, str]) -> str:
