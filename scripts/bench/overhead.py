@@ -18,7 +18,9 @@ same layout without checkpointless, in the same repeat:
   includes the durable checkpoints ``ncl-launch`` writes by default (every
   ``checkpoint.interval`` = 100 steps; tier 3 rolls back to them);
 * ``off@launch`` (tier off under ncl-launch, durable checkpoints on as by default) against
-  ``off``: the launcher's and the checkpoints' cost without a tier.
+  ``off``: the launcher's and the checkpoints' cost without a tier;
+* ``tier4@nointerrupt`` (tier 4 with ``checkpointless.interrupt=off``) against ``tier4``:
+  what the compute interrupt's module hooks cost (a negative overhead is their cost).
 
 The run length makes the measured window exactly one checkpoint interval with its save
 inside it (``--steps`` default: warmup + interval + 1); ``--checkpoint-interval N`` passes
@@ -87,7 +89,13 @@ VARIANTS: dict[str, Variant] = {
     "tier3": Variant("ncl-launch", "tier3", baseline="off"),
     "tier4": Variant("ncl-launch", "tier4", baseline="off"),
     "off@launch": Variant("ncl-launch", "off", baseline="off"),
+    # the A/B of one suspect: tier 4 without the compute interrupt's module hooks
+    "tier4@nointerrupt": Variant("ncl-launch", "tier4", ("checkpointless.interrupt=off",),
+                                 baseline="tier4"),
 }
+
+
+AB_ONLY = {"tier4@nointerrupt"}  # run when named in --variants, not by default
 
 
 class RowClock:
@@ -258,7 +266,7 @@ def main() -> None:
     parser.add_argument("--checkpoint-interval", type=int, default=None,
                         help="pass checkpoint.interval=N to every ncl-launch variant "
                              "(default: ncl-launch's default interval, not passed)")
-    parser.add_argument("--variants", default=",".join(VARIANTS),
+    parser.add_argument("--variants", default=",".join(v for v in VARIANTS if v not in AB_ONLY),
                         help="comma-separated subset of " + ", ".join(VARIANTS)
                              + " (baselines are added as needed)")
     parser.add_argument("--timeout", type=float, default=1800, help="per run, seconds")
