@@ -6,9 +6,9 @@ and the next kernel launch or collective fails at once; a rank busy in forward/b
 (CPU rehearsal, or a long stretch of compute between collectives) would otherwise run on
 until its next collective, which can be most of a step (``docs/benchmarks.md``).
 
-:class:`ComputeInterrupt` puts a check at every module boundary of the model chunks: a
-forward pre-hook on each module, and a gradient hook on each module's output so the
-backward pass checks too. The check is two lock-free integer reads; it raises
+:class:`ComputeInterrupt` puts a check at the layer boundaries of the model chunks
+(:func:`boundaries`): a forward pre-hook on each of those modules, and a gradient hook on
+each one's output so the backward pass checks too. The check is two lock-free integer reads; it raises
 :class:`StepInterrupted` (a :class:`GenerationChanged`, which recovery handles) when the
 agent announced a generation newer than the one this rank trains in.
 
@@ -35,7 +35,7 @@ class StepInterrupted(GenerationChanged):
 class ComputeInterrupt:
     """Module hooks that raise :class:`StepInterrupted` once ``pending()`` turns true.
 
-    ``pending`` is read at every module boundary: it must be cheap and must not block
+    ``pending`` is read at every hooked boundary: it must be cheap and must not block
     (``AgentLink.interrupt_pending``).
     """
 
@@ -64,10 +64,11 @@ class ComputeInterrupt:
             tensor.register_hook(self._grad_hook)
 
     def install(self, chunks: Iterable[torch.nn.Module]) -> int:
-        """Hook every module of ``chunks`` (idempotent per module); returns how many."""
+        """Hook the :func:`boundaries` of ``chunks`` (idempotent per module); returns how
+        many modules were hooked."""
         added = 0
         for chunk in chunks:
-            for module in chunk.modules():
+            for module in boundaries(chunk):
                 if id(module) in self._installed:
                     continue
                 self._installed.add(id(module))
@@ -81,3 +82,15 @@ class ComputeInterrupt:
             handle.remove()
         self._handles.clear()
         self._installed.clear()
+
+
+def boundaries(chunk: torch.nn.Module) -> list[torch.nn.Module]:
+    """Where the checks go: the chunk, its direct children, and every member of a
+    ``ModuleList`` or ``Sequential`` inside it (transformer layers, experts), not every
+    ``Linear`` and norm. A check per layer stops a rank within one layer's compute; a
+    check per module cost about 2% of a tiny_gpt step on gloo (``docs/benchmarks.md``)."""
+    found = [chunk, *chunk.children()]
+    for module in chunk.modules():
+        if isinstance(module, (torch.nn.ModuleList, torch.nn.Sequential)):
+            found.extend(module.children())
+    return found

@@ -83,3 +83,53 @@ def test_paths_never_format_tensor_keys():
     t = torch.zeros(3)
     assert _key(t).startswith("<Tensor 0x")
     assert _key("a") == "'a'" and _key(3) == "3"
+
+
+class _Block(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(8)
+        self.fc = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc(self.norm(x))
+
+
+class _Stack(torch.nn.Module):
+    """A transformer-shaped chunk: embedding, a ModuleList of layers, a head."""
+
+    def __init__(self, calls: list) -> None:
+        super().__init__()
+        self.embed = torch.nn.Linear(4, 8)
+        self.layers = torch.nn.ModuleList(_Block() for _ in range(3))
+        self.head = torch.nn.Linear(8, 1)
+        self.calls = calls
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        for i, layer in enumerate(self.layers):
+            self.calls.append(i)
+            x = layer(x)
+        return self.head(x)
+
+
+def test_checks_sit_at_layer_boundaries_not_at_every_module():
+    """The chunk, its children and each layer of a ModuleList are hooked; the norms and
+    Linears inside a layer are not (a check per module cost ~2% of a step on gloo)."""
+    calls: list = []
+    model = _Stack(calls)
+    interrupt = ComputeInterrupt(lambda: False)
+    hooked = interrupt.install([model])
+    assert hooked == 1 + 3 + 3  # the chunk; embed, layers, head; the 3 layers
+    inside = {id(m) for layer in model.layers for m in (layer.norm, layer.fc)}
+    assert not inside & interrupt._installed
+
+    # a notice that arrives while layer 0 runs stops forward before layer 1
+    pending = {"v": False}
+    stop = ComputeInterrupt(lambda: pending["v"])
+    model2 = _Stack(calls)
+    stop.install([model2])
+    model2.layers[0].register_forward_hook(lambda *a: pending.update(v=True))
+    with pytest.raises(StepInterrupted):
+        model2(torch.randn(2, 4))
+    assert calls[-1] == 1 and stop.fired == 1  # entered layer 1's call, stopped at its hook
