@@ -79,5 +79,10 @@ class StoreError(RuntimeError):
     """A store operation failed (timeout, unreachable server, protocol error)."""
 
 
+class StoreInterrupted(StoreError):
+    """A blocking store operation was interrupted from another thread
+    (:meth:`ShardedStore.interrupt`): the job moved on while this thread waited."""
+
+
 class AdmissionError(StoreError):
     """The server refused our identity, or the server is not of this job."""

@@ -31,8 +31,8 @@ from typing import Iterable, Optional, Sequence
 import torch.distributed as dist
 
 from . import wire
-from .identity import (AdmissionError, Endpoint, JobIdentity, StoreError, format_endpoints,
-                       parse_endpoints)
+from .identity import (AdmissionError, Endpoint, JobIdentity, StoreError, StoreInterrupted,
+                       format_endpoints, parse_endpoints)
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +73,13 @@ class _Link:
     """
 
     __slots__ = ("sock", "buf", "endpoint", "recv_timeout", "pending_proof", "unacked",
-                 "identity")
+                 "identity", "interrupted")
 
     def __init__(self, endpoint: Endpoint, identity: JobIdentity, timeout: float) -> None:
         self.endpoint, self.identity = endpoint, identity
         self.buf = bytearray()
         self.recv_timeout, self.unacked = 0.0, 0
+        self.interrupted = False  # shut down by another thread (ShardedStore.interrupt)
         self.sock = _open(endpoint, timeout)
         try:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -201,6 +202,9 @@ class ShardedStore(dist.Store):
         self._local = threading.local()
         self._counts_lock = threading.Lock()
         self._counts = [0] * len(self.endpoints)
+        # the links each thread is blocked on now, in a server-side wait (interrupt())
+        self._blocked_lock = threading.Lock()
+        self._blocked: dict[int, list[_Link]] = {}
         ShardedStore._live.add(self)
 
     __hash__ = object.__hash__
@@ -231,6 +235,8 @@ class ShardedStore(dist.Store):
     def _link(self, i: int, deadline: float, quick: bool = False) -> _Link:
         """This thread's connection to server ``i``; retries until ``deadline``."""
         links = self._state().links
+        if links[i] is not None and links[i].interrupted:  # shut down by interrupt()
+            self._drop(i)
         if links[i] is not None:
             return links[i]
         delay, last, start = 0.02, None, time.monotonic()
@@ -342,6 +348,42 @@ class ShardedStore(dist.Store):
         for i in range(len(self.endpoints)):
             self._drop(i)
 
+    @contextlib.contextmanager
+    def _blocking(self, links: Sequence[_Link]):
+        """This thread waits on ``links`` (a server-side wait): :meth:`interrupt` may shut
+        them down meanwhile."""
+        me = threading.get_ident()
+        with self._blocked_lock:
+            self._blocked[me] = list(links)
+        try:
+            yield
+        finally:
+            with self._blocked_lock:
+                self._blocked.pop(me, None)
+
+    def interrupt(self, thread_ident: int) -> int:
+        """Wake thread ``thread_ident`` from the server-side wait it is blocked in now (a
+        ``wait``/``get`` for a key nobody will write: a process group of a generation the
+        job has left forms with store waits that no communicator abort reaches): that
+        operation raises :class:`StoreInterrupted`. Returns the connections shut down (0:
+        the thread was not waiting). Its next request reconnects."""
+        with self._blocked_lock:
+            links = self._blocked.get(thread_ident, [])
+            for link in links:
+                link.interrupted = True
+                try:
+                    link.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            return len(links)
+
+    def _interrupted(self, i: int, link: _Link, what: str, err: BaseException) -> StoreError:
+        self._drop(i)
+        if link.interrupted:
+            return StoreInterrupted(f"store {self._where(i)}: {what} interrupted: the job "
+                                    "moved on while this thread waited")
+        return StoreError(f"store server {self._where(i)} lost during {what}: {err}")
+
     def _drop(self, i: int) -> None:
         links = self._state().links
         if links[i] is not None:
@@ -364,17 +406,21 @@ class ShardedStore(dist.Store):
             link = self._link(i, deadline, quick)
             try:
                 link.set_recv_timeout(deadline - time.monotonic() + 5.0)
-                link.send(op, payload)
-                status, reply = link.recv()
+                if op in (wire.WAIT, wire.GET):  # waits on the server: interruptible
+                    with self._blocking((link,)):
+                        link.send(op, payload)
+                        status, reply = link.recv()
+                else:
+                    link.send(op, payload)
+                    status, reply = link.recv()
                 break
             except AdmissionError:
                 self._drop(i)
                 raise
             except (OSError, ConnectionError) as err:
+                if attempt or not retry or link.interrupted:
+                    raise self._interrupted(i, link, wire.OP_NAMES[op], err) from err
                 self._drop(i)
-                if attempt or not retry:
-                    raise StoreError(f"store server {self._where(i)} lost during "
-                                     f"{wire.OP_NAMES[op]}: {err}") from err
         return self._reply(i, status, reply)
 
     def _reply(self, i: int, status: int, reply: bytes) -> bytes:
@@ -538,7 +584,7 @@ class ShardedStore(dist.Store):
                 self._call(i, wire.WAIT, wire.I64.pack(int(left * 1000)) + wire.blobs(key),
                            deadline=time.monotonic() + left + connect_timeout(), retry=False)
                 return
-            except AdmissionError:
+            except (AdmissionError, StoreInterrupted):
                 raise
             except StoreError as err:
                 if "(timeout)" in str(err):
@@ -648,15 +694,16 @@ class ShardedStore(dist.Store):
             self._count(i)
             links[i] = self._link(i, deadline)
             links[i].set_recv_timeout(deadline - time.monotonic() + 5.0)
-            links[i].send(wire.WAIT, wire.I64.pack(ms) + wire.blobs(*ks))
-        for i, link in links.items():
-            try:
-                status, reply = link.recv()
-            except OSError as err:
-                self._drop(i)
-                raise StoreError(f"store server {self._where(i)} lost during a rendezvous "
-                                 f"wait: {err}") from err
-            loc.cache.update(zip(by_shard[i], wire.unblobs(self._reply(i, status, reply))))
+        with self._blocking(list(links.values())):
+            for i, ks in by_shard.items():
+                links[i].send(wire.WAIT, wire.I64.pack(ms) + wire.blobs(*ks))
+            for i, link in links.items():
+                try:
+                    status, reply = link.recv()
+                except OSError as err:
+                    raise self._interrupted(i, link, "a rendezvous wait", err) from err
+                loc.cache.update(zip(by_shard[i],
+                                     wire.unblobs(self._reply(i, status, reply))))
         loc.prefetch = (key, loc.cache.pop(key))
         return True
 

@@ -7,7 +7,9 @@ events). Claims keep concurrent agents from acting twice on one loss:
 * ``node/<n>/claim/<g>``: one standby takes node ``n`` over in generation ``g``;
 * ``node/<n>/lost/<owner>``: one agent declares node ``n`` lost, once per incarnation
   of that node (``owner``: the id of the agent that last started it), so the agents that
-  all see the same server gone, one after the other, make one generation of it.
+  all see the same server gone, one after the other, make one generation of it; a standby
+  that takes the node over claims the same key first, so a peer watch that sees the server
+  gone a moment later does not announce the loss a second time.
 
 ``job/stopped`` records that an agent stopped the job for good (a rank that cannot be
 recovered, a rank whose processes keep failing before their first step); the generation
@@ -20,6 +22,8 @@ from __future__ import annotations
 import json
 import time
 from typing import Any, Optional
+
+from ..comm.identity import parse_endpoints
 
 
 def bump_generation(store: Any, record: dict[str, Any]) -> int:
@@ -68,14 +72,43 @@ def claim_takeover(store: Any, node: int) -> bool:
     return int(store.add(f"node/{node}/claim/{gen}", 1)) == 1
 
 
+def mark_lost(store: Any, node: int, owner: str) -> bool:
+    """Record that incarnation ``owner`` of node ``node`` is lost; True for the first
+    agent to record it (the one whose generation announces the loss)."""
+    return int(store.add(f"node/{node}/lost/{owner}", 1)) == 1
+
+
+def published_endpoint(store: Any, node: int) -> Optional[tuple[str, int]]:
+    """Where node ``node``'s store server was last published (None: never moved)."""
+    key = store.endpoint_key(node)
+    try:
+        if not store.check([key]):
+            return None
+        (endpoint,) = parse_endpoints(store.get(key).decode())
+        return endpoint
+    except Exception:  # noqa: BLE001 - unreadable: nothing says it moved
+        return None
+
+
 def declare_lost(store: Any, node: int, ranks: list[int], declared_by: str,
-                 reason: str) -> Optional[int]:
+                 reason: str, unreachable: Optional[tuple[str, int]] = None) -> Optional[int]:
     """Declare node ``node`` lost (its ranks gone) unless another agent already declared
-    this incarnation of it; returns the new generation, or None."""
+    this incarnation of it, or (``unreachable``: the server address found down) the node
+    was replaced since; returns the new generation, or None.
+
+    A standby that takes a node over marks the old incarnation lost before it publishes
+    its own address and owner (``standby.take_over``): read in the other order here
+    (owner, then address), a declaration can neither repeat the takeover's nor name the
+    standby's new incarnation.
+    """
     owner = node_owner(store, node)
     if owner is None:
         return None
-    if int(store.add(f"node/{node}/lost/{owner}", 1)) != 1:
+    if unreachable is not None:
+        moved = published_endpoint(store, node)
+        if moved is not None and tuple(moved) != tuple(unreachable):
+            return None
+    if not mark_lost(store, node, owner):
         return None
     return bump_generation(store, {
         "reason": f"node {node} lost: {reason} (declared by {declared_by})",

@@ -6,8 +6,9 @@ server, since when it has been unreachable; :class:`PeerWatch` is the thread eve
 training agent runs: five times a second it probes every other agent's server (one PEEK
 each, which also reads ``job/nodes_done``), and when one has stayed unreachable for
 ``Timeouts.node_lost_after_s`` it declares that node's ranks lost
-(``generations.declare_lost``: one declaration per node incarnation). The generation
-moves on, healthy ranks abort and wait for the replacement: a new agent with the same
+(``generations.declare_lost``: one declaration per node incarnation, none for a node a
+standby has taken over meanwhile). The generation moves on, healthy ranks abort and
+wait for the replacement: a new agent with the same
 ``--node-rank`` (the scheduler's) or a standby (``standby.py``, which watches the same way
 and takes the node over). Nothing waits for the scheduler to notice.
 
@@ -112,9 +113,11 @@ class PeerWatch:
             ranks = list(range(node * self.nproc, (node + 1) * self.nproc))
             down = self.watch.down_for(node, now)
             gen = declare_lost(self.store, node, ranks, self.owner_id,
-                               f"its store server unreachable for {down:.1f}s")
+                               f"its store server unreachable for {down:.1f}s",
+                               unreachable=self.store.endpoints[node])
             if gen is None:
-                log.info("node %d unreachable for %.1fs: already declared lost", node, down)
+                log.info("node %d unreachable for %.1fs: already declared lost, or taken "
+                         "over", node, down)
                 continue
             self.declarations.append((node, gen))
             # parsed by tests/e2e/test_recovery.py

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 
 from ..comm.store import StoreServer
 from ..comm.world import free_port
-from .generations import bump_generation, claim_takeover, fault_time, job_stop
+from .generations import (bump_generation, claim_takeover, fault_time, job_stop, mark_lost,
+                          node_owner)
 from .peers import PROBE_INTERVAL_S, ServerWatch, probe
 
 if TYPE_CHECKING:
@@ -77,6 +78,12 @@ def take_over(agent: "NodeAgent", node: int) -> None:
     """Become node ``node``'s agent: its store shard, its ranks, a new generation."""
     detected = time.time()
     agent.node_rank = node
+    # the lost incarnation's loss is announced by this takeover's generation alone: a
+    # peer watch that finds the old server gone a moment later declares nothing more
+    # (another generation would move the job on while the survivors form this one)
+    old = node_owner(agent.store, node)
+    if old is not None and not mark_lost(agent.store, node, old):
+        log.info("node %d was declared lost already: its ranks wait for this takeover", node)
     host = agent.args.standby_host or socket.gethostname()
     port = agent.args.standby_port or free_port()
     bind = "0.0.0.0" if host not in ("127.0.0.1", "localhost") else host

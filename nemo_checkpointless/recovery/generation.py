@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -126,6 +127,7 @@ class RecoveryLoop(OwnedLoopEntries):
         self.summary: Optional[dict[str, Any]] = None
         self._ops_mark: dict = {}
         self._cleaned_gen = 0
+        self._joiner = threading.get_ident()
         groups.enable_local_group_sync()  # megatron's groups formed by their members only
 
     # ------------------------------------------------------------------ faults
@@ -140,8 +142,11 @@ class RecoveryLoop(OwnedLoopEntries):
     # ------------------------------------------------------------------ abort
     def _abort_from_link(self, gen: int) -> None:
         closed = abort_communicators(self.store.endpoints)
-        log.warning("generation %d announced: aborted communicators (%d connections)", gen,
-                    closed)
+        # a world still forming (gloo's address exchange, a rendezvous barrier passed
+        # just before another rank left it) waits in the store, which no abort reaches
+        woken = self.link.while_stale(gen, lambda: self.store.interrupt(self._joiner))
+        log.warning("generation %d announced: aborted communicators (%d connections%s)",
+                    gen, closed, f", {woken} store waits interrupted" if woken else "")
 
     def _verdict(self, err: BaseException) -> Verdict:
         return classify(err, superseded=self.link.superseded,
@@ -284,6 +289,7 @@ class RecoveryLoop(OwnedLoopEntries):
     def _join(self, gen: int) -> float:
         """Rendezvous with every rank of generation ``gen`` (the world exists after it);
         returns the seconds it took."""
+        self._joiner = threading.get_ident()  # the thread whose store waits abort wakes
         self.link.activate(gen)
         self.joined_gen = gen
         t0 = time.perf_counter()

@@ -7,7 +7,8 @@ The training loop itself reports progress: :meth:`AgentLink.progress` after ever
 judges hangs by that progress (``launch/progress.py``), so a thread that cannot run (a
 C call holding the GIL) is not mistaken for a hang, and a hang that releases the GIL is
 seen. When the agent announces a generation newer than the one this rank is active in,
-``on_new_generation`` runs on that thread: it aborts the communicators so the main thread
+``on_new_generation`` runs on that thread: it aborts the communicators, and interrupts a
+store wait of the old generation (:meth:`AgentLink.while_stale`), so the main thread
 unwinds at once.
 """
 
@@ -178,6 +179,16 @@ class AgentLink:
         read at every module boundary, and both counters only grow."""
         active = self.active_gen
         return active >= 0 and self.latest_gen > active
+
+    def while_stale(self, gen: int, action: Callable[[], Any]) -> Any:
+        """Run ``action`` only while this rank is still active in a generation older than
+        ``gen``, under the lock that :meth:`activate` takes: what it interrupts cannot be
+        generation ``gen``'s own rendezvous (that starts after activating it). None when
+        the rank has moved on."""
+        with self._cond:
+            if not gen > self.active_gen >= 0:
+                return None
+            return action()
 
     def superseded(self) -> bool:
         """True when a newer generation than the active one was announced."""

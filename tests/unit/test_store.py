@@ -328,3 +328,65 @@ def test_a_generation_forms_its_world_over_fresh_connections(job, servers):
         assert x.tolist() == [1.0, 1.0]
     finally:
         dist.destroy_process_group()
+
+
+def _interrupt_soon(store, delay: float = 0.5) -> list:
+    """Interrupt this (the calling) thread's store wait from another thread after
+    ``delay`` seconds, retrying until it was waiting; the list gets the connections shut."""
+    me, woken = threading.get_ident(), []
+
+    def run() -> None:
+        deadline = time.monotonic() + 10
+        time.sleep(delay)
+        while time.monotonic() < deadline:
+            n = store.interrupt(me)
+            if n:
+                woken.append(n)
+                return
+            time.sleep(0.05)
+
+    threading.Thread(target=run, daemon=True).start()
+    return woken
+
+
+@pytest.mark.parametrize("op", ["get", "wait"])
+def test_a_blocked_wait_is_interrupted_from_another_thread(job, servers, op):
+    from nemo_checkpointless.comm.identity import StoreInterrupted
+
+    store = connect(eps(servers), job, datetime.timedelta(seconds=30))
+    assert store.interrupt(threading.get_ident()) == 0  # not waiting: nothing to wake
+    woken = _interrupt_soon(store)
+    t0 = time.monotonic()
+    with pytest.raises(StoreInterrupted, match="interrupted"):
+        getattr(store, op)("never/written") if op == "get" else store.wait(["never/written"])
+    assert time.monotonic() - t0 < 5 and woken == [1]
+    store.set("never/written", "now")  # the thread's next request reconnects
+    assert store.get("never/written") == b"now"
+
+
+def test_a_world_forming_for_a_generation_the_job_left_is_interrupted(job, servers):
+    """The flake seen in CI (test-nemo, 2026-12-03): two ranks met at generation 3's
+    barrier; one of them learned of generation 4 before it saw the barrier complete and
+    left, while the other had passed it and waited inside gloo's address exchange for a
+    key the first never writes. No communicator abort reaches that store wait; the agent
+    link's interrupt does, and the process then forms the next generation's world."""
+    import torch
+
+    from nemo_checkpointless.comm.rendezvous import rendezvous
+
+    store = connect(eps(servers), job, datetime.timedelta(seconds=60))
+    store.add("rdzv/3/arrived", 1)  # rank 1 arrived, then left for generation 4
+    woken = _interrupt_soon(store)
+    t0 = time.monotonic()
+    with pytest.raises(Exception, match="interrupted"):
+        rendezvous(store, 3, 0, 2, "gloo", 60 * SECONDS, 60 * SECONDS,
+                   cancelled=lambda: False)
+    assert time.monotonic() - t0 < 10 and woken
+    assert not dist.is_initialized()
+    rendezvous(store, 4, 0, 1, "gloo", 5 * SECONDS, 5 * SECONDS, cancelled=lambda: False)
+    try:
+        x = torch.ones(2)
+        dist.all_reduce(x)
+        assert x.tolist() == [1.0, 1.0]
+    finally:
+        dist.destroy_process_group()
