@@ -113,9 +113,10 @@ class Agents(AgentGroup):
                          entry=PRETRAIN, args=[*overrides, f"hydra.run.dir={run_dir}"])
         self.spares = spares
 
-    def start(self, node: int, spares: Optional[int] = None,
-              host: Optional[str] = None) -> subprocess.Popen:
-        return super().start(node, self.spares if spares is None else spares, host)
+    def start(self, node: int, spares: Optional[int] = None, host: Optional[str] = None,
+              peers: Optional[str] = None, options: tuple[str, ...] = ()) -> subprocess.Popen:
+        return super().start(node, self.spares if spares is None else spares, host, peers,
+                             options)
 
 
 @pytest.fixture

@@ -103,21 +103,26 @@ class AgentGroup:
                 "--peers", peers or self.peers, "--spares", str(spares), *options,
                 str(self.entry), *self.args]
 
-    def start(self, node: int, spares: int = 0, host: str | None = None) -> subprocess.Popen:
+    def start(self, node: int, spares: int = 0, host: str | None = None,
+              peers: str | None = None, options: tuple[str, ...] = ()) -> subprocess.Popen:
         """Start node ``node``'s agent; ``host``: as a replacement on another host (another
-        loopback address) and port, named in its own peer list only."""
-        peers = None
+        loopback address) and port, named in its own peer list only; ``peers``: the peer
+        list a scheduler gives a replacement (where each shard is served now);
+        ``options``: more agent flags."""
         if host is not None:
-            moved = self.peers.split(",")
+            peers = peers or self.peers
+            moved = peers.split(",")
             moved[node] = f"{host}:{free_port()}"
             peers = ",".join(moved)
         return self.launch(node, f"agent{node}", self.agent_command(
-            "--node-rank", str(node), spares=spares, peers=peers))
+            "--node-rank", str(node), *options, spares=spares, peers=peers))
 
-    def start_standby(self) -> subprocess.Popen:
-        """A warm standby node: it takes over whichever node is lost first."""
+    def start_standby(self, port: int = 0, options: tuple[str, ...] = ()) -> subprocess.Popen:
+        """A warm standby node: it takes over whichever node is lost first (its store shard
+        then at 127.0.0.3:``port``; 0: a port it picks); ``options``: more agent flags."""
         return self.launch(f"standby-{len(self.logs) + 1}", "standby", self.agent_command(
-            "--standby", "--standby-host", "127.0.0.3"))
+            "--standby", "--standby-host", "127.0.0.3", "--standby-port", str(port),
+            *options))
 
     def launch(self, key: Any, name: str, cmd: list[str]) -> subprocess.Popen:
         """Start ``cmd`` as ``procs[key]``, its output in ``<name>-<n>.log``."""

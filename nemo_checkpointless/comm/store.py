@@ -47,10 +47,15 @@ __all__ = ["AdmissionError", "Endpoint", "JobIdentity", "ShardedStore", "StoreEr
 
 def connect(endpoints: Sequence[Endpoint] | str, identity: JobIdentity,
             timeout: datetime.timedelta = datetime.timedelta(seconds=60),
-            replicated: Iterable[str] = ("gen", "gen/", "node/", "job/")) -> ShardedStore:
+            replicated: Iterable[str] = ("gen", "gen/", "node/", "job/"),
+            lookups: Sequence[Endpoint] | str = ()) -> ShardedStore:
     """A client of the job's store: keys sharded over ``endpoints`` (same order on every
     client), ``replicated`` keys (exact names, or prefixes ending in ``/``) on all of them.
-    Connects lazily; ``timeout`` bounds every wait and the wait for an unreachable server."""
+    Connects lazily; ``timeout`` bounds every wait and the wait for an unreachable server.
+    ``lookups``: the addresses standbys serve a shard from once they take a node over,
+    also asked where a server moved."""
     if isinstance(endpoints, str):
         endpoints = parse_endpoints(endpoints)
-    return ShardedStore(endpoints, identity, timeout, replicated)
+    if isinstance(lookups, str):
+        lookups = parse_endpoints(lookups) if lookups else []
+    return ShardedStore(endpoints, identity, timeout, replicated, lookups=lookups)

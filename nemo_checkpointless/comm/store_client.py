@@ -188,11 +188,14 @@ class ShardedStore(dist.Store):
     def __init__(self, endpoints: Sequence[Endpoint], identity: JobIdentity,
                  timeout: datetime.timedelta = datetime.timedelta(seconds=60),
                  replicated: Iterable[str] = ("gen", "gen/", "node/", "job/"),
-                 down_backoff: float = 1.0) -> None:
+                 down_backoff: float = 1.0, lookups: Sequence[Endpoint] = ()) -> None:
         super().__init__()
         if not endpoints:
             raise ValueError("no store endpoint given")
         self.endpoints = [(h, int(p)) for h, p in endpoints]
+        # where standbys serve a shard once they take a node over: asked, after the
+        # servers, where a server moved (a peer list from before a takeover finds it)
+        self.lookups = [(h, int(p)) for h, p in lookups]
         self.identity = identity
         self.set_timeout(timeout)
         self._replicated = tuple(wire.as_bytes(k) for k in replicated)
@@ -276,20 +279,23 @@ class ShardedStore(dist.Store):
         self.endpoints[i] = (endpoint[0], int(endpoint[1]))
         self.set(self.endpoint_key(i), f"{endpoint[0]}:{int(endpoint[1])}")
 
-    def refresh_endpoints(self) -> list[Endpoint]:
-        """Adopt every published endpoint (a new agent's peer list may predate earlier
-        replacements); returns the current list."""
+    def refresh_endpoints(self, skip: Optional[int] = None) -> list[Endpoint]:
+        """Adopt every published endpoint but ``skip``'s (a new agent's peer list may
+        predate earlier replacements); returns the current list."""
         for i in range(len(self.endpoints)):
-            self._adopt_endpoint(i, self._published(i, range(len(self.endpoints))))
+            if i != skip:
+                self._adopt_endpoint(i, self._published(i, range(len(self.endpoints))))
         return list(self.endpoints)
 
     def _published(self, i: int, servers: Iterable[int]) -> Optional[bytes]:
-        """``node/<i>/endpoint`` from the first of ``servers`` that answers, over a
-        connection of its own (this thread's links may have requests in flight)."""
+        """``node/<i>/endpoint`` from the first of ``servers``, then of the standby
+        addresses (``lookups``), that has it, over a connection of its own (this thread's
+        links may have requests in flight)."""
         key = wire.as_bytes(self.endpoint_key(i))
-        for j in servers:
+        asked = [self.endpoints[j] for j in servers]
+        for endpoint in asked + [e for e in self.lookups if e not in asked]:
             try:
-                link = _Link(self.endpoints[j], self.identity, connect_timeout())
+                link = _Link(endpoint, self.identity, connect_timeout())
             except AdmissionError:
                 raise
             except OSError:
@@ -745,7 +751,8 @@ class ShardedStore(dist.Store):
 
     def clone(self) -> "ShardedStore":
         return ShardedStore(self.endpoints, self.identity, self.timeout,
-                            [r.decode() for r in self._replicated], self._down_backoff)
+                            [r.decode() for r in self._replicated], self._down_backoff,
+                            self.lookups)
 
     # -- beyond torch's API -----------------------------------------------------------
     def delete_prefix(self, prefix: str) -> int:

@@ -74,6 +74,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         "(default: this host's name)")
     p.add_argument("--standby-port", type=int, default=0,
                    help="port for that (default: a free one)")
+    p.add_argument("--standby-peers", default="",
+                   help="the --standby-host:--standby-port of every standby of the job "
+                        "(host:port,...): where a shard may have moved. An agent whose --peers "
+                        "predates a takeover (a node restarted with the job's first peer "
+                        "list, as on Kubernetes) finds the job through them")
     p.add_argument("--poll-interval", type=float, default=0.01,
                    help="seconds between looks for the exit code of a rank whose channel "
                         "closed (on the recovery path)")
@@ -122,6 +127,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         "(or --rdzv-endpoint host:port served by node 0)")
             endpoint = f"127.0.0.1:{args.master_port}"
         args.peers = endpoint
+    try:
+        args.standby_lookups = parse_endpoints(args.standby_peers) if args.standby_peers \
+            else []
+    except ValueError as err:
+        p.error(f"--standby-peers: {err}")
+    if args.standby and args.standby_peers and not args.standby_port:
+        p.error("--standby-peers names where each standby serves once it takes a node over: "
+                "give this standby its own address there with --standby-port (and "
+                "--standby-host)")
     if args.standby:
         if len(parse_endpoints(args.peers)) != args.nnodes:
             p.error("--standby watches every node's store server: give --peers with one "

@@ -106,7 +106,8 @@ class NodeAgent:
 
     # ------------------------------------------------------------------ start
     def connect_store(self) -> None:
-        self.store = connect(self.peers, self.identity, self.timeouts.delta("store_s"))
+        self.store = connect(self.peers, self.identity, self.timeouts.delta("store_s"),
+                             lookups=getattr(self.args, "standby_lookups", []))
         # best-effort reads on the recovery path (fault times): never the full store timeout
         self.quick_store = self.store.clone()
         self.quick_store.set_timeout(datetime.timedelta(seconds=0.5))
@@ -118,9 +119,12 @@ class NodeAgent:
             self.server = StoreServer(bind, port, self.identity).start()
             log.info("node %d serves the job store at %s:%d", self.node_rank, host, port)
         self.connect_store()
+        # where the other shards are served now (the peer list may predate a replacement
+        # or a standby's takeover), then this node's own address, on every server
+        self.store.refresh_endpoints(skip=self.node_rank)
         if self.server is not None:  # a replacement node may live on another host
             self.store.publish_endpoint(self.node_rank, self.peers[self.node_rank])
-        self.peers = self.store.refresh_endpoints()
+        self.peers = list(self.store.endpoints)
         started_key = f"node/{self.node_rank}/started"
         self.replacement = bool(self.store.check([started_key]))
         owner_key = f"node/{self.node_rank}/owner"

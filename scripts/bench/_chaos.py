@@ -114,7 +114,11 @@ class CheckpointlessJob:
         self.standby_due: Optional[float] = None
         self.overrides = [*overrides, "checkpointless=tier4",
                           f"checkpointless.fallback={fallback}", f"hydra.run.dir={run_dir}"]
-        self.peers = ",".join(f"127.0.0.1:{free_port()}" for _ in range(NNODES))
+        # where each node's store shard is served now: a standby that takes a node over
+        # moves it to its own address, and replacements and new standbys are given the
+        # list as it is then (what scripts/slurm/supervise.sh does with peers_now)
+        self.endpoints = [f"127.0.0.1:{free_port()}" for _ in range(NNODES)]
+        self.standby_endpoint: Optional[str] = None
         self.env = bench_env()
         self.env.update(NCL_JOB_ID="goodput-" + secrets.token_hex(3),
                         NCL_JOB_SECRET=secrets.token_hex(16))
@@ -129,13 +133,20 @@ class CheckpointlessJob:
         if self.standby:
             self._start_standby()
 
+    @property
+    def peers(self) -> str:
+        return ",".join(self.endpoints)
+
     def _start_standby(self) -> None:
         """A warm standby node (``ncl-launch --standby``): takes over the next lost node."""
         log = self.run_dir.parent / f"{self.run_dir.name}-standby-{self.starts}.log"
         self.starts += 1
+        port = free_port()
+        self.standby_endpoint = f"127.0.0.1:{port}"
         cmd = [sys.executable, "-m", "nemo_checkpointless.launch.agent", "--standby",
                "--nnodes", str(NNODES), "--nproc-per-node", str(NPROC), "--peers", self.peers,
-               "--standby-host", "127.0.0.1", "--spares", str(self.spares), *self.timeouts,
+               "--standby-host", "127.0.0.1", "--standby-port", str(port),
+               "--spares", str(self.spares), *self.timeouts,
                str(PRETRAIN),
                *self.overrides]
         self.standby_log = log
@@ -178,7 +189,9 @@ class CheckpointlessJob:
             # node a little later (its imports would compete with the recovery for the cores)
             self.agents[f.target] = self.standby_proc
             self.logs[f.target] = self.standby_log  # type: ignore[assignment]
-            self.standby_proc = None
+            assert self.standby_endpoint is not None
+            self.endpoints[f.target] = self.standby_endpoint
+            self.standby_proc, self.standby_endpoint = None, None
             self.standby_due = time.monotonic() + 10.0
             return f"SIGKILL node {f.target} (agent {agent.pid} and its ranks), standby takes over"
         self._start_agent(f.target)

@@ -38,6 +38,9 @@ run() { # run the agent in the background, so that this shell can pass signals o
 read -r -a launch <<<"$NCL_LAUNCH"
 common=(--nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" --spares "$NCL_SPARES"
     --peers "$NCL_PEERS")
+# where standbys serve once they take a node over: a node pod restarted with NCL_PEERS as
+# first rendered finds through them the shards a standby moved
+if [[ -n ${NCL_STANDBY_PEERS:-} ]]; then common+=(--standby-peers "$NCL_STANDBY_PEERS"); fi
 entry=("$NCL_ENTRY_SCRIPT" "recipe=$RECIPE" "$NCL_RUN_DIR_KEY=$NCL_RUN_DIR" "$@")
 self=$(hostname)${NCL_SUBDOMAIN:+.$NCL_SUBDOMAIN}
 standby=("${launch[@]}" --standby "${common[@]}" --standby-host "$self"

@@ -58,6 +58,17 @@ def peers(kind: str, name: str, nodes: int, port: int) -> str:
     return ",".join(f"{h}:{port}" for h in hosts)
 
 
+def standby_peers(kind: str, name: str, standbys: int, port: int) -> str:
+    """Where each standby pod serves a store shard once it takes a node over (agent.sh's
+    --standby-host/--standby-port): every agent is told (--standby-peers), so a node pod
+    restarted with NCL_PEERS as first rendered finds shards a standby moved."""
+    if kind == "pytorchjob":  # the Indexed Job's pods under our headless Service
+        hosts = [f"{name}-standby-{k}.{name}-standby" for k in range(standbys)]
+    else:  # the standby replicated job's pods under <name>-peers
+        hosts = [f"{name}-standby-{k}-0.{name}-peers" for k in range(standbys)]
+    return ",".join(f"{h}:{port}" for h in hosts)
+
+
 def read_env_file(path: Path) -> dict[str, str]:
     """KEY=VALUE lines, literal, as scripts/slurm/pretrain.sbatch reads them ("" unsets)."""
     out: dict[str, str] = {}
@@ -90,6 +101,7 @@ def values(args: argparse.Namespace) -> dict[str, Any]:
         "NPROC_PER_NODE": str(args.nproc_per_node or args.gpus_per_node or 1),
         "SPARES": str(args.spares), "PORT": args.port, "PORT_STR": str(args.port),
         "PEERS": peers(args.kind, args.name, args.nodes, args.port),
+        "STANDBY_PEERS": standby_peers(args.kind, args.name, args.standby_nodes, args.port),
         "MAX_RESTARTS": args.max_restarts, "SHM_SIZE": args.shm_size,
         "GRACE_S": args.grace_seconds, "SECRET_NAME": args.secret_name,
         "AGENT_SH": agent_script(),

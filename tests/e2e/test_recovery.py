@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Agents, FaultFreeRuns, ncl_launch, torchrun
+from job_processes import free_port
 
 pytestmark = [pytest.mark.timeout(600)]
 
@@ -223,6 +224,39 @@ def test_standby_node_takes_over_a_lost_node(tmp_path, reference):
     assert "node 1 lost: this standby takes it over" in result.output
     (rec,) = result.summary["recoveries"]
     assert rec["bytes_transferred"] > 0
+
+
+@pytest.mark.parametrize("peer_list", ["current", "first"])
+def test_standby_takes_a_node_over_then_node0_is_lost_and_replaced(tmp_path, reference,
+                                                                    peer_list):
+    """Two node losses in a row (the goodput chaos run's seed 1, 2026-12-03): node 1 dies
+    and the standby takes it over (its store shard moves to the standby's address); once
+    the job has stepped again, node 0, which serves shard 0, dies too, and its replacement
+    starts. Its own server is empty. ``current``: the scheduler passes the peer list as it
+    is now (shard 1 at the standby: ``scripts/slurm/supervise.sh``); ``first``: the job's
+    first peer list (a Kubernetes pod restarted with its manifest's NCL_PEERS), and every
+    agent knows the standbys' addresses (``--standby-peers``), through which the
+    replacement finds the job. Both recover in process, exactly."""
+    port = free_port()
+    standby = f"127.0.0.3:{port}"
+    options = ("--standby-peers", standby) if peer_list == "first" else ()
+    agents = Agents(2, 2, [*BASE, *LAYOUTS["dp4"]], tmp_path / "run")
+    agents.start(0, options=options)
+    agents.start(1, options=options)
+    agents.start_standby(port, options=options)
+    agents.wait_for_step(3)
+    agents.kill_node(1)
+    wait_for_log(agents, re.compile(r"node 1 lost: this standby takes it over"))
+    agents.wait_for_step(5)  # the standby's ranks hold node 1's state again
+    agents.kill_node(0)
+    if peer_list == "current":
+        agents.start(0, peers=f"{agents.peers.split(',')[0]},{standby}")
+    else:
+        agents.start(0, options=options)
+    result = agents.wait(timeout=400)
+    assert_exact(result, reference("dp4"))
+    assert "node 0 rejoins the job as a replacement" in result.output, result.output[-4000:]
+    assert len(result.summary["recoveries"]) == 2
 
 
 def test_every_replica_lost_fails_clearly_and_corrupts_nothing(tmp_path, reference):

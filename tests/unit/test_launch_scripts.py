@@ -286,8 +286,17 @@ def test_standby_agents_in_a_jobset_and_beside_a_pytorchjob():
     env = {e["name"]: e for e in standby["template"]["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["NCL_STANDBY"]["value"] == "1" and "NODE_RANK" not in env
     assert env["NCL_SUBDOMAIN"]["value"] == "llama70b-peers"
+    # every agent knows where the standbys serve once they take a node over
+    standby_peers = ("llama70b-standby-0-0.llama70b-peers:29400,"
+                     "llama70b-standby-1-0.llama70b-peers:29400")
+    node_env = {e["name"]: e for e in node["template"]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["NCL_STANDBY_PEERS"]["value"] == node_env["NCL_STANDBY_PEERS"]["value"] == \
+        standby_peers
     docs = rendered("pytorchjob", "--nodes", "3", "--standby-nodes", "2")
     job, service = by_kind(docs, "Job"), by_kind(docs, "Service")
+    master_env = {e["name"]: e for e in pod_spec(docs)["containers"][0]["env"]}
+    assert master_env["NCL_STANDBY_PEERS"]["value"] == (
+        "llama70b-standby-0.llama70b-standby:29400,llama70b-standby-1.llama70b-standby:29400")
     assert (job["spec"]["completions"], job["spec"]["completionMode"]) == (2, "Indexed")
     spec = job["spec"]["template"]["spec"]
     assert spec["subdomain"] == service["metadata"]["name"] == "llama70b-standby"
@@ -385,6 +394,9 @@ def test_pod_command_is_a_valid_agent_command_line(kind, tmp_path, monkeypatch):
     args = parsed(args_file.read_text().splitlines()[0], monkeypatch)
     assert (args.nnodes, args.node_rank, args.nproc_per_node, args.spares) == (3, 2, 8, 1)
     assert args.script == "recipes/pretrain.py"
+    assert [f"{h}:{p}" for h, p in args.standby_lookups] == [
+        "llama70b-standby-0-0.llama70b-peers:29400" if kind == "jobset"
+        else "llama70b-standby-0.llama70b-standby:29400"]
     assert args.script_args == ["recipe=llama3_70b_2opt",
                                 f"hydra.run.dir={tmp_path}/runs/llama70b", *OVERRIDES]
     assert (tmp_path / "runs" / "llama70b").is_dir()
@@ -396,6 +408,7 @@ def test_pod_command_is_a_valid_agent_command_line(kind, tmp_path, monkeypatch):
     assert args.peers.count(",") == 2 and args.standby_port == 29400
     sub = "llama70b-peers" if kind == "jobset" else "llama70b-standby"
     assert args.standby_host.endswith(f".{sub}")
+    assert len(args.standby_lookups) == 1
 
 
 def test_pod_script_passes_shellcheck():

@@ -390,3 +390,26 @@ def test_a_world_forming_for_a_generation_the_job_left_is_interrupted(job, serve
         assert x.tolist() == [1.0, 1.0]
     finally:
         dist.destroy_process_group()
+
+
+def test_a_peer_list_from_before_a_takeover_finds_the_shard_through_the_standby_addresses(job):
+    """Node 1's shard moved to a standby; node 0 then came back with an empty server and the
+    job's first peer list (a restarted pod). Its servers know nothing; the standby addresses
+    every agent is given (--standby-peers) do."""
+    node0 = StoreServer("127.0.0.1", 0, job).start()
+    standby = StoreServer("127.0.0.3", 0, job).start()
+    gone = ("127.0.0.1", free_port())  # node 1's first address: nothing listens there
+    try:
+        at_standby = connect([node0.endpoint, standby.endpoint], job, 3 * SECONDS)
+        at_standby.publish_endpoint(1, standby.endpoint)
+        node0.stop()
+        node0 = StoreServer("127.0.0.1", node0.port, job).start()  # restarted, empty
+        spare_slot = ("127.0.0.4", free_port())  # another standby's, not serving
+        stale = connect([node0.endpoint, gone], job, 3 * SECONDS,
+                        lookups=[spare_slot, standby.endpoint])
+        assert stale.refresh_endpoints(skip=0)[1] == standby.endpoint
+        blind = connect([node0.endpoint, gone], job, 3 * SECONDS)
+        assert blind.refresh_endpoints(skip=0)[1] == gone  # without them: nothing to find
+    finally:
+        node0.stop()
+        standby.stop()
