@@ -383,7 +383,8 @@ class ShardedStore(dist.Store):
                     pass
             return len(links)
 
-    def _interrupted(self, i: int, link: _Link, what: str, err: BaseException) -> StoreError:
+    def _link_error(self, i: int, link: _Link, what: str, err: BaseException) -> StoreError:
+        """The error for ``link`` to server ``i`` failing during ``what`` (dropped)."""
         self._drop(i)
         if link.interrupted:
             return StoreInterrupted(f"store {self._where(i)}: {what} interrupted: the job "
@@ -412,11 +413,8 @@ class ShardedStore(dist.Store):
             link = self._link(i, deadline, quick)
             try:
                 link.set_recv_timeout(deadline - time.monotonic() + 5.0)
-                if op in (wire.WAIT, wire.GET):  # waits on the server: interruptible
-                    with self._blocking((link,)):
-                        link.send(op, payload)
-                        status, reply = link.recv()
-                else:
+                waits = op in (wire.WAIT, wire.GET)  # waits on the server: interruptible
+                with self._blocking((link,)) if waits else contextlib.nullcontext():
                     link.send(op, payload)
                     status, reply = link.recv()
                 break
@@ -425,7 +423,7 @@ class ShardedStore(dist.Store):
                 raise
             except (OSError, ConnectionError) as err:
                 if attempt or not retry or link.interrupted:
-                    raise self._interrupted(i, link, wire.OP_NAMES[op], err) from err
+                    raise self._link_error(i, link, wire.OP_NAMES[op], err) from err
                 self._drop(i)
         return self._reply(i, status, reply)
 
@@ -707,7 +705,7 @@ class ShardedStore(dist.Store):
                 try:
                     status, reply = link.recv()
                 except OSError as err:
-                    raise self._interrupted(i, link, "a rendezvous wait", err) from err
+                    raise self._link_error(i, link, "a rendezvous wait", err) from err
                 loc.cache.update(zip(by_shard[i],
                                      wire.unblobs(self._reply(i, status, reply))))
         loc.prefetch = (key, loc.cache.pop(key))

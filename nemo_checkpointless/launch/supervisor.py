@@ -107,7 +107,7 @@ class NodeAgent:
     # ------------------------------------------------------------------ start
     def connect_store(self) -> None:
         self.store = connect(self.peers, self.identity, self.timeouts.delta("store_s"),
-                             lookups=getattr(self.args, "standby_lookups", []))
+                             lookups=self.args.standby_lookups)
         # best-effort reads on the recovery path (fault times): never the full store timeout
         self.quick_store = self.store.clone()
         self.quick_store.set_timeout(datetime.timedelta(seconds=0.5))

@@ -42,6 +42,18 @@ def eps(servers):
     return [s.endpoint for s in servers]
 
 
+def _one_rank_world_reduces() -> None:
+    """The one-rank world just formed works (an all-reduce); then it is destroyed."""
+    import torch
+
+    try:
+        x = torch.ones(2)
+        dist.all_reduce(x)
+        assert x.tolist() == [1.0, 1.0]
+    finally:
+        dist.destroy_process_group()
+
+
 def test_keys_route_by_stable_hash_and_spread_over_servers(job, servers):
     a = connect(eps(servers), job, 5 * SECONDS)
     for i in range(800):
@@ -217,14 +229,7 @@ def test_gloo_rendezvous_through_the_store_counts_few_operations(job, servers):
     with store.rendezvous_hint(1):
         dist.init_process_group("gloo", store=dist.PrefixStore("pg/0", store), rank=0,
                                 world_size=1)
-    try:
-        import torch
-
-        x = torch.ones(2)
-        dist.all_reduce(x)
-        assert x.tolist() == [1.0, 1.0]
-    finally:
-        dist.destroy_process_group()
+    _one_rank_world_reduces()
     counts = [s.op_counts() for s in servers]
     assert sum(c.get("total", 0) for c in counts) == 2  # one set + one batched wait
 
@@ -310,8 +315,6 @@ def test_a_generation_forms_its_world_over_fresh_connections(job, servers):
     """Every server replaced at its address since the last generation (a lost node came
     back): the connections cached from before are stale, and a gloo address key sent on
     one without an ack would vanish. rendezvous() forms the world over fresh ones."""
-    import torch
-
     from nemo_checkpointless.comm.rendezvous import rendezvous
 
     store = connect(eps(servers), job, 5 * SECONDS)
@@ -322,12 +325,7 @@ def test_a_generation_forms_its_world_over_fresh_connections(job, servers):
         old.stop()
         servers[i] = StoreServer("127.0.0.1", port, job).start()
     rendezvous(store, 1, 0, 1, "gloo", 5 * SECONDS, 5 * SECONDS, cancelled=lambda: False)
-    try:
-        x = torch.ones(2)
-        dist.all_reduce(x)
-        assert x.tolist() == [1.0, 1.0]
-    finally:
-        dist.destroy_process_group()
+    _one_rank_world_reduces()
 
 
 def _interrupt_soon(store, delay: float = 0.5) -> list:
@@ -370,8 +368,6 @@ def test_a_world_forming_for_a_generation_the_job_left_is_interrupted(job, serve
     left, while the other had passed it and waited inside gloo's address exchange for a
     key the first never writes. No communicator abort reaches that store wait; the agent
     link's interrupt does, and the process then forms the next generation's world."""
-    import torch
-
     from nemo_checkpointless.comm.rendezvous import rendezvous
 
     store = connect(eps(servers), job, datetime.timedelta(seconds=60))
@@ -384,12 +380,7 @@ def test_a_world_forming_for_a_generation_the_job_left_is_interrupted(job, serve
     assert time.monotonic() - t0 < 10 and woken
     assert not dist.is_initialized()
     rendezvous(store, 4, 0, 1, "gloo", 5 * SECONDS, 5 * SECONDS, cancelled=lambda: False)
-    try:
-        x = torch.ones(2)
-        dist.all_reduce(x)
-        assert x.tolist() == [1.0, 1.0]
-    finally:
-        dist.destroy_process_group()
+    _one_rank_world_reduces()
 
 
 def test_a_peer_list_from_before_a_takeover_finds_the_shard_through_the_standby_addresses(job):
