@@ -73,7 +73,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="address a standby serves the store from once it takes a node over "
                         "(default: this host's name)")
     p.add_argument("--standby-port", type=int, default=0,
-                   help="port for that (default: a free one)")
+                   help="port for that, listened on from the standby's start (empty until "
+                        "a takeover), so a port in use fails at start (default: a free one)")
     p.add_argument("--standby-peers", default="",
                    help="the --standby-host:--standby-port of every standby of the job "
                         "(host:port,...): where a shard may have moved. An agent whose --peers "

@@ -1,9 +1,11 @@
 """A standby node: an agent without a node rank that takes over the first node lost.
 
 ``ncl-launch --standby`` starts ``--nproc-per-node`` warm processes (imported, waiting for
-a rank) and watches every agent's store server (``peers.ServerWatch``). When one stays
-unreachable for ``Timeouts.node_lost_after_s``, the standby claims that node rank (one
-claim per node and generation wins), serves the node's store shard from its own address,
+a rank) and watches every agent's store server (``peers.ServerWatch``). Its own store
+server listens from the start (the port is its own before it is needed, and agents that
+ask the standbys where a shard moved get a quick "not here"), empty until a takeover. When
+one node's server stays unreachable for ``Timeouts.node_lost_after_s``, the standby claims
+that node rank (one claim per node and generation wins), serves the node's store shard,
 bumps the generation with ``taken_over_by`` in the record and hands the lost node's ranks
 to its warm processes: a whole node comes back as fast as one rank, without waiting for
 the scheduler. From then on it is that node's agent (``supervisor.NodeAgent``). An agent
@@ -20,7 +22,6 @@ import time
 from typing import TYPE_CHECKING
 
 from ..comm.store import StoreServer
-from ..comm.world import free_port
 from .generations import (bump_generation, claim_takeover, fault_time, job_stop, mark_lost,
                           node_owner)
 from .peers import PROBE_INTERVAL_S, ServerWatch, probe
@@ -31,9 +32,35 @@ if TYPE_CHECKING:
 log = logging.getLogger("ncl.agent")
 
 
-def wait_for_lost_node(agent: "NodeAgent") -> bool:
-    """Wait, warm, for a node to be lost; True once ``agent`` has taken one over, False
-    when the job finished without needing it."""
+def listen(agent: "NodeAgent") -> StoreServer:
+    """The store server a takeover will serve from, listening from the standby's start: a
+    port that is taken stops it now, not when the job needs it (``--standby-port``; 0 or
+    unset: one the system picks)."""
+    host = agent.args.standby_host or socket.gethostname()
+    bind = "0.0.0.0" if host not in ("127.0.0.1", "localhost") else host
+    try:
+        server = StoreServer(bind, agent.args.standby_port or 0, agent.identity).start()
+    except OSError as err:
+        raise SystemExit(f"ncl-launch --standby: {err} (give another --standby-port)") \
+            from None
+    log.info("standby node: store server listening at %s:%d, empty until a takeover", host,
+             server.port)
+    return server
+
+
+def wait_for_lost_node(agent: "NodeAgent", server: StoreServer) -> bool:
+    """Wait, warm, for a node to be lost; True once ``agent`` has taken one over (its
+    store shard then served by ``server``), False when the job finished without needing
+    it (``server`` stopped)."""
+    try:
+        return watch_for_lost_node(agent, server)
+    finally:
+        if agent.server is not server:  # not taken over: nothing to serve
+            server.stop()
+
+
+def watch_for_lost_node(agent: "NodeAgent", server: StoreServer) -> bool:
+    """Probe every node's server until one is lost (take it over: True) or the job ends."""
     agent.connect_store()
     agent.peers = agent.store.refresh_endpoints()
     for _ in range(agent.nproc):
@@ -64,7 +91,7 @@ def wait_for_lost_node(agent: "NodeAgent") -> bool:
             return False
         for node in lost:
             if claim_takeover(agent.store, node):
-                take_over(agent, node)
+                take_over(agent, node, server)
                 return True
             log.info("node %d is lost; another standby claimed it", node)
         for spare in list(agent.spares):  # keep the warm processes warm
@@ -74,8 +101,9 @@ def wait_for_lost_node(agent: "NodeAgent") -> bool:
         time.sleep(PROBE_INTERVAL_S)
 
 
-def take_over(agent: "NodeAgent", node: int) -> None:
-    """Become node ``node``'s agent: its store shard, its ranks, a new generation."""
+def take_over(agent: "NodeAgent", node: int, server: StoreServer) -> None:
+    """Become node ``node``'s agent: its store shard (served by ``server``), its ranks, a
+    new generation."""
     detected = time.time()
     agent.node_rank = node
     # the lost incarnation's loss is announced by this takeover's generation alone: a
@@ -85,9 +113,8 @@ def take_over(agent: "NodeAgent", node: int) -> None:
     if old is not None and not mark_lost(agent.store, node, old):
         log.info("node %d was declared lost already: its ranks wait for this takeover", node)
     host = agent.args.standby_host or socket.gethostname()
-    port = agent.args.standby_port or free_port()
-    bind = "0.0.0.0" if host not in ("127.0.0.1", "localhost") else host
-    agent.server = StoreServer(bind, port, agent.identity).start()
+    port = server.port
+    agent.server = server
     agent.store.publish_endpoint(node, (host, port))
     agent.peers = agent.store.refresh_endpoints()
     agent.store.set(f"node/{node}/owner", agent.owner_id)

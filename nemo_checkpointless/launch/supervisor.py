@@ -221,15 +221,17 @@ class NodeAgent:
     # ------------------------------------------------------------------ supervise
     def run(self) -> int:
         """Supervise until every local rank finished; return the exit code."""
-        self.spawner.start_zygote()
         if self.args.standby:
-            from .standby import wait_for_lost_node
+            from .standby import listen, wait_for_lost_node
 
-            if not wait_for_lost_node(self):
+            server = listen(self)  # before the zygote: a taken port fails in a second
+            self.spawner.start_zygote()
+            if not wait_for_lost_node(self, server):
                 ending.stop_spares(self)  # the job ended without needing this standby
                 return int(self.job_stopped.get("exit_code") or protocol.EXIT_UNRECOVERABLE) \
                     if self.job_stopped is not None else 0
         else:
+            self.spawner.start_zygote()
             self.start()
         while True:
             # A rank that dies closes its channel first, which wakes this loop at once; its

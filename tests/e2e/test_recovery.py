@@ -153,7 +153,12 @@ def wait_for_log(agents: Agents, pattern: re.Pattern, timeout: float = 60) -> re
             if found:
                 return found
         time.sleep(0.1)
-    raise TimeoutError(f"{pattern.pattern!r} not in the agents' logs")
+    tails = "\n".join(f"--- {log.name} (agent lines, last 40)\n" + "\n".join(
+        [line for line in log.read_text().splitlines() if "[agent" in line][-40:])
+        for log in agents.logs if log.exists())
+    raise TimeoutError(f"{pattern.pattern!r} not in the agents' logs after {timeout:.0f} s:\n"
+                       f"{tails}\n--- every log, last 4000 characters\n"
+                       f"{agents.output()[-4000:]}")
 
 
 def test_the_benchmarks_transfer_calibration_reaches_the_recovery_record(tmp_path, reference):
