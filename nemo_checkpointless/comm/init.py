@@ -9,7 +9,8 @@ Where the store servers come from (first match wins):
 1. ``NCL_STORE_ENDPOINTS=host:port,...`` — served by the node agents (``ncl-launch``), or by
    the ranks themselves with ``NCL_STORE_SELF_HOST=1``.
 2. Slurm (``SLURM_JOB_NODELIST``): one shard on each of up to ``NCL_STORE_SHARDS`` (64)
-   nodes, spread evenly, at ``NCL_STORE_PORT`` (default 20000 + job id mod 20000).
+   nodes, spread evenly, at ``NCL_STORE_PORT`` (default 20000 + job id mod 10000: below
+   the ephemeral range, 32768 up, where gloo, NCCL and outgoing connections get theirs).
 3. Kubernetes headless service: ``NCL_STORE_HOST_TEMPLATE`` such as
    ``trainer-{node}.trainer-svc`` with ``{node}`` = 0..nnodes-1, at ``NCL_STORE_PORT``.
 4. torchrun alone: ``MASTER_ADDR``; one node: ``NCL_STORE_SHARDS`` (4) shards on local
@@ -153,7 +154,7 @@ def plan_store(le: LaunchEnv, env: Optional[dict] = None) -> StorePlan:
     port = int(e["NCL_STORE_PORT"]) if e.get("NCL_STORE_PORT") else None
     nodelist = e.get("SLURM_JOB_NODELIST") or e.get("SLURM_NODELIST")
     if nodelist and e.get("SLURM_JOB_ID"):
-        port = port or 20000 + int(e["SLURM_JOB_ID"]) % 20000
+        port = port or 20000 + int(e["SLURM_JOB_ID"]) % 10000
         return node_hosted(expand_hostlist(nodelist), port, "Slurm node list")
     if e.get("NCL_STORE_HOST_TEMPLATE"):
         if port is None:

@@ -48,7 +48,7 @@ start_standby() {
     standby_cmd "$k" "$host"
     (cd "$NCL_REPO" && exec "${cmd[@]}") > >(standby_filter "$key") 2>&1 &
     pid_of[$key]=$! host_of[$key]=$host role_of[$key]=standby port_of[$key]=$((NCL_PORT + NNODES + k))
-    log "standby $k: agent on $host (srun pid ${pid_of[$key]}), store port ${port_of[$key]} once it takes a node over"
+    log "standby $k: agent on $host (srun pid ${pid_of[$key]}), store port ${port_of[$key]} (listening from its start, serving once it takes a node over)"
 }
 
 # Slurm still lets us start steps on this host (not DOWN, DRAINED, FAILED, NOT_RESPONDING)

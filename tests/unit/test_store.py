@@ -246,6 +246,9 @@ def test_planning_from_launcher_environments():
                                 "SLURM_NNODES": "2"})
     plan = plan_store(slurm, {"SLURM_JOB_NODELIST": "n[1-2]", "SLURM_JOB_ID": "77"})
     assert plan.endpoints == [("n1", 20077), ("n2", 20077)] and plan.serve == [1]
+    # a default port never falls in the ephemeral range (32768 up) gloo and NCCL bind from
+    late = plan_store(slurm, {"SLURM_JOB_NODELIST": "n[1-2]", "SLURM_JOB_ID": "1919999"})
+    assert late.endpoints == [("n1", 29999), ("n2", 29999)]
     k8s = plan_store(le, {"NCL_STORE_HOST_TEMPLATE": "job-{node}.svc", "NCL_STORE_PORT": "9"})
     assert k8s.endpoints == [("job-0.svc", 9), ("job-1.svc", 9)] and k8s.serve == []
     one = LaunchEnv.from_env({"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "2",
