@@ -68,6 +68,13 @@ class StoreServer:
 
     HANDSHAKE_TIMEOUT_S = 10.0
 
+    @classmethod
+    def for_address(cls, host: str, port: int, identity: JobIdentity) -> "StoreServer":
+        """A server for clients that reach it at ``host``: bound to every interface, or to
+        the loopback only when ``host`` is the loopback (not started yet)."""
+        bind = host if host in ("127.0.0.1", "localhost") else "0.0.0.0"
+        return cls(bind, port, identity)
+
     def __init__(self, host: str, port: int, identity: JobIdentity) -> None:
         self.host = host
         self._port = port

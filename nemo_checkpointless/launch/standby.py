@@ -36,16 +36,21 @@ def listen(agent: "NodeAgent") -> StoreServer:
     """The store server a takeover will serve from, listening from the standby's start: a
     port that is taken stops it now, not when the job needs it (``--standby-port``; 0 or
     unset: one the system picks)."""
-    host = agent.args.standby_host or socket.gethostname()
-    bind = "0.0.0.0" if host not in ("127.0.0.1", "localhost") else host
+    host = advertised_host(agent)
     try:
-        server = StoreServer(bind, agent.args.standby_port or 0, agent.identity).start()
+        server = StoreServer.for_address(host, agent.args.standby_port or 0,
+                                         agent.identity).start()
     except OSError as err:
         raise SystemExit(f"ncl-launch --standby: {err} (give another --standby-port)") \
             from None
     log.info("standby node: store server listening at %s:%d, empty until a takeover", host,
              server.port)
     return server
+
+
+def advertised_host(agent: "NodeAgent") -> str:
+    """The host the job reaches this standby's store server at (``--standby-host``)."""
+    return agent.args.standby_host or socket.gethostname()
 
 
 def wait_for_lost_node(agent: "NodeAgent", server: StoreServer) -> bool:
@@ -112,8 +117,7 @@ def take_over(agent: "NodeAgent", node: int, server: StoreServer) -> None:
     old = node_owner(agent.store, node)
     if old is not None and not mark_lost(agent.store, node, old):
         log.info("node %d was declared lost already: its ranks wait for this takeover", node)
-    host = agent.args.standby_host or socket.gethostname()
-    port = server.port
+    host, port = advertised_host(agent), server.port
     agent.server = server
     agent.store.publish_endpoint(node, (host, port))
     agent.peers = agent.store.refresh_endpoints()

@@ -115,8 +115,7 @@ class NodeAgent:
     def start(self) -> None:
         if self.node_rank < len(self.peers):
             host, port = self.peers[self.node_rank]
-            bind = "0.0.0.0" if host not in ("127.0.0.1", "localhost") else host
-            self.server = StoreServer(bind, port, self.identity).start()
+            self.server = StoreServer.for_address(host, port, self.identity).start()
             log.info("node %d serves the job store at %s:%d", self.node_rank, host, port)
         self.connect_store()
         # where the other shards are served now (the peer list may predate a replacement
